@@ -1,0 +1,3 @@
+module github.com/quorum-csi/quorum-csi
+
+go 1.26

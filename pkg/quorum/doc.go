@@ -1,0 +1,38 @@
+// Package quorum is the replication engine of quorum-csi: it drives N
+// children (replicas) through the Child interface and implements the
+// semantics of QEMU's quorum block driver (block/quorum.c), plus the
+// ordering guarantees QEMU lacks.
+//
+// Rules, with t the vote threshold (1 <= t <= N):
+//
+//   - Write, WriteZeroes, Discard and Flush go to every healthy child and
+//     succeed when at least t children succeed. A child that fails one of
+//     them is reported (REPORT_BAD) and becomes faulty: it missed data, so
+//     it is never read or written again in this engine's life. The
+//     transition is handed to Config.OnFaulty, synchronously, before the
+//     request that caused it completes, so that the fact can be persisted
+//     before the write is acknowledged.
+//   - ReadPatternQuorum reads every healthy child and votes. The content
+//     that the most children returned wins if at least t children returned
+//     it; otherwise the read fails with a QUORUM_FAILURE. Children are
+//     compared byte by byte first; only when they differ is each version
+//     hashed and grouped. Losers are reported (REPORT_BAD) and, with
+//     RewriteCorrupted, rewritten with the winner before the read returns.
+//     A tie between versions with equal votes goes to the version held by
+//     the child that comes first in the configured order. (QEMU picks by
+//     the order of its internal vote list; we make the choice
+//     deterministic and prefer the child the operator put first.)
+//   - ReadPatternFIFO reads the first healthy child in configured order and
+//     on error tries the next.
+//   - Strict (QEMU's blkverify) reads every healthy child and fails the
+//     read, with a QUORUM_FAILURE, on any error or disagreement.
+//   - Requests whose ranges overlap are ordered by submission: a write (or
+//     discard, write-zeroes) waits for every earlier overlapping request, a
+//     read waits for every earlier overlapping write. So two writes to the
+//     same range reach every child in the same order, and a read never sees
+//     a range with a write to it half applied. Requests that do not
+//     overlap run fully concurrently.
+//
+// The package does no I/O of its own and knows nothing of files, networks
+// or Kubernetes; every failure mode is testable with fake children.
+package quorum

@@ -1,0 +1,202 @@
+package quorum
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand"
+	"sync"
+	"testing"
+	"time"
+)
+
+var errInjected = errors.New("injected I/O error")
+
+// fakeChild is an in-memory child with fault injection: inject runs before
+// every operation and may delay it or fail it; corrupt alters what a read
+// returns without touching the stored bytes (silent corruption).
+type fakeChild struct {
+	mu      sync.Mutex
+	data    []byte
+	inject  func(op Op, off, length int64) error
+	corrupt func(p []byte, off int64)
+	counts  map[Op]int
+}
+
+func newFake(size int) *fakeChild {
+	return &fakeChild{data: make([]byte, size), counts: map[Op]int{}}
+}
+
+func (f *fakeChild) before(ctx context.Context, op Op, off, length int64) error {
+	f.mu.Lock()
+	f.counts[op]++
+	inject := f.inject
+	f.mu.Unlock()
+	if inject != nil {
+		if err := inject(op, off, length); err != nil {
+			return err
+		}
+	}
+	return ctx.Err()
+}
+
+func (f *fakeChild) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := f.before(ctx, OpRead, off, int64(len(p))); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	copy(p, f.data[off:])
+	corrupt := f.corrupt
+	f.mu.Unlock()
+	if corrupt != nil {
+		corrupt(p, off)
+	}
+	return nil
+}
+
+func (f *fakeChild) WriteAt(ctx context.Context, p []byte, off int64) error {
+	if err := f.before(ctx, OpWrite, off, int64(len(p))); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	copy(f.data[off:], p)
+	f.mu.Unlock()
+	return nil
+}
+
+func (f *fakeChild) zero(ctx context.Context, op Op, off, length int64) error {
+	if err := f.before(ctx, op, off, length); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	clear(f.data[off : off+length])
+	f.mu.Unlock()
+	return nil
+}
+
+func (f *fakeChild) Discard(ctx context.Context, off, length int64) error {
+	return f.zero(ctx, OpDiscard, off, length)
+}
+
+func (f *fakeChild) WriteZeroes(ctx context.Context, off, length int64) error {
+	return f.zero(ctx, OpWriteZeroes, off, length)
+}
+
+func (f *fakeChild) Flush(ctx context.Context) error { return f.before(ctx, OpFlush, 0, 0) }
+
+func (f *fakeChild) Size() int64 { return int64(len(f.data)) }
+
+func (f *fakeChild) snapshot() []byte {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]byte(nil), f.data...)
+}
+
+func (f *fakeChild) count(op Op) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.counts[op]
+}
+
+func failOn(ops ...Op) func(Op, int64, int64) error {
+	return func(op Op, _, _ int64) error {
+		for _, o := range ops {
+			if o == op {
+				return errInjected
+			}
+		}
+		return nil
+	}
+}
+
+// randomDelay makes every operation take a random time up to max, so that
+// children complete requests in different orders.
+func randomDelay(seed int64, max time.Duration) func(Op, int64, int64) error {
+	var mu sync.Mutex
+	rng := rand.New(rand.NewSource(seed))
+	return func(Op, int64, int64) error {
+		mu.Lock()
+		d := time.Duration(rng.Int63n(int64(max)))
+		mu.Unlock()
+		time.Sleep(d)
+		return nil
+	}
+}
+
+// eventLog collects events for assertions.
+type eventLog struct {
+	mu     sync.Mutex
+	events []Event
+}
+
+func (l *eventLog) add(e Event) {
+	l.mu.Lock()
+	l.events = append(l.events, e)
+	l.mu.Unlock()
+}
+
+// summary lists events as "TYPE" or "TYPE:child" strings, in order.
+func (l *eventLog) summary() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+	for _, e := range l.events {
+		s := string(e.Type)
+		if e.Child != "" {
+			s += ":" + e.Child
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+type rig struct {
+	e      *Engine
+	kids   []*fakeChild
+	events *eventLog
+}
+
+func newRig(t *testing.T, n, size int, cfg Config) *rig {
+	t.Helper()
+	r := &rig{events: &eventLog{}}
+	for i := range n {
+		f := newFake(size)
+		r.kids = append(r.kids, f)
+		cfg.Children = append(cfg.Children, Member{Name: fmt.Sprintf("c%d", i), Child: f})
+	}
+	cfg.OnEvent = r.events.add
+	e, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	r.e = e
+	return r
+}
+
+// fill stores the same bytes on every child directly.
+func (r *rig) fill(off int, p []byte) {
+	for _, k := range r.kids {
+		copy(k.data[off:], p)
+	}
+}
+
+func (r *rig) assertIdentical(t *testing.T) {
+	t.Helper()
+	want := r.kids[0].snapshot()
+	for i, k := range r.kids[1:] {
+		got := k.snapshot()
+		for j := range want {
+			if got[j] != want[j] {
+				t.Fatalf("child %d differs from child 0 at byte %d", i+1, j)
+			}
+		}
+	}
+}
+
+func pattern(b byte, n int) []byte {
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = b
+	}
+	return p
+}
