@@ -1,3 +1,8 @@
 module github.com/quorum-csi/quorum-csi
 
-go 1.26
+go 1.26.0
+
+require (
+	github.com/hanwen/go-fuse/v2 v2.12.1 // indirect
+	golang.org/x/sys v0.50.0 // indirect
+)

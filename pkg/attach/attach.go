@@ -1,0 +1,37 @@
+// Package attach turns a volume into a kernel block device. FUSE+loop
+// works on every kernel with FUSE and loop: the volume is served as one
+// file in a private FUSE mount and a loop device with direct I/O sits on
+// that file, so every block request reaches the engine with no page cache
+// in between.
+package attach
+
+import (
+	"context"
+	"errors"
+)
+
+// Volume is what a frontend serves; quorum.Engine implements it.
+type Volume interface {
+	ReadAt(ctx context.Context, p []byte, off int64) error
+	WriteAt(ctx context.Context, p []byte, off int64) error
+	Flush(ctx context.Context) error
+	Discard(ctx context.Context, off, length int64) error
+	WriteZeroes(ctx context.Context, off, length int64) error
+	Size() int64
+}
+
+// Device is an attached volume.
+type Device interface {
+	// Path is the block device, e.g. /dev/loop3.
+	Path() string
+	// Detach removes the device once nobody has it open (a mounted
+	// filesystem counts), waiting for that until ctx ends, and then
+	// stops serving. On error the device is still attached and served.
+	Detach(ctx context.Context) error
+	// ForceDetach stops serving even while the device is in use; its
+	// users get I/O errors from then on.
+	ForceDetach() error
+}
+
+// ErrBusy is wrapped by Detach when the device stayed in use.
+var ErrBusy = errors.New("device is in use")

@@ -1,0 +1,144 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/quorum-csi/quorum-csi/pkg/attach"
+	"github.com/quorum-csi/quorum-csi/pkg/quorum"
+	"github.com/quorum-csi/quorum-csi/pkg/volume"
+)
+
+// syncWriter serialises lines from concurrent event callbacks.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
+}
+
+// eventPrinter writes engine events as JSON lines.
+func eventPrinter(w io.Writer) func(quorum.Event) {
+	return func(e quorum.Event) {
+		b, _ := json.Marshal(struct {
+			Time string `json:"time"`
+			quorum.Event
+		}{time.Now().UTC().Format(time.RFC3339Nano), e})
+		w.Write(append(b, '\n'))
+	}
+}
+
+type engineFlags struct {
+	threshold int
+	pattern   string
+	rewrite   bool
+	strict    bool
+}
+
+func (f *engineFlags) register(fs interface {
+	IntVar(*int, string, int, string)
+	StringVar(*string, string, string, string)
+	BoolVar(*bool, string, bool, string)
+}) {
+	fs.IntVar(&f.threshold, "vote-threshold", 0, "children that must succeed or agree, 1 to N (default: a majority of N)")
+	fs.StringVar(&f.pattern, "read-pattern", "quorum", "quorum: read all children and vote; fifo: read the first healthy child in the given order")
+	fs.BoolVar(&f.rewrite, "rewrite-corrupted", false, "rewrite children that lost a vote with the winning data (read pattern quorum)")
+	fs.BoolVar(&f.strict, "strict", false, "fail any read on which children disagree (like QEMU's blkverify; read pattern quorum)")
+}
+
+func (f *engineFlags) options(onEvent func(quorum.Event)) (volume.Options, error) {
+	p, err := quorum.ParseReadPattern(f.pattern)
+	if err != nil {
+		return volume.Options{}, fmt.Errorf("%w: --read-pattern: %v", errUsage, err)
+	}
+	if f.threshold < 0 {
+		return volume.Options{}, fmt.Errorf("%w: --vote-threshold %d: must be at least 1", errUsage, f.threshold)
+	}
+	return volume.Options{VoteThreshold: f.threshold, ReadPattern: p, RewriteCorrupted: f.rewrite, Strict: f.strict, OnEvent: onEvent}, nil
+}
+
+func runAttach(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("attach", "[flags] PATH... (in fifo order: the local replica first)", stderr)
+	var ef engineFlags
+	ef.register(fs)
+	stateDir := fs.String("state-dir", defaultStateDir(), "folder for the private FUSE mount point (env QUORUM_STATE_DIR)")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if err := needArgs(pos, "replica paths"); err != nil {
+		return err
+	}
+	errw := &syncWriter{w: stderr}
+	log := slog.New(slog.NewJSONHandler(errw, nil))
+	opts, err := ef.options(eventPrinter(errw))
+	if err != nil {
+		return err
+	}
+	// Signals are caught from here on so that one arriving while we set
+	// up still ends in a clean detach.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+
+	vol, err := volume.Open(pos, opts)
+	if err != nil {
+		return err
+	}
+	for _, p := range vol.Unclean {
+		log.Warn("replica was not detached cleanly (the previous attach died?); replicas may differ where writes were in flight: run quorumctl check after this attach", "replica", p)
+	}
+	dev, err := attach.AttachFUSELoop(context.Background(), vol.Engine, attach.FUSELoopOptions{
+		StateDir:  *stateDir,
+		BlockSize: vol.BlockSize(),
+		Logf:      func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) },
+	})
+	if err != nil {
+		return closeAfter(vol, err)
+	}
+	log.Info("attached", "device", dev.Path(), "replicas", len(pos), "voteThreshold", vol.VoteThreshold(), "readPattern", vol.ReadPattern(), "frontend", "fuse-loop")
+	fmt.Fprintln(stdout, dev.Path())
+	if f, ok := stdout.(*os.File); ok {
+		f.Sync()
+	}
+
+	sig := <-sigs
+	log.Info("detaching", "signal", sig.String(), "device", dev.Path())
+	// A second signal gives up waiting for the device's users.
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		select {
+		case <-sigs:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	derr := dev.Detach(ctx)
+	cancel()
+	if derr != nil {
+		log.Error("forcing detach: users of the device will see I/O errors", "device", dev.Path(), "error", derr)
+		return closeAfter(vol, errors.Join(derr, dev.ForceDetach()))
+	}
+	if err := vol.Close(context.Background()); err != nil {
+		return err
+	}
+	log.Info("detached", "device", dev.Path())
+	return nil
+}
+
+func closeAfter(vol *volume.Volume, err error) error {
+	return errors.Join(err, vol.Close(context.Background()))
+}

@@ -1,0 +1,170 @@
+// Package cli implements quorumctl's subcommands: the quorum engine on one
+// machine, without Kubernetes.
+package cli
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// exitError carries a specific exit status out of a subcommand.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+
+// errUsage marks a command-line mistake; it exits 2.
+var errUsage = errors.New("usage")
+
+type command struct {
+	name    string
+	summary string
+	run     func(args []string, stdout, stderr io.Writer) error
+}
+
+func commands() []command {
+	return []command{
+		{"create", "make new replica images and their metadata", runCreate},
+		{"attach", "assemble replicas into a block device, in the foreground", runAttach},
+		{"check", "compare replicas offline; exit 1 when they differ", runCheck},
+		{"bench", "drive the engine in-process like qemu-img bench", runBench},
+	}
+}
+
+// Main runs quorumctl with args (without the program name) and returns the
+// exit status.
+func Main(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(stderr)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range commands() {
+		if c.name != args[0] {
+			continue
+		}
+		err := c.run(args[1:], stdout, stderr)
+		var ee *exitError
+		switch {
+		case err == nil:
+			return 0
+		case errors.Is(err, flag.ErrHelp):
+			return 0
+		case errors.As(err, &ee):
+			if ee.err != nil {
+				fmt.Fprintf(stderr, "quorumctl %s: %v\n", c.name, ee.err)
+			}
+			return ee.code
+		case errors.Is(err, errUsage):
+			fmt.Fprintf(stderr, "quorumctl %s: %v\n", c.name, err)
+			return 2
+		}
+		fmt.Fprintf(stderr, "quorumctl %s: %v\n", c.name, err)
+		return 1
+	}
+	fmt.Fprintf(stderr, "quorumctl: unknown command %q (see quorumctl help)\n", args[0])
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: quorumctl COMMAND [flags] ...")
+	fmt.Fprintln(w, "\ncommands:")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintln(w, "\nquorumctl COMMAND -h shows a command's flags.")
+}
+
+func newFlagSet(name, args string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: quorumctl %s %s\n", name, args)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// parse parses flags (anywhere among the arguments) and returns the
+// positional arguments.
+func parse(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, fmt.Errorf("%w: %v", errUsage, err)
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			return pos, nil
+		}
+		if args[0] == "--" {
+			return append(pos, args[1:]...), nil
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
+	}
+}
+
+// parseSize reads sizes such as 4096, 512K, 10M, 1G, 2GiB (binary units,
+// as qemu-img).
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "B"), "I")
+	mult := int64(1)
+	if t != "" {
+		switch t[len(t)-1] {
+		case 'K':
+			mult = 1 << 10
+		case 'M':
+			mult = 1 << 20
+		case 'G':
+			mult = 1 << 30
+		case 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			t = t[:len(t)-1]
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n <= 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("size %q: want a positive number of bytes, optionally with K, M, G or T", s)
+	}
+	return n * mult, nil
+}
+
+// sizeFlag is a flag.Value for sizes.
+type sizeFlag struct{ n int64 }
+
+func (f *sizeFlag) String() string { return strconv.FormatInt(f.n, 10) }
+func (f *sizeFlag) Set(s string) error {
+	n, err := parseSize(s)
+	f.n = n
+	return err
+}
+
+func needArgs(pos []string, what string) error {
+	if len(pos) == 0 {
+		return fmt.Errorf("%w: no %s given", errUsage, what)
+	}
+	return nil
+}
+
+// stateDir is where attach keeps its FUSE mount points.
+func defaultStateDir() string {
+	if d := os.Getenv("QUORUM_STATE_DIR"); d != "" {
+		return d
+	}
+	return "/run/quorum-csi"
+}
