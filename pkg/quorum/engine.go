@@ -35,7 +35,9 @@ type ChildStatus struct {
 type member struct {
 	Member
 	faulty atomic.Bool
-	cause  error // guarded by Engine.faultMu
+	// Guarded by Engine.faultMu.
+	cause      error
+	unrecorded bool
 }
 
 // Engine is a replicated volume over N children. Its methods are safe for
@@ -46,6 +48,8 @@ type Engine struct {
 	size     int64
 	ranges   rangeTable
 	faultMu  sync.Mutex
+	// unrecorded counts faulty children whose OnFaulty has not succeeded.
+	unrecorded atomic.Int32
 }
 
 // New validates cfg and returns an engine over its children.
@@ -117,25 +121,51 @@ func (e *Engine) quorumFailure(op Op, off, length int64, reason string) error {
 }
 
 // fault reports child i bad and, on its first failure of a modifying
-// request, makes it faulty and runs OnFaulty. Transitions are serialised,
-// and every caller returns only after the transition it saw is persisted.
-func (e *Engine) fault(ctx context.Context, i int, op Op, off, length int64, cause error) error {
+// request, makes it faulty; awaitRecords then records that.
+func (e *Engine) fault(i int, op Op, off, length int64, cause error) {
 	m := e.children[i]
 	e.emit(Event{Type: EventReportBad, Op: op, Offset: off, Length: length, Child: m.Name, Error: cause.Error()})
 	e.faultMu.Lock()
 	defer e.faultMu.Unlock()
-	if m.faulty.Load() {
-		return nil
+	if !m.faulty.Load() {
+		m.cause = cause
+		m.unrecorded = true
+		// Counted before the child is left out, so that any request that
+		// skipped it sees the count and waits for the record.
+		e.unrecorded.Add(1)
+		m.faulty.Store(true)
 	}
-	m.cause = cause
-	m.faulty.Store(true)
-	if e.cfg.OnFaulty == nil {
-		return nil
-	}
-	if err := e.cfg.OnFaulty(ctx, i, cause); err != nil {
-		return fmt.Errorf("record child %s as faulty: %w", m.Name, err)
+}
+
+// recordLocked runs OnFaulty for every faulty child not yet recorded.
+// A failure leaves the child unrecorded, and every modifying request
+// fails until a later attempt succeeds: a write that a replica missed
+// must not be acknowledged before that is known.
+func (e *Engine) recordLocked(ctx context.Context) error {
+	for i, m := range e.children {
+		if !m.unrecorded {
+			continue
+		}
+		if e.cfg.OnFaulty != nil {
+			if err := e.cfg.OnFaulty(ctx, i, m.cause); err != nil {
+				return fmt.Errorf("record child %s as faulty: %w", m.Name, err)
+			}
+		}
+		m.unrecorded = false
+		e.unrecorded.Add(-1)
 	}
 	return nil
+}
+
+// awaitRecords makes a request that skipped a faulty child wait until that
+// child's state is recorded.
+func (e *Engine) awaitRecords(ctx context.Context) error {
+	if e.unrecorded.Load() == 0 {
+		return nil
+	}
+	e.faultMu.Lock()
+	defer e.faultMu.Unlock()
+	return e.recordLocked(ctx)
 }
 
 // fanout runs fn(0..n-1) concurrently, fn(0) on the calling goroutine,
@@ -176,21 +206,19 @@ func (e *Engine) modifyLocked(ctx context.Context, op Op, off, length int64, idx
 	}
 	errs := fanout(len(idx), func(k int) error { return fn(e.children[idx[k]].Child) })
 	ok := 0
-	var faultErr error
 	for k, err := range errs {
 		if err == nil {
 			ok++
 			continue
 		}
-		if ferr := e.fault(ctx, idx[k], op, off, length, err); ferr != nil && faultErr == nil {
-			faultErr = ferr
-		}
+		e.fault(idx[k], op, off, length, err)
 	}
+	recErr := e.awaitRecords(ctx)
 	if ok < t {
 		return e.quorumFailure(op, off, length, fmt.Sprintf("%d of %d children succeeded, threshold %d", ok, len(idx), t))
 	}
-	if faultErr != nil {
-		return e.quorumFailure(op, off, length, faultErr.Error())
+	if recErr != nil {
+		return e.quorumFailure(op, off, length, recErr.Error())
 	}
 	return nil
 }
@@ -324,11 +352,12 @@ func (e *Engine) rewrite(ctx context.Context, losers []int, p []byte, off int64)
 	errs := fanout(len(losers), func(k int) error { return e.children[losers[k]].Child.WriteAt(ctx, p, off) })
 	for k, err := range errs {
 		if err != nil {
-			// OnFaulty's own failure cannot make the served data wrong; it
-			// was reported with the REPORT_BAD that fault emits.
-			_ = e.fault(ctx, losers[k], OpWrite, off, int64(len(p)), fmt.Errorf("rewrite corrupted: %w", err))
+			e.fault(losers[k], OpWrite, off, int64(len(p)), fmt.Errorf("rewrite corrupted: %w", err))
 		}
 	}
+	// A record failure cannot make the served data wrong; the next
+	// modifying request retries it and fails while it fails.
+	_ = e.awaitRecords(ctx)
 }
 
 func (e *Engine) reportLosers(versions []version, w int, idx []int, off, length int64, why string) {

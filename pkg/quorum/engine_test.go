@@ -190,11 +190,20 @@ func TestOnFaultyFailureFailsWrite(t *testing.T) {
 	if !errors.Is(err, ErrQuorumFailure) || !strings.Contains(err.Error(), "metadata disk gone") {
 		t.Fatalf("err = %v", err)
 	}
+	// While the record fails, every write fails, even those that never
+	// touched the faulty child; once it succeeds, writes succeed again.
+	if err := r.e.WriteAt(context.Background(), pattern(1, 512), 0); !errors.Is(err, ErrQuorumFailure) {
+		t.Fatalf("write while the record fails: %v", err)
+	}
+	r.e.cfg.OnFaulty = func(context.Context, int, error) error { calls++; return nil }
+	if err := r.e.WriteAt(context.Background(), pattern(1, 512), 0); err != nil {
+		t.Fatalf("write after the record succeeded: %v", err)
+	}
 	if err := r.e.WriteAt(context.Background(), pattern(1, 512), 0); err != nil {
 		t.Fatalf("later write: %v", err)
 	}
-	if calls != 1 {
-		t.Errorf("OnFaulty called %d times, want 1", calls)
+	if calls != 3 {
+		t.Errorf("OnFaulty called %d times, want 3 (fail, fail, succeed)", calls)
 	}
 }
 

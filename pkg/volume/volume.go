@@ -21,6 +21,9 @@ type Options struct {
 	RewriteCorrupted bool
 	Strict           bool
 	OnEvent          func(quorum.Event)
+
+	// wrapChild lets tests put a fault injector around a replica.
+	wrapChild func(i int, c quorum.Child) quorum.Child
 }
 
 // Volume is an open, assembled volume.
@@ -34,11 +37,11 @@ type Volume struct {
 // Open opens and checks the replicas at paths, in fifo order, and marks
 // them open under a new generation. Nothing is written unless every check
 // passed.
-func Open(paths []string, opts Options) (v *Volume, err error) {
+func Open(paths []string, opts Options) (_ *Volume, err error) {
 	if err := replica.Distinct(paths); err != nil {
 		return nil, err
 	}
-	v = &Volume{}
+	v := &Volume{}
 	defer func() {
 		if err != nil {
 			v.closeFiles()
@@ -65,8 +68,12 @@ func Open(paths []string, opts Options) (v *Volume, err error) {
 		OnEvent:          opts.OnEvent,
 		OnFaulty:         v.recordStale,
 	}
-	for _, r := range v.replicas {
-		cfg.Children = append(cfg.Children, quorum.Member{Name: r.Path(), Child: r})
+	for i, r := range v.replicas {
+		var c quorum.Child = r
+		if opts.wrapChild != nil {
+			c = opts.wrapChild(i, c)
+		}
+		cfg.Children = append(cfg.Children, quorum.Member{Name: r.Path(), Child: c})
 	}
 	if v.Engine, err = quorum.New(cfg); err != nil {
 		return nil, err
