@@ -1,0 +1,281 @@
+# Shared helpers for bench/device.sh and bench/engine.sh. Sourced, not run.
+#
+# Everything a benchmark makes lives under $WORK (backing files, FUSE mount
+# points, logs) and $BINDIR (the quorumctl build). bench_cleanup, installed
+# as the EXIT trap by bench_init, stops every attach this script started,
+# detaches every loop device it set up or that still points into $WORK,
+# unmounts anything left mounted under $WORK and then removes both folders.
+
+# shellcheck shell=bash
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$BENCH_DIR/.." && pwd)
+
+WORK=""
+BINDIR=""
+QUORUMCTL=""
+ATTACH_PIDS=()  # quorumctl attach processes still running
+LOOP_DEVS=()    # loop devices set up with losetup by this script
+ATTACH_SEQ=0
+declare -A ATTACH_LOG=() # attach pid -> its stderr log
+
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# size_bytes SIZE: prints SIZE (4096, 512K, 10M, 2G, 1T, 2GiB) in bytes.
+size_bytes() {
+	local s=${1^^} m=1
+	s=${s%B}
+	s=${s%I}
+	case $s in
+	*K) m=$((1 << 10)) ;;
+	*M) m=$((1 << 20)) ;;
+	*G) m=$((1 << 30)) ;;
+	*T) m=$((1 << 40)) ;;
+	esac
+	((m > 1)) && s=${s%?}
+	[[ $s =~ ^[0-9]+$ ]] && ((s > 0)) || return 1
+	echo $((10#$s * m))
+}
+
+need_tools() {
+	local t
+	for t in "$@"; do
+		command -v "$t" >/dev/null || die "$t not found in PATH"
+	done
+}
+
+# bench_init NAME WORKDIR_PARENT: checks we are root, makes $WORK and
+# $BINDIR, installs the cleanup traps and builds quorumctl.
+bench_init() {
+	local name=$1 parent=$2
+	((EUID == 0)) || die "run as root (loop devices and FUSE mounts need it)"
+	[[ -d $parent ]] || die "work folder $parent does not exist"
+	[[ $parent != *[\"\\]* ]] || die "work folder $parent: quotes and backslashes are not supported"
+	trap bench_cleanup EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	trap 'exit 129' HUP
+	WORK=$(mktemp -d "$parent/quorum-bench-$name.XXXXXX") || die "cannot make a folder in $parent"
+	WORK=$(cd "$WORK" && pwd -P)
+	BINDIR=$(mktemp -d /tmp/quorum-bench-bin.XXXXXX) || die "cannot make a temporary folder"
+	log "building quorumctl from $REPO"
+	(cd "$REPO" && go build -o "$BINDIR/quorumctl" ./cmd/quorumctl) || die "go build ./cmd/quorumctl failed"
+	QUORUMCTL=$BINDIR/quorumctl
+	log "work folder $WORK ($(df --output=fstype "$WORK" | tail -n1 | tr -d ' ') on $(df --output=source "$WORK" | tail -n1))"
+}
+
+# need_space BYTES: fails when $WORK's filesystem has less free space.
+need_space() {
+	local avail
+	avail=$(df --output=avail -B1 "$WORK" | tail -n1 | tr -d ' ')
+	((avail >= $1)) || die "$WORK has $((avail >> 20)) MiB free, need $(($1 >> 20)) MiB"
+}
+
+# running PID: true while PID exists and is not a zombie.
+running() {
+	local stat
+	stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+	stat=${stat##*) }
+	[[ ${stat:0:1} != Z ]]
+}
+
+# attach_start VAR ARGS...: runs quorumctl attach ARGS in the background, in
+# its own session (so a Ctrl-C reaches only this script, which then stops
+# the attach with exactly one SIGTERM), waits for the device path line and
+# stores the device in VAR.
+attach_start() {
+	local -n _dev=$1
+	shift
+	ATTACH_SEQ=$((ATTACH_SEQ + 1))
+	local out=$WORK/attach-$ATTACH_SEQ.out err=$WORK/attach-$ATTACH_SEQ.err pid i
+	mkdir -p "$WORK/state"
+	setsid "$QUORUMCTL" attach --state-dir "$WORK/state" "$@" >"$out" 2>"$err" </dev/null &
+	pid=$!
+	ATTACH_PIDS+=("$pid")
+	ATTACH_LOG[$pid]=$err
+	for ((i = 0; i < 600; i++)); do
+		if [[ $(wc -l <"$out") -ge 1 ]]; then
+			_dev=$(head -n1 "$out")
+			[[ $_dev == /dev/* && -b $_dev ]] || die "quorumctl attach printed '$_dev', not a block device; its log: $(cat "$err")"
+			# setsid runs the program in place (no fork) when the caller
+			# is not a process group leader, as here; make sure, or our
+			# SIGTERM would miss it.
+			[[ $(readlink "/proc/$pid/exe") == "$QUORUMCTL" ]] || die "attach pid $pid is not quorumctl (setsid forked?)"
+			log "attached $* -> $_dev (pid $pid, loop dio=$(cat "/sys/block/${_dev#/dev/}/loop/dio" 2>/dev/null))"
+			return 0
+		fi
+		if ! running "$pid"; then
+			local rc=0
+			wait "$pid" || rc=$?
+			attach_forget "$pid"
+			die "quorumctl attach $* exited with status $rc before printing a device; its log:
+$(cat "$err")"
+		fi
+		sleep 0.1
+	done
+	die "quorumctl attach $* printed no device within 60s"
+}
+
+attach_forget() {
+	local p keep=()
+	for p in "${ATTACH_PIDS[@]}"; do
+		[[ $p == "$1" ]] || keep+=("$p")
+	done
+	ATTACH_PIDS=("${keep[@]}")
+}
+
+# wait_exit PID SECS: waits up to SECS for PID to end.
+wait_exit() {
+	local i
+	for ((i = 0; i < $2 * 10; i++)); do
+		running "$1" || return 0
+		sleep 0.1
+	done
+	! running "$1"
+}
+
+# attach_stop PID: SIGTERM, wait for the clean detach; a second SIGTERM
+# after 60s makes quorumctl stop waiting for the device's users, SIGKILL
+# after 20s more. Returns quorumctl's exit status.
+attach_stop() {
+	local pid=$1 rc=0
+	if running "$pid"; then
+		kill -TERM "$pid" 2>/dev/null || true
+		if ! wait_exit "$pid" 60; then
+			log "attach pid $pid still running 60s after SIGTERM; sending a second SIGTERM (forced detach)"
+			kill -TERM "$pid" 2>/dev/null || true
+			if ! wait_exit "$pid" 20; then
+				log "attach pid $pid still running; SIGKILL"
+				kill -KILL "$pid" 2>/dev/null || true
+			fi
+		fi
+	fi
+	wait "$pid" 2>/dev/null || rc=$?
+	attach_forget "$pid"
+	return "$rc"
+}
+
+# attach_stop_checked PID: attach_stop, then complains if quorumctl failed
+# or left anything behind.
+attach_stop_checked() {
+	local rc=0
+	attach_stop "$1" || rc=$?
+	if ((rc == 0)); then
+		log "detached (quorumctl attach pid $1 exited 0)"
+	else
+		log "warning: quorumctl attach (pid $1) exited with status $rc; its log:
+$(cat "${ATTACH_LOG[$1]:-/dev/null}" 2>/dev/null)"
+	fi
+	leftovers_report
+	return "$rc"
+}
+
+# loop devices whose backing file is under $WORK.
+work_loops() {
+	local f b
+	for f in /sys/block/loop*/loop/backing_file; do
+		[[ -r $f ]] || continue
+		b=$(cat "$f" 2>/dev/null) || continue
+		if [[ $b == "$WORK"/* ]]; then
+			f=${f#/sys/block/}
+			echo "/dev/${f%%/*}"
+		fi
+	done
+}
+
+# mount points under $WORK, deepest first.
+work_mounts() {
+	python3 - "$WORK" <<'EOF'
+import sys
+work = sys.argv[1].rstrip("/") + "/"
+def unescape(s):
+    return s.encode().decode("unicode_escape") if "\\" in s else s
+ms = []
+for line in open("/proc/self/mounts"):
+    mp = unescape(line.split()[1])
+    if mp.startswith(work):
+        ms.append(mp)
+for mp in sorted(ms, key=len, reverse=True):
+    print(mp)
+EOF
+}
+
+leftovers_report() {
+	local l m
+	l=$(work_loops)
+	m=$(work_mounts)
+	[[ -z $l ]] || log "warning: loop devices still backed by $WORK: $l"
+	[[ -z $m ]] || log "warning: still mounted under $WORK: $m"
+}
+
+# loop_setup VAR FILE: losetup with direct I/O; insists that it is on.
+loop_setup() {
+	local -n _loop=$1
+	_loop=$(losetup --direct-io=on --show -f "$2") || die "losetup $2 failed"
+	LOOP_DEVS+=("$_loop")
+	local dio
+	dio=$(cat "/sys/block/${_loop#/dev/}/loop/dio")
+	[[ $dio == 1 ]] || die "$_loop over $2 has dio=$dio: the filesystem refused direct I/O"
+	log "losetup $2 -> $_loop (dio=$dio)"
+}
+
+loop_detach() {
+	local d keep=()
+	losetup -d "$1" || log "warning: losetup -d $1 failed"
+	for d in "${LOOP_DEVS[@]}"; do
+		[[ $d == "$1" ]] || keep+=("$d")
+	done
+	LOOP_DEVS=("${keep[@]}")
+}
+
+bench_cleanup() {
+	local rc=$? pid d m
+	# Finish cleaning up even if Ctrl-C is pressed again.
+	trap '' INT TERM HUP
+	trap - EXIT
+	for pid in "${ATTACH_PIDS[@]}"; do
+		log "cleanup: stopping quorumctl attach pid $pid"
+		attach_stop "$pid" || log "cleanup: quorumctl attach pid $pid exited with status $?"
+	done
+	for d in "${LOOP_DEVS[@]}"; do
+		log "cleanup: losetup -d $d"
+		losetup -d "$d" || true
+	done
+	if [[ -n $WORK && -d $WORK ]]; then
+		for d in $(work_loops); do
+			log "cleanup: $d still backed by a file in $WORK; losetup -d"
+			losetup -d "$d" || true
+		done
+		while read -r m; do
+			[[ -n $m ]] || continue
+			log "cleanup: unmounting $m"
+			umount "$m" 2>/dev/null || umount -l "$m" || true
+		done < <(work_mounts)
+		if [[ -n $(work_mounts) ]]; then
+			log "cleanup: mounts remain under $WORK; not removing it"
+		else
+			rm -rf "$WORK"
+		fi
+	fi
+	[[ -z $BINDIR ]] || rm -rf "$BINDIR"
+	exit "$rc"
+}
+
+# fill_device DEV: writes the whole device once, sequentially with 1 MiB
+# direct writes of fio's (non-zero) buffers, so that nothing read later
+# is a hole.
+fill_device() {
+	local dev=$1 out
+	out=$WORK/fill-$(basename "$dev")-$RANDOM.json
+	log "filling $dev ($(($(blockdev --getsize64 "$dev") >> 20)) MiB)"
+	fio --name=fill --filename="$dev" --ioengine=libaio --direct=1 --rw=write --bs=1M --iodepth=8 \
+		--output-format=json --output="$out" >/dev/null 2>"$out.err" || die "filling $dev failed: $(cat "$out.err")"
+	python3 - "$out" "$(blockdev --getsize64 "$dev")" <<'EOF' >&2 || die "filling $dev did not write all of it"
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+w = j["write"]
+print("  wrote %d MiB at %.0f MiB/s, error=%d" % (w["io_bytes"] >> 20, w["bw_bytes"] / 2**20, j["error"]))
+sys.exit(0 if j["error"] == 0 and w["io_bytes"] == int(sys.argv[2]) else 1)
+EOF
+}
