@@ -129,8 +129,9 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	derr := dev.Detach(ctx)
 	cancel()
 	if derr != nil {
-		log.Error("forcing detach: users of the device will see I/O errors", "device", dev.Path(), "error", derr)
-		return closeAfter(vol, errors.Join(derr, dev.ForceDetach()))
+		log.Error("second signal: forcing detach; users of the device see I/O errors", "device", dev.Path(), "error", derr)
+		ferr := dev.ForceDetach()
+		return closeAfter(vol, errors.Join(fmt.Errorf("forced detach of %s while it was in use", dev.Path()), ferr))
 	}
 	if err := vol.Close(context.Background()); err != nil {
 		return err
