@@ -65,7 +65,7 @@ run_patterns() {
 	for p in "${PATTERNS[@]}"; do
 		IFS='|' read -r name rw bs qd <<<"$p"
 		out=$WORK/fio-${target// /_}-${name// /_}.json
-		if fio --name=bench --filename="$dev" --ioengine=libaio --direct=1 \
+		if run_fg fio --name=bench --filename="$dev" --ioengine=libaio --direct=1 \
 			--rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
 			--time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
 			--norandommap --randrepeat=0 \

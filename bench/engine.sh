@@ -73,7 +73,7 @@ fill_device "$DEV"
 attach_stop_checked "$PID" || die "detach after the fill failed"
 if ((CHECK)); then
 	log "quorumctl check after the fill"
-	"$QUORUMCTL" check "$A" "$B" "$C" >&2 || die "replicas differ after the fill"
+	run_fg "$QUORUMCTL" check "$A" "$B" "$C" >&2 || die "replicas differ after the fill"
 fi
 
 qemu_json() { # read-pattern
@@ -87,7 +87,7 @@ qemu_json() { # read-pattern
 # native AIO needs O_DIRECT (-t none) and libaio support; fall back to
 # threads.
 AIO=native
-if ! qemu-img bench -t none -i native -c 1 -d 1 "$(qemu_json quorum)" >"$WORK/probe.out" 2>&1; then
+if ! run_fg qemu-img bench -t none -i native -c 1 -d 1 "$(qemu_json quorum)" >"$WORK/probe.out" 2>&1; then
 	log "qemu-img bench -i native failed ($(cat "$WORK/probe.out")); using -i threads"
 	AIO=threads
 fi
@@ -99,7 +99,7 @@ run_row() {
 	[[ $rw == write ]] && w=(-w)
 	out=$WORK/row-${name// /_}
 	q=ERR o=ERR
-	if qemu-img bench -t none -i "$AIO" -d "$DEPTH" -s "$bs" -S "$step" -c "$count" "${w[@]}" \
+	if run_fg qemu-img bench -t none -i "$AIO" -d "$DEPTH" -s "$bs" -S "$step" -c "$count" "${w[@]}" \
 		"$(qemu_json "$rp")" >"$out.qemu" 2>&1 &&
 		qs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' "$out.qemu") && [[ -n $qs ]]; then
 		q=$(python3 -c "print('%.0f' % ($count / $qs))")
@@ -107,7 +107,7 @@ run_row() {
 		FAILED=1
 		log "[$name] qemu-img bench FAILED: $(cat "$out.qemu")"
 	fi
-	if "$QUORUMCTL" bench --vote-threshold 2 --read-pattern "$rp" -d "$DEPTH" -s "$bs" -S "$step" -c "$count" "${w[@]}" \
+	if run_fg "$QUORUMCTL" bench --vote-threshold 2 --read-pattern "$rp" -d "$DEPTH" -s "$bs" -S "$step" -c "$count" "${w[@]}" \
 		"$A" "$B" "$C" >"$out.ours" 2>"$out.ours.err" &&
 		os=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' "$out.ours") && [[ -n $os ]]; then
 		o=$(python3 -c "print('%.0f' % ($count / $os))")
@@ -135,7 +135,7 @@ run_row "64k seq write" quorum write 65536 65536 "$COUNT64"
 if ((CHECK)); then
 	# Both engines wrote the same pattern (zero bytes) to all three.
 	log "quorumctl check at the end"
-	"$QUORUMCTL" check "$A" "$B" "$C" >&2 || { log "warning: replicas differ at the end"; FAILED=1; }
+	run_fg "$QUORUMCTL" check "$A" "$B" "$C" >&2 || { log "warning: replicas differ at the end"; FAILED=1; }
 fi
 
 ELAPSED=$((SECONDS - START))

@@ -18,9 +18,24 @@ ATTACH_PIDS=()  # quorumctl attach processes still running
 LOOP_DEVS=()    # loop devices set up with losetup by this script
 ATTACH_SEQ=0
 declare -A ATTACH_LOG=() # attach pid -> its stderr log
+FG_PID=""                # the command run_fg is waiting for
 
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# run_fg CMD...: runs CMD and waits for it. CMD runs as a background job
+# waited for with the wait builtin, which a trapped signal interrupts at
+# once: a plain foreground fio catches Ctrl-C and exits "normally", and
+# bash then ignores the SIGINT (it assumes the program handled it), so the
+# script would carry on. bench_cleanup stops the job.
+run_fg() {
+	local rc=0
+	"$@" &
+	FG_PID=$!
+	wait "$FG_PID" || rc=$?
+	FG_PID=""
+	return "$rc"
+}
 
 # size_bytes SIZE: prints SIZE (4096, 512K, 10M, 2G, 1T, 2GiB) in bytes.
 size_bytes() {
@@ -52,6 +67,9 @@ bench_init() {
 	((EUID == 0)) || die "run as root (loop devices and FUSE mounts need it)"
 	[[ -d $parent ]] || die "work folder $parent does not exist"
 	[[ $parent != *[\"\\]* ]] || die "work folder $parent: quotes and backslashes are not supported"
+	# The traps may fire inside a command whose output is redirected (to a
+	# log file or /dev/null); the cleanup writes to the script's own.
+	exec {BENCH_STDOUT}>&1 {BENCH_STDERR}>&2
 	trap bench_cleanup EXIT
 	trap 'exit 130' INT
 	trap 'exit 143' TERM
@@ -60,7 +78,7 @@ bench_init() {
 	WORK=$(cd "$WORK" && pwd -P)
 	BINDIR=$(mktemp -d /tmp/quorum-bench-bin.XXXXXX) || die "cannot make a temporary folder"
 	log "building quorumctl from $REPO"
-	(cd "$REPO" && go build -o "$BINDIR/quorumctl" ./cmd/quorumctl) || die "go build ./cmd/quorumctl failed"
+	run_fg go -C "$REPO" build -o "$BINDIR/quorumctl" ./cmd/quorumctl || die "go build ./cmd/quorumctl failed"
 	QUORUMCTL=$BINDIR/quorumctl
 	log "work folder $WORK ($(df --output=fstype "$WORK" | tail -n1 | tr -d ' ') on $(df --output=source "$WORK" | tail -n1))"
 }
@@ -234,6 +252,13 @@ bench_cleanup() {
 	# Finish cleaning up even if Ctrl-C is pressed again.
 	trap '' INT TERM HUP
 	trap - EXIT
+	[[ -z ${BENCH_STDOUT:-} ]] || exec 1>&"$BENCH_STDOUT" 2>&"$BENCH_STDERR"
+	if [[ -n $FG_PID ]] && running "$FG_PID"; then
+		log "cleanup: stopping $(cat "/proc/$FG_PID/comm" 2>/dev/null) (pid $FG_PID)"
+		kill -TERM "$FG_PID" 2>/dev/null || true
+		wait_exit "$FG_PID" 15 || kill -KILL "$FG_PID" 2>/dev/null || true
+		wait "$FG_PID" 2>/dev/null || true
+	fi
 	for pid in "${ATTACH_PIDS[@]}"; do
 		log "cleanup: stopping quorumctl attach pid $pid"
 		attach_stop "$pid" || log "cleanup: quorumctl attach pid $pid exited with status $?"
@@ -269,7 +294,7 @@ fill_device() {
 	local dev=$1 out
 	out=$WORK/fill-$(basename "$dev")-$RANDOM.json
 	log "filling $dev ($(($(blockdev --getsize64 "$dev") >> 20)) MiB)"
-	fio --name=fill --filename="$dev" --ioengine=libaio --direct=1 --rw=write --bs=1M --iodepth=8 \
+	run_fg fio --name=fill --filename="$dev" --ioengine=libaio --direct=1 --rw=write --bs=1M --iodepth=8 \
 		--output-format=json --output="$out" >/dev/null 2>"$out.err" || die "filling $dev failed: $(cat "$out.err")"
 	python3 - "$out" "$(blockdev --getsize64 "$dev")" <<'EOF' >&2 || die "filling $dev did not write all of it"
 import json, sys

@@ -68,6 +68,10 @@ func AttachFUSELoop(ctx context.Context, vol Volume, opts FUSELoopOptions) (d De
 		MaxBackground:     128,
 		ExtraCapabilities: fuse.CAP_ASYNC_DIO,
 		DisableXAttrs:     true,
+		// Read data is already in go-fuse's reply buffer; splicing it
+		// through a pipe would only copy it again (and 1 MiB plus the
+		// header does not fit a default pipe).
+		DisableSplice: true,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("attach: mount FUSE at %s: %w", mnt, err)
