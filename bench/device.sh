@@ -89,7 +89,8 @@ EOF
 		else
 			FAILED=1
 			printf '%s\t%s\tERR\t-\t-\n' "$target" "$name" >>"$RESULTS"
-			log "[$target] $name: fio FAILED: $(cat "$out.err" 2>/dev/null)"
+			log "[$target] $name: fio FAILED ($(wc -l <"$out.err") lines on stderr, first 3 below)
+$(head -n 3 "$out.err")"
 		fi
 	done
 }

@@ -105,7 +105,7 @@ run_row() {
 		q=$(python3 -c "print('%.0f' % ($count / $qs))")
 	else
 		FAILED=1
-		log "[$name] qemu-img bench FAILED: $(cat "$out.qemu")"
+		log "[$name] qemu-img bench FAILED: $(tail -n 3 "$out.qemu")"
 	fi
 	if run_fg "$QUORUMCTL" bench --vote-threshold 2 --read-pattern "$rp" -d "$DEPTH" -s "$bs" -S "$step" -c "$count" "${w[@]}" \
 		"$A" "$B" "$C" >"$out.ours" 2>"$out.ours.err" &&
@@ -113,7 +113,7 @@ run_row() {
 		o=$(python3 -c "print('%.0f' % ($count / $os))")
 	else
 		FAILED=1
-		log "[$name] quorumctl bench FAILED: $(cat "$out.ours" "$out.ours.err")"
+		log "[$name] quorumctl bench FAILED: $(cat "$out.ours"; tail -n 3 "$out.ours.err")"
 	fi
 	if [[ -s $out.ours.err ]]; then
 		log "[$name] quorumctl bench logged $(wc -l <"$out.ours.err") event line(s), first: $(head -n1 "$out.ours.err")"

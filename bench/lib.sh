@@ -49,7 +49,7 @@ size_bytes() {
 	*T) m=$((1 << 40)) ;;
 	esac
 	((m > 1)) && s=${s%?}
-	[[ $s =~ ^[0-9]+$ ]] && ((s > 0)) || return 1
+	[[ $s =~ ^[0-9]+$ ]] && ((10#$s > 0)) || return 1
 	echo $((10#$s * m))
 }
 
@@ -179,6 +179,14 @@ attach_stop() {
 attach_stop_checked() {
 	local rc=0
 	attach_stop "$1" || rc=$?
+	local alog=${ATTACH_LOG[$1]:-/dev/null} n
+	# Anything but INFO lines: warnings, errors, engine events
+	# (REPORT_BAD, QUORUM_FAILURE).
+	n=$(grep -vc '"level":"INFO"' "$alog" 2>/dev/null) || true
+	if ((${n:-0} > 0)); then
+		log "warning: quorumctl attach (pid $1) logged $n warning/error/event line(s), first 3:
+$(grep -v '"level":"INFO"' "$alog" | head -n 3)"
+	fi
 	if ((rc == 0)); then
 		log "detached (quorumctl attach pid $1 exited 0)"
 	else
