@@ -14,7 +14,8 @@ import (
 // .ci/run sets QUORUM_CI=1.
 func InCI() bool { return os.Getenv("QUORUM_CI") == "1" }
 
-func unavailable(t testing.TB, reason string) {
+// Unavailable skips the test for reason, or fails it under QUORUM_CI=1.
+func Unavailable(t testing.TB, reason string) {
 	t.Helper()
 	if InCI() {
 		t.Fatalf("QUORUM_CI=1 but %s", reason)
@@ -26,11 +27,11 @@ func unavailable(t testing.TB, reason string) {
 func RequireKernel(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		unavailable(t, "needs root for loop devices and FUSE mounts")
+		Unavailable(t, "needs root for loop devices and FUSE mounts")
 	}
 	for _, dev := range []string{"/dev/fuse", "/dev/loop-control"} {
 		if _, err := os.Stat(dev); err != nil {
-			unavailable(t, "needs "+dev)
+			Unavailable(t, "needs "+dev)
 		}
 	}
 }
@@ -40,7 +41,7 @@ func RequireTools(t testing.TB, tools ...string) {
 	t.Helper()
 	for _, tool := range tools {
 		if _, err := exec.LookPath(tool); err != nil {
-			unavailable(t, "needs "+tool+" on PATH")
+			Unavailable(t, "needs "+tool+" on PATH")
 		}
 	}
 }

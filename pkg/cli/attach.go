@@ -15,6 +15,7 @@ import (
 
 	"github.com/quorum-csi/quorum-csi/pkg/attach"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
+	"github.com/quorum-csi/quorum-csi/pkg/replica"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
 )
 
@@ -42,10 +43,11 @@ func eventPrinter(w io.Writer) func(quorum.Event) {
 }
 
 type engineFlags struct {
-	threshold int
-	pattern   string
-	rewrite   bool
-	strict    bool
+	threshold  int
+	pattern    string
+	rewrite    bool
+	strict     bool
+	cpuProfile string
 }
 
 func (f *engineFlags) register(fs interface {
@@ -57,6 +59,7 @@ func (f *engineFlags) register(fs interface {
 	fs.StringVar(&f.pattern, "read-pattern", "quorum", "quorum: read all children and vote; fifo: read the first healthy child in the given order")
 	fs.BoolVar(&f.rewrite, "rewrite-corrupted", false, "rewrite children that lost a vote with the winning data (read pattern quorum)")
 	fs.BoolVar(&f.strict, "strict", false, "fail any read on which children disagree (like QEMU's blkverify; read pattern quorum)")
+	fs.StringVar(&f.cpuProfile, "cpu-profile", "", "write a Go CPU profile of the run to this file (for performance work)")
 }
 
 func (f *engineFlags) options(onEvent func(quorum.Event)) (volume.Options, error) {
@@ -88,6 +91,11 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	stopProfile, err := profileCPU(ef.cpuProfile)
+	if err != nil {
+		return err
+	}
+	defer stopProfile()
 	// Signals are caught from here on so that one arriving while we set
 	// up still ends in a clean detach.
 	sigs := make(chan os.Signal, 2)
@@ -109,7 +117,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return closeAfter(vol, err)
 	}
-	log.Info("attached", "device", dev.Path(), "replicas", len(pos), "voteThreshold", vol.VoteThreshold(), "readPattern", vol.ReadPattern(), "frontend", "fuse-loop")
+	log.Info("attached", "device", dev.Path(), "replicas", len(pos), "voteThreshold", vol.VoteThreshold(), "readPattern", vol.ReadPattern(), "frontend", "fuse-loop", "replicaIO", replica.IOMethod())
 	fmt.Fprintln(stdout, dev.Path())
 	if f, ok := stdout.(*os.File); ok {
 		f.Sync()

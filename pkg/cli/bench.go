@@ -49,6 +49,11 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	stopProfile, err := profileCPU(ef.cpuProfile)
+	if err != nil {
+		return closeAfter(vol, err)
+	}
+	defer stopProfile()
 	size := vol.Size()
 	var next atomic.Int64
 	var failed atomic.Int64

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 )
@@ -159,6 +160,26 @@ func needArgs(pos []string, what string) error {
 		return fmt.Errorf("%w: no %s given", errUsage, what)
 	}
 	return nil
+}
+
+// profileCPU starts a CPU profile into path when it is set; the returned
+// function stops it.
+func profileCPU(path string) (stop func(), err error) {
+	if path == "" {
+		return func() {}, nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}, nil
 }
 
 // stateDir is where attach keeps its FUSE mount points.

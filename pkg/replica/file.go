@@ -9,6 +9,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/quorum-csi/quorum-csi/internal/uring"
 )
 
 // ErrInUse is wrapped when another process holds the replica.
@@ -24,6 +26,8 @@ var ErrUnaligned = errors.New("request not aligned for direct I/O")
 type File struct {
 	path     string
 	f        *os.File
+	fd       int
+	ring     *uring.Ring // nil: plain syscalls
 	size     int64
 	memAlign uintptr
 	offAlign int64
@@ -57,7 +61,8 @@ func open(path string, readOnly bool) (*File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("replica %s: open with direct I/O: %w", path, err)
 	}
-	r := &File{path: path, f: f, meta: m}
+	r := &File{path: path, f: f, fd: int(f.Fd()), meta: m}
+	r.ring, _ = uring.Default()
 	if err := r.init(lock); err != nil {
 		f.Close()
 		return nil, err
@@ -66,7 +71,7 @@ func open(path string, readOnly bool) (*File, error) {
 }
 
 func (r *File) init(lock int) error {
-	fd := int(r.f.Fd())
+	fd := r.fd
 	if err := unix.Flock(fd, lock|unix.LOCK_NB); err != nil {
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return fmt.Errorf("replica %s: %w (is it attached already?)", r.path, ErrInUse)
@@ -163,8 +168,18 @@ func (r *File) ReadAt(ctx context.Context, p []byte, off int64) error {
 }
 
 func (r *File) pread(p []byte, off int64) error {
+	if r.ring != nil {
+		n, err := r.ring.Pread(r.fd, p, off)
+		if err != nil {
+			return fmt.Errorf("replica %s: read at %d: %w", r.path, off+int64(n), err)
+		}
+		if n < len(p) {
+			return fmt.Errorf("replica %s: read at %d: unexpected end of image", r.path, off+int64(n))
+		}
+		return nil
+	}
 	for len(p) > 0 {
-		n, err := unix.Pread(int(r.f.Fd()), p, off)
+		n, err := unix.Pread(r.fd, p, off)
 		if err != nil {
 			if err == unix.EINTR {
 				continue
@@ -190,8 +205,14 @@ func (r *File) WriteAt(ctx context.Context, p []byte, off int64) error {
 		copy(b, p)
 		p = b
 	}
+	if r.ring != nil {
+		if n, err := r.ring.Pwrite(r.fd, p, off); err != nil {
+			return fmt.Errorf("replica %s: write at %d: %w", r.path, off+int64(n), err)
+		}
+		return nil
+	}
 	for len(p) > 0 {
-		n, err := unix.Pwrite(int(r.f.Fd()), p, off)
+		n, err := unix.Pwrite(r.fd, p, off)
 		if err != nil {
 			if err == unix.EINTR {
 				continue
@@ -208,7 +229,13 @@ func (r *File) Flush(ctx context.Context) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if err := unix.Fdatasync(int(r.f.Fd())); err != nil {
+	var err error
+	if r.ring != nil {
+		err = r.ring.Fdatasync(r.fd)
+	} else {
+		err = unix.Fdatasync(r.fd)
+	}
+	if err != nil {
 		return fmt.Errorf("replica %s: flush: %w", r.path, err)
 	}
 	return nil
@@ -233,7 +260,7 @@ func (r *File) fallocate(ctx context.Context, what string, mode uint32, off, len
 	if length == 0 {
 		return nil
 	}
-	if err := unix.Fallocate(int(r.f.Fd()), mode, off, length); err != nil {
+	if err := unix.Fallocate(r.fd, mode, off, length); err != nil {
 		return fmt.Errorf("replica %s: %s at %d length %d: %w", r.path, what, off, length, err)
 	}
 	return nil
@@ -241,3 +268,12 @@ func (r *File) fallocate(ctx context.Context, what string, mode uint32, off, len
 
 // BlockSize is the offset and length granularity the image takes.
 func (r *File) BlockSize() int64 { return r.offAlign }
+
+// IOMethod says how replicas do their I/O in this process: io_uring, or
+// plain system calls when the kernel or a seccomp policy refuses io_uring.
+func IOMethod() string {
+	if _, err := uring.Default(); err != nil {
+		return fmt.Sprintf("pread/pwrite (io_uring unavailable: %v)", err)
+	}
+	return "io_uring"
+}
