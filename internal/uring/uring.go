@@ -103,10 +103,12 @@ type Ring struct {
 	cqMask  uint32
 	cqes    unsafe.Pointer
 
-	submitMu sync.Mutex
-	ops      [Entries]op
-	free     chan uint32 // free op slots; also bounds the requests in flight
-	event    *os.File
+	submitMu   sync.Mutex
+	queued     uint32 // entries in the ring not yet handed to the kernel
+	submitting bool   // someone is in io_uring_enter for the queued entries
+	ops        [Entries]op
+	free       chan uint32 // free op slots; also bounds the requests in flight
+	event      *os.File
 }
 
 var (
@@ -222,7 +224,11 @@ func (r *Ring) reap() {
 	}
 }
 
-// submit queues one request and waits for its result (bytes, or -errno).
+// submit queues one request and waits for its result (bytes, or
+// -errno). Whoever finds no submission under way becomes the submitter
+// and hands the kernel everything queued, including entries queued by
+// others while it was in io_uring_enter: under load one system call
+// carries many requests.
 func (r *Ring) submit(fill func(*sqe)) int32 {
 	slot := <-r.free
 	r.submitMu.Lock()
@@ -233,16 +239,27 @@ func (r *Ring) submit(fill func(*sqe)) int32 {
 	fill(s)
 	*(*uint32)(unsafe.Add(r.sqArray, uintptr(idx)*4)) = idx
 	atomic.StoreUint32(r.sqTail, tail+1)
-	for {
-		_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), 1, 0, 0, 0, 0)
-		if errno == 0 {
-			break
+	r.queued++
+	if !r.submitting {
+		r.submitting = true
+		for r.queued > 0 {
+			n := r.queued
+			r.queued = 0
+			r.submitMu.Unlock()
+			done, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(n), 0, 0, 0, 0)
+			r.submitMu.Lock()
+			switch errno {
+			case 0:
+			case unix.EINTR, unix.EAGAIN, unix.EBUSY:
+				done = 0 // nothing taken; try again
+			default:
+				// A valid ring with at most Entries in flight has no other
+				// failure; carrying on would hang every request.
+				panic(fmt.Sprintf("io_uring_enter: %v", errno))
+			}
+			r.queued += n - uint32(done)
 		}
-		if errno != unix.EINTR && errno != unix.EAGAIN && errno != unix.EBUSY {
-			// The entry stays queued; the kernel takes it with the next
-			// enter. Nothing else can be done with the error here.
-			break
-		}
+		r.submitting = false
 	}
 	r.submitMu.Unlock()
 	res := <-r.ops[slot].done

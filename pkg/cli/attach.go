@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -50,11 +51,7 @@ type engineFlags struct {
 	cpuProfile string
 }
 
-func (f *engineFlags) register(fs interface {
-	IntVar(*int, string, int, string)
-	StringVar(*string, string, string, string)
-	BoolVar(*bool, string, bool, string)
-}) {
+func (f *engineFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.threshold, "vote-threshold", 0, "children that must succeed or agree, 1 to N (default: a majority of N)")
 	fs.StringVar(&f.pattern, "read-pattern", "quorum", "quorum: read all children and vote; fifo: read the first healthy child in the given order")
 	fs.BoolVar(&f.rewrite, "rewrite-corrupted", false, "rewrite children that lost a vote with the winning data (read pattern quorum)")
@@ -119,9 +116,6 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	log.Info("attached", "device", dev.Path(), "replicas", len(pos), "voteThreshold", vol.VoteThreshold(), "readPattern", vol.ReadPattern(), "frontend", "fuse-loop", "replicaIO", replica.IOMethod())
 	fmt.Fprintln(stdout, dev.Path())
-	if f, ok := stdout.(*os.File); ok {
-		f.Sync()
-	}
 
 	sig := <-sigs
 	log.Info("detaching", "signal", sig.String(), "device", dev.Path())

@@ -102,9 +102,6 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 // needs no bounce buffer, as for QEMU's own aligned buffers.
 func alignedBuf(n int) []byte {
 	raw := make([]byte, n+4096)
-	off := 0
-	for uintptr(unsafe.Pointer(&raw[off]))%4096 != 0 {
-		off++
-	}
+	off := int(-uintptr(unsafe.Pointer(&raw[0])) % 4096)
 	return raw[off : off+n]
 }
