@@ -26,4 +26,7 @@ type Child interface {
 type Member struct {
 	Name  string
 	Child Child
+	// Dirty, when set, makes the child start faulty, missing these
+	// regions (all of them for a replacement); it rejoins through resync.
+	Dirty *Bitmap
 }

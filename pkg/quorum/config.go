@@ -42,7 +42,18 @@ type Config struct {
 	// completes. An error fails that request: a write must not be
 	// acknowledged when the fact that a replica missed it cannot be kept.
 	OnFaulty func(ctx context.Context, child int, cause error) error
+	// OnInSync is called when a resynced child holds every region again,
+	// after it was flushed and before it serves reads. An error keeps it
+	// resyncing (it is retried at the next Probe).
+	OnInSync func(ctx context.Context, child int) error
+	// RegionSize is the granularity of dirty tracking and resync
+	// (default 64 KiB).
+	RegionSize int64
 }
+
+// DefaultRegionSize balances resync precision against bitmap size: 2 MiB
+// of bitmap per TiB.
+const DefaultRegionSize = 64 << 10
 
 // Majority is the default vote threshold for n children, as in QEMU's
 // documentation: more than half.
@@ -74,7 +85,22 @@ func (c *Config) validate() error {
 	if c.Strict && c.RewriteCorrupted {
 		return fmt.Errorf("strict mode and rewrite-corrupted exclude each other: strict mode fails reads instead of repairing")
 	}
+	if c.RegionSize == 0 {
+		c.RegionSize = DefaultRegionSize
+	}
+	if c.RegionSize < 512 || c.RegionSize&(c.RegionSize-1) != 0 {
+		return fmt.Errorf("region size %d: want a power of two of at least 512", c.RegionSize)
+	}
 	size := c.Children[0].Child.Size()
+	inSync := 0
+	for _, m := range c.Children {
+		if m.Dirty == nil {
+			inSync++
+		}
+	}
+	if inSync == 0 {
+		return fmt.Errorf("every child starts stale: no source for a resync")
+	}
 	names := make(map[string]bool, n)
 	for i, m := range c.Children {
 		if m.Child == nil {
@@ -86,6 +112,9 @@ func (c *Config) validate() error {
 		names[m.Name] = true
 		if s := m.Child.Size(); s != size {
 			return fmt.Errorf("children differ in size: %s has %d bytes, %s has %d", c.Children[0].Name, size, m.Name, s)
+		}
+		if m.Dirty != nil && (m.Dirty.RegionSize() != c.RegionSize || m.Dirty.size != size) {
+			return fmt.Errorf("child %s: dirty map of another geometry", m.Name)
 		}
 	}
 	return nil

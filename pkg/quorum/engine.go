@@ -15,29 +15,54 @@ var ErrQuorumFailure = errors.New("quorum failure")
 // ErrOutOfRange is wrapped by errors for requests beyond the volume's end.
 var ErrOutOfRange = errors.New("request out of range")
 
-// ChildState is the engine's view of a child's health.
+// ChildState is the engine's view of a child.
 type ChildState string
 
 const (
 	ChildHealthy ChildState = "healthy"
-	// ChildFaulty children failed a modifying request and are left out of
-	// all I/O from then on.
+	// ChildFaulty children failed a modifying request, or started stale;
+	// they get no I/O, and every region written meanwhile is marked dirty
+	// for them.
 	ChildFaulty ChildState = "faulty"
+	// ChildResyncing children answer again and get their dirty regions
+	// copied from healthy children; they take writes but serve no reads
+	// and count for no threshold until they are in sync.
+	ChildResyncing ChildState = "resyncing"
 )
+
+const (
+	stateHealthy int32 = iota
+	stateFaulty
+	stateResyncing
+)
+
+var stateNames = [...]ChildState{ChildHealthy, ChildFaulty, ChildResyncing}
 
 // ChildStatus describes one child for status output.
 type ChildStatus struct {
 	Name  string     `json:"name"`
 	State ChildState `json:"state"`
 	Error string     `json:"error,omitempty"`
+	// DirtyBytes is what the child misses: regions written while it was
+	// faulty and not yet copied to it.
+	DirtyBytes int64 `json:"dirtyBytes"`
+	// ResyncDone and ResyncTotal are the bytes copied to the child and
+	// to copy in the current resync.
+	ResyncDone  int64 `json:"resyncDone,omitempty"`
+	ResyncTotal int64 `json:"resyncTotal,omitempty"`
 }
 
 type member struct {
 	Member
-	faulty atomic.Bool
+	state atomic.Int32
 	// Guarded by Engine.faultMu.
 	cause      error
 	unrecorded bool
+	// dirty marks the regions the child misses; nil while healthy.
+	// Guarded by Engine.dirtyMu.
+	dirty       *Bitmap
+	resyncDone  atomic.Int64
+	resyncTotal atomic.Int64
 }
 
 // Engine is a replicated volume over N children. Its methods are safe for
@@ -50,18 +75,40 @@ type Engine struct {
 	faultMu  sync.Mutex
 	// unrecorded counts faulty children whose OnFaulty has not succeeded.
 	unrecorded atomic.Int32
+	dirtyMu    sync.Mutex
+
+	// Background resyncs run under bg and are waited for by Close.
+	bg       context.Context
+	stopBg   context.CancelFunc
+	bgWG     sync.WaitGroup
+	resyncMu sync.Mutex // serialises starting resyncs
 }
 
-// New validates cfg and returns an engine over its children.
+// New validates cfg and returns an engine over its children. Children
+// given with a Dirty bitmap start faulty; Probe or StartResync brings
+// them back.
 func New(cfg Config) (*Engine, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("quorum config: %w", err)
 	}
 	e := &Engine{cfg: cfg, size: cfg.Children[0].Child.Size()}
+	e.bg, e.stopBg = context.WithCancel(context.Background())
 	for _, m := range cfg.Children {
-		e.children = append(e.children, &member{Member: m})
+		mem := &member{Member: m}
+		if m.Dirty != nil {
+			mem.dirty = m.Dirty.Clone()
+			mem.state.Store(stateFaulty)
+			mem.cause = errors.New("stale at attach")
+		}
+		e.children = append(e.children, mem)
 	}
 	return e, nil
+}
+
+// Close stops background resyncs and waits for them. It does not flush.
+func (e *Engine) Close() {
+	e.stopBg()
+	e.bgWG.Wait()
 }
 
 // Size is the volume size in bytes.
@@ -77,28 +124,81 @@ func (e *Engine) ReadPattern() ReadPattern { return e.cfg.ReadPattern }
 func (e *Engine) Status() []ChildStatus {
 	e.faultMu.Lock()
 	defer e.faultMu.Unlock()
+	e.dirtyMu.Lock()
+	defer e.dirtyMu.Unlock()
 	out := make([]ChildStatus, len(e.children))
 	for i, m := range e.children {
-		out[i] = ChildStatus{Name: m.Name, State: ChildHealthy}
-		if m.faulty.Load() {
-			out[i].State = ChildFaulty
+		st := m.state.Load()
+		out[i] = ChildStatus{Name: m.Name, State: stateNames[st]}
+		if m.dirty != nil {
+			out[i].DirtyBytes = m.dirty.Bytes()
+		}
+		if st != stateHealthy && m.cause != nil {
 			out[i].Error = m.cause.Error()
+		}
+		if st == stateResyncing {
+			out[i].ResyncDone, out[i].ResyncTotal = m.resyncDone.Load(), m.resyncTotal.Load()
 		}
 	}
 	return out
 }
 
-// Faulty reports whether child i has been left out.
-func (e *Engine) Faulty(i int) bool { return e.children[i].faulty.Load() }
+// Faulty reports whether child i is left out of reads (faulty or still
+// resyncing).
+func (e *Engine) Faulty(i int) bool { return e.children[i].state.Load() != stateHealthy }
 
+// Dirty returns a copy of the regions child i misses, or nil when it is
+// healthy.
+func (e *Engine) Dirty(i int) *Bitmap {
+	e.dirtyMu.Lock()
+	defer e.dirtyMu.Unlock()
+	if d := e.children[i].dirty; d != nil {
+		return d.Clone()
+	}
+	return nil
+}
+
+// healthy lists the children that serve reads.
 func (e *Engine) healthy() []int {
 	idx := make([]int, 0, len(e.children))
 	for i, m := range e.children {
-		if !m.faulty.Load() {
+		if m.state.Load() == stateHealthy {
 			idx = append(idx, i)
 		}
 	}
 	return idx
+}
+
+// writeTargets lists the children a modifying request goes to (healthy
+// ones first, then resyncing ones) and how many of them are healthy. The
+// range is marked dirty for every faulty child before the request runs.
+func (e *Engine) writeTargets(off, length int64) (idx []int, healthy int) {
+	idx = make([]int, 0, len(e.children))
+	var faulty bool
+	for i, m := range e.children {
+		switch m.state.Load() {
+		case stateHealthy:
+			idx = append(idx, i)
+		case stateFaulty:
+			faulty = true
+		}
+	}
+	healthy = len(idx)
+	for i, m := range e.children {
+		if m.state.Load() == stateResyncing {
+			idx = append(idx, i)
+		}
+	}
+	if faulty && length > 0 {
+		e.dirtyMu.Lock()
+		for _, m := range e.children {
+			if m.state.Load() == stateFaulty {
+				m.dirty.SetRange(off, length)
+			}
+		}
+		e.dirtyMu.Unlock()
+	}
+	return idx, healthy
 }
 
 func (e *Engine) emit(ev Event) {
@@ -120,21 +220,35 @@ func (e *Engine) quorumFailure(op Op, off, length int64, reason string) error {
 	return fmt.Errorf("%s at %d length %d: %s: %w", op, off, length, reason, ErrQuorumFailure)
 }
 
-// fault reports child i bad and, on its first failure of a modifying
-// request, makes it faulty; awaitRecords then records that.
+// fault reports child i bad and makes it faulty. The range it missed is
+// marked dirty for it (everything, for a failed flush: what it lost is
+// unknown). The first time, awaitRecords then records it through OnFaulty.
 func (e *Engine) fault(i int, op Op, off, length int64, cause error) {
 	m := e.children[i]
 	e.emit(Event{Type: EventReportBad, Op: op, Offset: off, Length: length, Child: m.Name, Error: cause.Error()})
 	e.faultMu.Lock()
 	defer e.faultMu.Unlock()
-	if !m.faulty.Load() {
-		m.cause = cause
+	e.dirtyMu.Lock()
+	if m.dirty == nil {
+		m.dirty = NewBitmap(e.size, e.cfg.RegionSize)
+	}
+	if op == OpFlush {
+		m.dirty.SetRange(0, e.size)
+	} else {
+		m.dirty.SetRange(off, length)
+	}
+	e.dirtyMu.Unlock()
+	if m.state.Load() == stateFaulty {
+		return
+	}
+	m.cause = cause
+	if !m.unrecorded {
 		m.unrecorded = true
 		// Counted before the child is left out, so that any request that
 		// skipped it sees the count and waits for the record.
 		e.unrecorded.Add(1)
-		m.faulty.Store(true)
 	}
+	m.state.Store(stateFaulty)
 }
 
 // recordLocked runs OnFaulty for every faulty child not yet recorded.
@@ -185,8 +299,8 @@ func fanout(n int, fn func(k int) error) []error {
 	return errs
 }
 
-// modify runs a modifying request on every healthy child under an
-// exclusive range, applying the write rule.
+// modify runs a modifying request on every healthy and resyncing child
+// under an exclusive range, applying the write rule to the healthy ones.
 func (e *Engine) modify(ctx context.Context, op Op, off, length int64, fn func(c Child) error) error {
 	if err := e.checkRange(op, off, length); err != nil {
 		return err
@@ -196,26 +310,29 @@ func (e *Engine) modify(ctx context.Context, op Op, off, length int64, fn func(c
 		return fmt.Errorf("%s at %d length %d: %w", op, off, length, err)
 	}
 	defer e.ranges.release(r)
-	return e.modifyLocked(ctx, op, off, length, e.healthy(), fn)
+	idx, healthy := e.writeTargets(off, length)
+	return e.modifyLocked(ctx, op, off, length, idx, healthy, fn)
 }
 
-func (e *Engine) modifyLocked(ctx context.Context, op Op, off, length int64, idx []int, fn func(c Child) error) error {
+// modifyLocked sends the request to idx, whose first healthy entries
+// count for the threshold.
+func (e *Engine) modifyLocked(ctx context.Context, op Op, off, length int64, idx []int, healthy int, fn func(c Child) error) error {
 	t := e.cfg.VoteThreshold
-	if len(idx) < t {
-		return e.quorumFailure(op, off, length, fmt.Sprintf("%d healthy children, threshold %d", len(idx), t))
+	if healthy < t {
+		return e.quorumFailure(op, off, length, fmt.Sprintf("%d healthy children, threshold %d", healthy, t))
 	}
 	errs := fanout(len(idx), func(k int) error { return fn(e.children[idx[k]].Child) })
 	ok := 0
 	for k, err := range errs {
-		if err == nil {
+		if err != nil {
+			e.fault(idx[k], op, off, length, err)
+		} else if k < healthy {
 			ok++
-			continue
 		}
-		e.fault(idx[k], op, off, length, err)
 	}
 	recErr := e.awaitRecords(ctx)
 	if ok < t {
-		return e.quorumFailure(op, off, length, fmt.Sprintf("%d of %d children succeeded, threshold %d", ok, len(idx), t))
+		return e.quorumFailure(op, off, length, fmt.Sprintf("%d of %d healthy children succeeded, threshold %d", ok, healthy, t))
 	}
 	if recErr != nil {
 		return e.quorumFailure(op, off, length, recErr.Error())
@@ -240,7 +357,8 @@ func (e *Engine) Discard(ctx context.Context, off, length int64) error {
 
 // Flush makes every completed write durable on at least t children.
 func (e *Engine) Flush(ctx context.Context) error {
-	return e.modifyLocked(ctx, OpFlush, 0, 0, e.healthy(), func(c Child) error { return c.Flush(ctx) })
+	idx, healthy := e.writeTargets(0, 0)
+	return e.modifyLocked(ctx, OpFlush, 0, 0, idx, healthy, func(c Child) error { return c.Flush(ctx) })
 }
 
 // ReadAt fills p from off according to the read pattern.

@@ -21,6 +21,7 @@ type fakeChild struct {
 	inject  func(op Op, off, length int64) error
 	corrupt func(p []byte, off int64)
 	counts  map[Op]int
+	written int64 // bytes stored by WriteAt
 }
 
 func newFake(size int) *fakeChild {
@@ -60,8 +61,21 @@ func (f *fakeChild) WriteAt(ctx context.Context, p []byte, off int64) error {
 	}
 	f.mu.Lock()
 	copy(f.data[off:], p)
+	f.written += int64(len(p))
 	f.mu.Unlock()
 	return nil
+}
+
+func (f *fakeChild) bytesWritten() int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.written
+}
+
+func (f *fakeChild) setInject(fn func(Op, int64, int64) error) {
+	f.mu.Lock()
+	f.inject = fn
+	f.mu.Unlock()
 }
 
 func (f *fakeChild) zero(ctx context.Context, op Op, off, length int64) error {

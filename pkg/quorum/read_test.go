@@ -193,9 +193,9 @@ func TestFIFORead(t *testing.T) {
 		t.Run(fmt.Sprintf("%v/faulty=%v", tc.labels, tc.faulty), func(t *testing.T) {
 			r := newRig(t, len(tc.labels), 4096, Config{VoteThreshold: 1, ReadPattern: ReadPatternFIFO})
 			for _, i := range tc.faulty {
-				r.e.children[i].cause = errInjected
-				r.e.children[i].faulty.Store(true)
+				r.e.fault(i, OpWrite, 0, 512, errInjected)
 			}
+			r.events.events = nil
 			setupReads(r, tc.labels)
 			p := make([]byte, 512)
 			err := r.e.ReadAt(context.Background(), p, 0)

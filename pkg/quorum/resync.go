@@ -1,0 +1,149 @@
+package quorum
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+// probeSize is what Probe reads to see whether a faulty child answers.
+const probeSize = 4096
+
+// Probe asks every faulty child whether it answers again (a small read)
+// and starts a resync for each one that does. The caller decides how
+// often; the engine keeps no clock.
+func (e *Engine) Probe(ctx context.Context) {
+	buf := make([]byte, min(probeSize, e.size))
+	for i, m := range e.children {
+		if m.state.Load() != stateFaulty {
+			continue
+		}
+		if err := m.Child.ReadAt(ctx, buf, 0); err != nil {
+			continue
+		}
+		e.StartResync(i)
+	}
+}
+
+// StartResync moves faulty child i to resyncing and copies its dirty
+// regions to it in the background, while the volume stays in use.
+// It does nothing unless the child is faulty.
+func (e *Engine) StartResync(i int) {
+	e.resyncMu.Lock()
+	defer e.resyncMu.Unlock()
+	m := e.children[i]
+	if e.bg.Err() != nil || !m.state.CompareAndSwap(stateFaulty, stateResyncing) {
+		return
+	}
+	e.dirtyMu.Lock()
+	m.resyncDone.Store(0)
+	m.resyncTotal.Store(m.dirty.Bytes())
+	e.dirtyMu.Unlock()
+	e.bgWG.Add(1)
+	go func() {
+		defer e.bgWG.Done()
+		if err := e.resync(e.bg, i); err != nil && e.bg.Err() == nil {
+			e.fault(i, OpWrite, 0, 0, fmt.Errorf("resync: %w", err))
+			// The record is retried by the next modifying request if it
+			// fails here.
+			_ = e.awaitRecords(e.bg)
+		}
+	}()
+}
+
+// errNoSource: no healthy child could provide a region.
+var errNoSource = errors.New("no healthy child could be read")
+
+// resync copies child i's dirty regions, one region at a time under an
+// exclusive range so that no write to it runs meanwhile. A write that
+// reaches the child while a region is still dirty changes nothing: the
+// region is copied whole afterwards. When no region is left, the child is
+// flushed, OnInSync records it, and it serves reads again.
+func (e *Engine) resync(ctx context.Context, i int) error {
+	m := e.children[i]
+	buf := getBuf(int(e.cfg.RegionSize))
+	defer putBuf(buf)
+	for {
+		if m.state.Load() != stateResyncing {
+			return nil // it failed a write meanwhile; fault has the cause
+		}
+		e.dirtyMu.Lock()
+		r := m.dirty.Next(0)
+		var off, length int64
+		if r >= 0 {
+			off, length = m.dirty.Span(r)
+		}
+		e.dirtyMu.Unlock()
+		if r < 0 {
+			if done, err := e.finishResync(ctx, i); done || err != nil {
+				return err
+			}
+			continue
+		}
+		if err := e.copyRegion(ctx, i, buf[:length], off); err != nil {
+			return err
+		}
+		e.dirtyMu.Lock()
+		m.dirty.Clear(r)
+		e.dirtyMu.Unlock()
+		m.resyncDone.Add(length)
+	}
+}
+
+func (e *Engine) copyRegion(ctx context.Context, i int, buf []byte, off int64) error {
+	rr, err := e.ranges.acquire(ctx, off, off+int64(len(buf)), true)
+	if err != nil {
+		return err
+	}
+	defer e.ranges.release(rr)
+	read := false
+	for _, src := range e.healthy() {
+		if err := e.children[src].Child.ReadAt(ctx, buf, off); err != nil {
+			e.emit(Event{Type: EventReportBad, Op: OpRead, Offset: off, Length: int64(len(buf)), Child: e.children[src].Name, Error: err.Error()})
+			continue
+		}
+		read = true
+		break
+	}
+	if !read {
+		return fmt.Errorf("region at %d: %w", off, errNoSource)
+	}
+	if err := e.children[i].Child.WriteAt(ctx, buf, off); err != nil {
+		return fmt.Errorf("write region at %d: %w", off, err)
+	}
+	return nil
+}
+
+// finishResync makes the child healthy once it holds every region, and
+// reports whether it did. The last check and the switch happen with all
+// requests excluded, so none can slip in between.
+func (e *Engine) finishResync(ctx context.Context, i int) (bool, error) {
+	m := e.children[i]
+	if err := m.Child.Flush(ctx); err != nil {
+		return false, fmt.Errorf("flush: %w", err)
+	}
+	if e.cfg.OnInSync != nil {
+		if err := e.cfg.OnInSync(ctx, i); err != nil {
+			return false, fmt.Errorf("record in sync: %w", err)
+		}
+	}
+	rr, err := e.ranges.acquire(ctx, 0, e.size, true)
+	if err != nil {
+		return false, err
+	}
+	defer e.ranges.release(rr)
+	e.faultMu.Lock()
+	defer e.faultMu.Unlock()
+	e.dirtyMu.Lock()
+	defer e.dirtyMu.Unlock()
+	if m.state.Load() != stateResyncing {
+		return true, nil // it failed meanwhile: fault has the cause
+	}
+	if m.dirty.Next(0) >= 0 {
+		return false, nil
+	}
+	m.dirty = nil
+	m.cause = nil
+	m.state.Store(stateHealthy)
+	return true, nil
+}
