@@ -93,7 +93,7 @@ func TestFioVerify(t *testing.T) {
 			a := attach(t, dir, append([]string{"--read-pattern", pattern}, ps...)...)
 			out := testutil.Run(t, "fio", "--name=verify", "--filename="+a.dev, "--ioengine=libaio", "--direct=1",
 				"--rw=randwrite", "--bs=4k", "--bsrange=4k-64k", "--iodepth=32", "--size=128M",
-				"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=terse", "--terse-version=3")
+				"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--output-format=terse", "--terse-version=3")
 			// Terse v3: field 5 is the job's error count.
 			if f := strings.Split(strings.TrimSpace(out), ";"); len(f) < 5 || f[4] != "0" {
 				t.Fatalf("fio reported errors: %s", out)

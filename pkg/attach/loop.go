@@ -47,6 +47,7 @@ func AttachFUSELoop(ctx context.Context, vol Volume, opts FUSELoopOptions) (d De
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("attach: state folder: %w", err)
 	}
+	reapDeadMounts(opts.StateDir, opts.Logf)
 	mnt, err := os.MkdirTemp(opts.StateDir, "fuse-")
 	if err != nil {
 		return nil, fmt.Errorf("attach: mount point: %w", err)
@@ -214,4 +215,27 @@ func (fl *fuseLoop) ForceDetach() error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// reapDeadMounts removes the FUSE mounts of attaches that died (killed,
+// crashed) from the state folder: their connection is gone, so the mount
+// point answers ENOTCONN. Live attaches' mounts are left alone.
+func reapDeadMounts(stateDir string, logf func(string, ...any)) {
+	dirs, _ := filepath.Glob(filepath.Join(stateDir, "fuse-*"))
+	for _, d := range dirs {
+		_, err := os.Stat(filepath.Join(d, fileName))
+		switch {
+		case errors.Is(err, syscall.ENOTCONN):
+			if uerr := syscall.Unmount(d, syscall.MNT_DETACH); uerr != nil {
+				logf("cannot unmount the dead FUSE mount %s: %v", d, uerr)
+				continue
+			}
+			logf("unmounted the FUSE mount %s of an attach that died", d)
+		case errors.Is(err, os.ErrNotExist):
+			// An empty mount point left by a crash before mounting.
+		default:
+			continue
+		}
+		os.Remove(d)
+	}
 }

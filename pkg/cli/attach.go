@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -74,7 +75,10 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("attach", "[flags] PATH... (in fifo order: the local replica first)", stderr)
 	var ef engineFlags
 	ef.register(fs)
-	stateDir := fs.String("state-dir", defaultStateDir(), "folder for the private FUSE mount point (env QUORUM_STATE_DIR)")
+	stateDir := fs.String("state-dir", defaultStateDir(), "folder for the private FUSE mount point and the status socket (env QUORUM_STATE_DIR)")
+	probeEvery := fs.Duration("probe-interval", 2*time.Second, "how often faulty replicas are asked whether they answer again")
+	faults := faultFlag{}
+	fs.Var(faults, "fault-file", "REPLICA=FILE: while FILE exists, every request to REPLICA fails with EIO (for testing failure handling; repeatable)")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -88,6 +92,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	opts.FaultFiles = faults
 	stopProfile, err := profileCPU(ef.cpuProfile)
 	if err != nil {
 		return err
@@ -99,12 +104,16 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 
-	vol, err := volume.Open(pos, opts)
+	vol, err := volume.Open(context.Background(), pos, opts)
 	if err != nil {
 		return err
 	}
-	for _, p := range vol.Unclean {
-		log.Warn("replica was not detached cleanly (the previous attach died?); replicas may differ where writes were in flight: run quorumctl check after this attach", "replica", p)
+	if len(vol.Unclean) > 0 {
+		log.Warn("the last attach did not detach cleanly; recovered the extents it had in flight", "replicas", vol.Unclean,
+			"extents", vol.Recovered.Extents, "comparedBytes", vol.Recovered.Compared, "repairedBytes", vol.Recovered.Repaired)
+	}
+	for _, p := range vol.Stale {
+		log.Warn("replica missed writes; resyncing it in the background (see quorumctl status)", "replica", p)
 	}
 	dev, err := attach.AttachFUSELoop(context.Background(), vol.Engine, attach.FUSELoopOptions{
 		StateDir:  *stateDir,
@@ -114,10 +123,30 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return closeAfter(vol, err)
 	}
+	stopStatus, err := serveStatus(context.Background(), *stateDir, dev.Path(), vol)
+	if err != nil {
+		return closeAfter(vol, errors.Join(err, dev.ForceDetach()))
+	}
+	defer stopStatus()
 	log.Info("attached", "device", dev.Path(), "replicas", len(pos), "voteThreshold", vol.VoteThreshold(), "readPattern", vol.ReadPattern(), "frontend", "fuse-loop", "replicaIO", replica.IOMethod())
 	fmt.Fprintln(stdout, dev.Path())
 
+	// Faulty replicas that answer again start their resync.
+	probeCtx, stopProbe := context.WithCancel(context.Background())
+	go func() {
+		t := time.NewTicker(*probeEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-probeCtx.Done():
+				return
+			case <-t.C:
+				vol.Probe(probeCtx)
+			}
+		}
+	}()
 	sig := <-sigs
+	stopProbe()
 	log.Info("detaching", "signal", sig.String(), "device", dev.Path())
 	// A second signal gives up waiting for the device's users.
 	ctx, cancel := context.WithCancel(context.Background())
@@ -144,4 +173,18 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 
 func closeAfter(vol *volume.Volume, err error) error {
 	return errors.Join(err, vol.Close(context.Background()))
+}
+
+// faultFlag collects --fault-file REPLICA=FILE pairs.
+type faultFlag map[string]string
+
+func (f faultFlag) String() string { return fmt.Sprint(map[string]string(f)) }
+
+func (f faultFlag) Set(s string) error {
+	rep, file, ok := strings.Cut(s, "=")
+	if !ok || rep == "" || file == "" {
+		return fmt.Errorf("want REPLICA=FILE, got %q", s)
+	}
+	f[rep] = file
+	return nil
 }

@@ -45,7 +45,7 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	vol, err := volume.Open(pos, opts)
+	vol, err := volume.Open(context.Background(), pos, opts)
 	if err != nil {
 		return err
 	}

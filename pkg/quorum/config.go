@@ -1,9 +1,6 @@
 package quorum
 
-import (
-	"context"
-	"fmt"
-)
+import "fmt"
 
 // ReadPattern selects how reads use the children.
 type ReadPattern string
@@ -37,18 +34,19 @@ type Config struct {
 	// OnEvent receives every event. It is called from request goroutines
 	// and must not block for long.
 	OnEvent func(Event)
-	// OnFaulty is called once per child when it becomes faulty, with no
-	// other transition in progress, before the request that made it faulty
-	// completes. An error fails that request: a write must not be
-	// acknowledged when the fact that a replica missed it cannot be kept.
-	OnFaulty func(ctx context.Context, child int, cause error) error
-	// OnInSync is called when a resynced child holds every region again,
-	// after it was flushed and before it serves reads. An error keeps it
-	// resyncing (it is retried at the next Probe).
-	OnInSync func(ctx context.Context, child int) error
+	// Journal, when set, persists the write intent and the dirty maps. A
+	// child's fault is committed before the request that found it
+	// completes (a write must not be acknowledged while the fact that a
+	// replica missed it could be lost), and its return to sync before it
+	// serves reads. A failed commit fails the requests that waited on it.
+	Journal Journal
 	// RegionSize is the granularity of dirty tracking and resync
 	// (default 64 KiB).
 	RegionSize int64
+	// ExtentSize (a power of two, a multiple of RegionSize) and
+	// ActiveExtents size the write intent; see DefaultExtentSize.
+	ExtentSize    int64
+	ActiveExtents int
 }
 
 // DefaultRegionSize balances resync precision against bitmap size: 2 MiB
@@ -90,6 +88,18 @@ func (c *Config) validate() error {
 	}
 	if c.RegionSize < 512 || c.RegionSize&(c.RegionSize-1) != 0 {
 		return fmt.Errorf("region size %d: want a power of two of at least 512", c.RegionSize)
+	}
+	if c.ExtentSize == 0 {
+		c.ExtentSize = DefaultExtentSize
+	}
+	if c.ExtentSize < c.RegionSize || c.ExtentSize&(c.ExtentSize-1) != 0 {
+		return fmt.Errorf("extent size %d: want a power of two of at least the region size %d", c.ExtentSize, c.RegionSize)
+	}
+	if c.ActiveExtents == 0 {
+		c.ActiveExtents = DefaultActiveExtents
+	}
+	if c.ActiveExtents < 1 {
+		return fmt.Errorf("active extents %d: want at least 1", c.ActiveExtents)
 	}
 	size := c.Children[0].Child.Size()
 	inSync := 0

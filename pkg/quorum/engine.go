@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/bits"
 	"sync"
 	"sync/atomic"
 )
@@ -77,6 +78,10 @@ type Engine struct {
 	unrecorded atomic.Int32
 	dirtyMu    sync.Mutex
 
+	intent     intentLog
+	journalMu  sync.Mutex
+	lastActive []int64 // extents in the last committed record
+
 	// Background resyncs run under bg and are waited for by Close.
 	bg       context.Context
 	stopBg   context.CancelFunc
@@ -92,6 +97,12 @@ func New(cfg Config) (*Engine, error) {
 		return nil, fmt.Errorf("quorum config: %w", err)
 	}
 	e := &Engine{cfg: cfg, size: cfg.Children[0].Child.Size()}
+	e.intent = intentLog{
+		active:   map[int64]*extentUse{},
+		pending:  map[int64]bool{},
+		capacity: cfg.ActiveExtents,
+		shift:    uint(bits.TrailingZeros64(uint64(cfg.ExtentSize))),
+	}
 	e.bg, e.stopBg = context.WithCancel(context.Background())
 	for _, m := range cfg.Children {
 		mem := &member{Member: m}
@@ -251,22 +262,21 @@ func (e *Engine) fault(i int, op Op, off, length int64, cause error) {
 	m.state.Store(stateFaulty)
 }
 
-// recordLocked runs OnFaulty for every faulty child not yet recorded.
-// A failure leaves the child unrecorded, and every modifying request
-// fails until a later attempt succeeds: a write that a replica missed
-// must not be acknowledged before that is known.
+// recordLocked commits the journal when a faulty child is not yet in
+// it. A failure leaves the children unrecorded, and every modifying
+// request fails until a later attempt succeeds.
 func (e *Engine) recordLocked(ctx context.Context) error {
-	for i, m := range e.children {
-		if !m.unrecorded {
-			continue
+	if e.unrecorded.Load() == 0 {
+		return nil
+	}
+	if err := e.commitRecord(ctx, nil); err != nil {
+		return fmt.Errorf("record faulty children: %w", err)
+	}
+	for _, m := range e.children {
+		if m.unrecorded {
+			m.unrecorded = false
+			e.unrecorded.Add(-1)
 		}
-		if e.cfg.OnFaulty != nil {
-			if err := e.cfg.OnFaulty(ctx, i, m.cause); err != nil {
-				return fmt.Errorf("record child %s as faulty: %w", m.Name, err)
-			}
-		}
-		m.unrecorded = false
-		e.unrecorded.Add(-1)
 	}
 	return nil
 }
@@ -310,6 +320,12 @@ func (e *Engine) modify(ctx context.Context, op Op, off, length int64, fn func(c
 		return fmt.Errorf("%s at %d length %d: %w", op, off, length, err)
 	}
 	defer e.ranges.release(r)
+	if e.cfg.Journal != nil {
+		if err := e.beginWrite(ctx, off, length); err != nil {
+			return e.quorumFailure(op, off, length, err.Error())
+		}
+		defer e.endWrite(off, length)
+	}
 	idx, healthy := e.writeTargets(off, length)
 	return e.modifyLocked(ctx, op, off, length, idx, healthy, fn)
 }

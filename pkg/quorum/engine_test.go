@@ -97,12 +97,8 @@ func TestModifyRule(t *testing.T) {
 	for _, o := range ops {
 		for _, tc := range tests {
 			t.Run(fmt.Sprintf("%s/fail=%v/t=%d", o.op, tc.fail, tc.threshold), func(t *testing.T) {
-				r := newRig(t, len(tc.fail), 4096, Config{VoteThreshold: tc.threshold})
-				var faulted []int
-				r.e.cfg.OnFaulty = func(_ context.Context, i int, _ error) error {
-					faulted = append(faulted, i)
-					return nil
-				}
+				j := &fakeJournal{}
+				r := newRig(t, len(tc.fail), 4096, Config{VoteThreshold: tc.threshold, Journal: j})
 				var wantEvents []string
 				var wantFaulted []int
 				for i, f := range tc.fail {
@@ -128,9 +124,9 @@ func TestModifyRule(t *testing.T) {
 				if !slices.Equal(got, wantEvents) {
 					t.Errorf("events = %v, want %v", got, wantEvents)
 				}
-				slices.Sort(faulted)
-				if !slices.Equal(faulted, wantFaulted) {
-					t.Errorf("faulted = %v, want %v", faulted, wantFaulted)
+				rec, _ := j.last()
+				if faulted := dirtyKeys(rec); !slices.Equal(faulted, wantFaulted) {
+					t.Errorf("journal records faulty children %v, want %v", faulted, wantFaulted)
 				}
 				for i, f := range tc.fail {
 					if r.e.Faulty(i) != f {
@@ -176,15 +172,12 @@ func TestFaultyChildLeftOut(t *testing.T) {
 	}
 }
 
-// TestOnFaultyFailureFailsWrite: a write is not acknowledged when the
-// fact that a replica missed it cannot be recorded.
-func TestOnFaultyFailureFailsWrite(t *testing.T) {
-	r := newRig(t, 3, 4096, Config{VoteThreshold: 1})
-	calls := 0
-	r.e.cfg.OnFaulty = func(context.Context, int, error) error {
-		calls++
-		return errors.New("metadata disk gone")
-	}
+// TestJournalFailureFailsWrite: a write is not acknowledged when the
+// fact that a replica missed it cannot be kept.
+func TestJournalFailureFailsWrite(t *testing.T) {
+	j := &fakeJournal{}
+	r := newRig(t, 3, 4096, Config{VoteThreshold: 1, Journal: j})
+	j.set(errors.New("metadata disk gone"), nil)
 	r.kids[1].inject = failOn(OpWrite)
 	err := r.e.WriteAt(context.Background(), pattern(1, 512), 0)
 	if !errors.Is(err, ErrQuorumFailure) || !strings.Contains(err.Error(), "metadata disk gone") {
@@ -195,39 +188,39 @@ func TestOnFaultyFailureFailsWrite(t *testing.T) {
 	if err := r.e.WriteAt(context.Background(), pattern(1, 512), 0); !errors.Is(err, ErrQuorumFailure) {
 		t.Fatalf("write while the record fails: %v", err)
 	}
-	r.e.cfg.OnFaulty = func(context.Context, int, error) error { calls++; return nil }
+	j.set(nil, nil)
 	if err := r.e.WriteAt(context.Background(), pattern(1, 512), 0); err != nil {
 		t.Fatalf("write after the record succeeded: %v", err)
 	}
-	if err := r.e.WriteAt(context.Background(), pattern(1, 512), 0); err != nil {
-		t.Fatalf("later write: %v", err)
-	}
-	if calls != 3 {
-		t.Errorf("OnFaulty called %d times, want 3 (fail, fail, succeed)", calls)
+	if rec, _ := j.last(); !slices.Equal(dirtyKeys(rec), []int{1}) {
+		t.Errorf("record %+v, want child 1 dirty", rec)
 	}
 }
 
-// TestOnFaultyWaitedByConcurrentFailures: a second request failing on the
-// same child must not complete before the first one's transition is kept.
-func TestOnFaultyWaitedByConcurrentFailures(t *testing.T) {
-	r := newRig(t, 2, 1<<20, Config{VoteThreshold: 1})
-	release := make(chan struct{})
-	var persisted atomic.Bool
-	r.e.cfg.OnFaulty = func(context.Context, int, error) error {
-		<-release
-		persisted.Store(true)
-		return nil
+// TestFaultCommittedBeforeAck: a request that failed on a child, or
+// skipped it because it is faulty, completes only after the journal has
+// the child.
+func TestFaultCommittedBeforeAck(t *testing.T) {
+	j := &fakeJournal{}
+	r := newRig(t, 2, 1<<20, Config{VoteThreshold: 1, Journal: j})
+	// Warm the write intent so the writes below need no intent commit.
+	for i := range 2 {
+		if err := r.e.WriteAt(context.Background(), pattern(1, 512), int64(i)*4096); err != nil {
+			t.Fatal(err)
+		}
 	}
+	release := make(chan struct{})
+	j.set(nil, release)
 	r.kids[1].inject = failOn(OpWrite)
 	var wg sync.WaitGroup
 	for i := range 2 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := r.e.WriteAt(context.Background(), pattern(1, 512), int64(i)*4096); err != nil {
+			if err := r.e.WriteAt(context.Background(), pattern(2, 512), int64(i)*4096); err != nil {
 				t.Errorf("write %d: %v", i, err)
 			}
-			if !persisted.Load() {
+			if rec, _ := j.last(); !slices.Equal(dirtyKeys(rec), []int{1}) {
 				t.Errorf("write %d completed before the faulty child was recorded", i)
 			}
 		}()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -213,4 +214,53 @@ func pattern(b byte, n int) []byte {
 		p[i] = b
 	}
 	return p
+}
+
+// fakeJournal keeps every committed record; fail and block let tests
+// make commits fail or wait.
+type fakeJournal struct {
+	mu      sync.Mutex
+	records []Record
+	fail    error
+	block   chan struct{}
+}
+
+func (j *fakeJournal) Commit(ctx context.Context, rec Record) error {
+	j.mu.Lock()
+	block, fail := j.block, j.fail
+	j.mu.Unlock()
+	if block != nil {
+		<-block
+	}
+	if fail != nil {
+		return fail
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.records = append(j.records, rec)
+	return nil
+}
+
+func (j *fakeJournal) last() (Record, int) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if len(j.records) == 0 {
+		return Record{}, 0
+	}
+	return j.records[len(j.records)-1], len(j.records)
+}
+
+func (j *fakeJournal) set(fail error, block chan struct{}) {
+	j.mu.Lock()
+	j.fail, j.block = fail, block
+	j.mu.Unlock()
+}
+
+func dirtyKeys(rec Record) []int {
+	var out []int
+	for i := range rec.Dirty {
+		out = append(out, i)
+	}
+	slices.Sort(out)
+	return out
 }

@@ -122,11 +122,6 @@ func (e *Engine) finishResync(ctx context.Context, i int) (bool, error) {
 	if err := m.Child.Flush(ctx); err != nil {
 		return false, fmt.Errorf("flush: %w", err)
 	}
-	if e.cfg.OnInSync != nil {
-		if err := e.cfg.OnInSync(ctx, i); err != nil {
-			return false, fmt.Errorf("record in sync: %w", err)
-		}
-	}
 	rr, err := e.ranges.acquire(ctx, 0, e.size, true)
 	if err != nil {
 		return false, err
@@ -134,15 +129,24 @@ func (e *Engine) finishResync(ctx context.Context, i int) (bool, error) {
 	defer e.ranges.release(rr)
 	e.faultMu.Lock()
 	defer e.faultMu.Unlock()
-	e.dirtyMu.Lock()
-	defer e.dirtyMu.Unlock()
 	if m.state.Load() != stateResyncing {
 		return true, nil // it failed meanwhile: fault has the cause
 	}
-	if m.dirty.Next(0) >= 0 {
+	e.dirtyMu.Lock()
+	dirty := m.dirty
+	if dirty.Next(0) >= 0 {
+		e.dirtyMu.Unlock()
 		return false, nil
 	}
 	m.dirty = nil
+	e.dirtyMu.Unlock()
+	// The journal learns that the child is in sync before it serves reads.
+	if err := e.commitRecord(ctx, nil); err != nil {
+		e.dirtyMu.Lock()
+		m.dirty = dirty
+		e.dirtyMu.Unlock()
+		return false, fmt.Errorf("record in sync: %w", err)
+	}
 	m.cause = nil
 	m.state.Store(stateHealthy)
 	return true, nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -28,7 +29,8 @@ func waitState(t *testing.T, e *Engine, i int, want ChildState) ChildStatus {
 // writes, answers again and gets exactly the regions it missed.
 func TestResyncCopiesOnlyDirty(t *testing.T) {
 	const region = 4096
-	r := newRig(t, 3, 1<<20, Config{RegionSize: region})
+	j := &fakeJournal{}
+	r := newRig(t, 3, 1<<20, Config{RegionSize: region, Journal: j})
 	defer r.e.Close()
 	ctx := context.Background()
 	r.kids[2].setInject(failOn(OpWrite))
@@ -54,15 +56,24 @@ func TestResyncCopiesOnlyDirty(t *testing.T) {
 	}
 	r.kids[2].setInject(nil)
 	before := r.kids[2].bytesWritten()
-	var inSync []int
-	r.e.cfg.OnInSync = func(_ context.Context, i int) error { inSync = append(inSync, i); return nil }
+	// What a crash now would leave: the persisted map, plus the active
+	// extents, must cover every missed region.
+	rec, _ := j.last()
+	if !slices.Equal(dirtyKeys(rec), []int{2}) {
+		t.Fatalf("journal before resync: %+v", rec)
+	}
+	for reg := range missed {
+		if !rec.Dirty[2].Test(reg) && !slices.Contains(rec.Active, reg*region/DefaultExtentSize) {
+			t.Errorf("region %d missed but neither dirty nor active in the journal", reg)
+		}
+	}
 	r.e.Probe(ctx)
 	waitState(t, r.e, 2, ChildHealthy)
 	if copied := r.kids[2].bytesWritten() - before; copied != int64(len(missed))*region {
 		t.Errorf("resync copied %d bytes, want the %d dirty bytes", copied, len(missed)*region)
 	}
-	if len(inSync) != 1 || inSync[0] != 2 {
-		t.Errorf("OnInSync calls %v, want [2]", inSync)
+	if rec, _ := j.last(); len(rec.Dirty) != 0 {
+		t.Errorf("journal after resync still has dirty children: %v", dirtyKeys(rec))
 	}
 	r.assertIdentical(t)
 	if st := r.e.Status()[2]; st.DirtyBytes != 0 || st.Error != "" {

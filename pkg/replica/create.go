@@ -16,6 +16,21 @@ const SizeAlign = 4096
 // It is all or nothing: it refuses if any path is taken, and on failure
 // removes what it made.
 func Create(paths []string, size int64) error {
+	return create(paths, size, newID())
+}
+
+// CreateReplacement makes new replica images for the volume of an
+// existing replica: they join that volume empty and get a full copy at
+// their first attach.
+func CreateReplacement(paths []string, like string) error {
+	m, err := ReadMeta(like)
+	if err != nil {
+		return err
+	}
+	return create(paths, m.Size, m.VolumeID)
+}
+
+func create(paths []string, size int64, volumeID string) error {
 	if size <= 0 || size%SizeAlign != 0 {
 		return fmt.Errorf("size %d: must be a positive multiple of %d bytes", size, SizeAlign)
 	}
@@ -23,7 +38,7 @@ func Create(paths []string, size int64) error {
 		return err
 	}
 	for _, p := range paths {
-		for _, f := range []string{p, MetaPath(p)} {
+		for _, f := range []string{p, MetaPath(p), JournalPath(p)} {
 			if _, err := os.Lstat(f); err == nil {
 				return fmt.Errorf("replica %s: %s already exists; refusing to overwrite it", p, f)
 			} else if !errors.Is(err, os.ErrNotExist) {
@@ -31,7 +46,6 @@ func Create(paths []string, size int64) error {
 			}
 		}
 	}
-	volumeID := newID()
 	now := time.Now().UTC().Truncate(time.Second)
 	var made []string
 	undo := func() {

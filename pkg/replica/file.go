@@ -34,6 +34,8 @@ type File struct {
 
 	metaMu sync.Mutex
 	meta   Meta
+
+	journal *os.File // nil for read-only opens
 }
 
 // Open opens the replica at path for exclusive read-write use. It fails
@@ -66,6 +68,12 @@ func open(path string, readOnly bool) (*File, error) {
 	if err := r.init(lock); err != nil {
 		f.Close()
 		return nil, err
+	}
+	if !readOnly {
+		if err := r.openJournal(false); err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
 	return r, nil
 }
@@ -113,7 +121,6 @@ func (r *File) UpdateMeta(fn func(*Meta)) error {
 	r.metaMu.Lock()
 	defer r.metaMu.Unlock()
 	m := r.meta
-	m.Stale = append([]string(nil), m.Stale...)
 	fn(&m)
 	if err := writeMeta(r.path, m); err != nil {
 		return err
@@ -124,7 +131,11 @@ func (r *File) UpdateMeta(fn func(*Meta)) error {
 
 // Close releases the image and its lock.
 func (r *File) Close() error {
-	if err := r.f.Close(); err != nil {
+	var jerr error
+	if r.journal != nil {
+		jerr = r.journal.Close()
+	}
+	if err := errors.Join(r.f.Close(), jerr); err != nil {
 		return fmt.Errorf("close replica %s: %w", r.path, err)
 	}
 	return nil

@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"time"
 )
 
@@ -42,16 +41,10 @@ type Meta struct {
 	Size      int64  `json:"size"`
 	// Generation counts attaches of the volume that this replica took
 	// part in; a replica behind the others missed an attach's writes.
-	Generation uint64 `json:"generation"`
-	State      State  `json:"state"`
-	// Stale lists replicas of the same volume known to have missed writes
-	// (they failed while this one stayed healthy).
-	Stale   []string  `json:"stale,omitempty"`
-	Created time.Time `json:"created"`
+	Generation uint64    `json:"generation"`
+	State      State     `json:"state"`
+	Created    time.Time `json:"created"`
 }
-
-// IsStale reports whether m records replica id as having missed writes.
-func (m Meta) IsStale(id string) bool { return slices.Contains(m.Stale, id) }
 
 // MetaPath names the metadata file of the image at path.
 func MetaPath(path string) string { return path + MetaSuffix }

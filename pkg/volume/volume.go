@@ -5,10 +5,12 @@
 package volume
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 	"github.com/quorum-csi/quorum-csi/pkg/replica"
@@ -21,29 +23,45 @@ type Options struct {
 	RewriteCorrupted bool
 	Strict           bool
 	OnEvent          func(quorum.Event)
+	// FaultFiles maps a replica path to a control file: while that file
+	// exists, every request to the replica fails with EIO. For testing
+	// failure handling on a running volume.
+	FaultFiles map[string]string
 
 	// wrapChild lets tests put a fault injector around a replica.
 	wrapChild func(i int, c quorum.Child) quorum.Child
+	// geometry lets tests use small regions and extents.
+	regionSize, extentSize int64
+	activeExtents          int
 }
 
 // Volume is an open, assembled volume.
 type Volume struct {
 	*quorum.Engine
-	replicas []*replica.File
+	replicas    []*replica.File
+	stopWatches context.CancelFunc
 	// Unclean lists replicas whose last attach did not detach cleanly.
 	Unclean []string
+	// Stale lists replicas that missed writes and are being resynced.
+	Stale []string
+	// Recovered says what crash recovery did at Open.
+	Recovered quorum.RecoverStats
 }
 
-// Open opens and checks the replicas at paths, in fifo order, and marks
-// them open under a new generation. Nothing is written unless every check
-// passed.
-func Open(paths []string, opts Options) (_ *Volume, err error) {
+// Open opens and checks the replicas at paths, in fifo order, recovers
+// from a crash of the last attach (so that the in-sync replicas are
+// identical before any I/O), and starts resyncing replicas that missed
+// writes. Nothing is written unless every check passed.
+func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err error) {
 	if err := replica.Distinct(paths); err != nil {
 		return nil, err
 	}
 	v := &Volume{}
 	defer func() {
 		if err != nil {
+			if v.Engine != nil {
+				v.Engine.Close()
+			}
 			v.closeFiles()
 		}
 	}()
@@ -57,7 +75,13 @@ func Open(paths []string, opts Options) (_ *Volume, err error) {
 	if err := checkSameVolume(v.replicas); err != nil {
 		return nil, err
 	}
-	if err := checkFresh(v.replicas); err != nil {
+	region := cmp.Or(opts.regionSize, quorum.DefaultRegionSize)
+	extent := cmp.Or(opts.extentSize, quorum.DefaultExtentSize)
+	activeExtents := cmp.Or(opts.activeExtents, quorum.DefaultActiveExtents)
+	size := v.replicas[0].Size()
+	j := &journal{replicas: v.replicas, slotSize: slotSize(size, region, activeExtents), region: region, extent: extent}
+	rec, err := j.newest()
+	if err != nil {
 		return nil, err
 	}
 	cfg := quorum.Config{
@@ -66,25 +90,54 @@ func Open(paths []string, opts Options) (_ *Volume, err error) {
 		RewriteCorrupted: opts.RewriteCorrupted,
 		Strict:           opts.Strict,
 		OnEvent:          opts.OnEvent,
-		OnFaulty:         v.recordStale,
-	}
-	for i, r := range v.replicas {
-		var c quorum.Child = r
-		if opts.wrapChild != nil {
-			c = opts.wrapChild(i, c)
-		}
-		cfg.Children = append(cfg.Children, quorum.Member{Name: r.Path(), Child: c})
-	}
-	if v.Engine, err = quorum.New(cfg); err != nil {
-		return nil, err
+		Journal:          j,
+		RegionSize:       region,
+		ExtentSize:       extent,
+		ActiveExtents:    activeExtents,
 	}
 	var gen uint64
 	for _, r := range v.replicas {
+		gen = max(gen, r.Meta().Generation)
+	}
+	watchCtx, stopWatches := context.WithCancel(context.Background())
+	v.stopWatches = stopWatches
+	for p := range opts.FaultFiles {
+		if !slices.Contains(paths, p) {
+			return nil, fmt.Errorf("fault file for %s, which is not a replica of this attach", p)
+		}
+	}
+	for i, r := range v.replicas {
 		m := r.Meta()
-		gen = max(gen, m.Generation)
+		var c quorum.Child = r
+		if control, ok := opts.FaultFiles[r.Path()]; ok {
+			c = watchFaults(watchCtx, c, control, 50*time.Millisecond)
+		}
+		if opts.wrapChild != nil {
+			c = opts.wrapChild(i, c)
+		}
+		member := quorum.Member{Name: r.Path(), Child: c}
+		if words, ok := rec.dirty[m.ReplicaID]; ok {
+			member.Dirty = quorum.NewBitmap(size, region)
+			member.Dirty.Load(words)
+		} else if m.Generation < gen {
+			// Left out of an attach, or a replacement: what it misses is
+			// unknown, so it gets everything.
+			member.Dirty = quorum.NewBitmap(size, region)
+			member.Dirty.SetRange(0, size)
+		}
+		if member.Dirty != nil {
+			v.Stale = append(v.Stale, r.Path())
+		}
 		if m.State != replica.StateClean {
 			v.Unclean = append(v.Unclean, r.Path())
 		}
+		cfg.Children = append(cfg.Children, member)
+	}
+	if len(v.Stale) == len(v.replicas) {
+		return nil, fmt.Errorf("no replica is in sync: %v all missed writes; give at least one in-sync replica", v.Stale)
+	}
+	if v.Engine, err = quorum.New(cfg); err != nil {
+		return nil, err
 	}
 	for _, r := range v.replicas {
 		if err := r.UpdateMeta(func(m *replica.Meta) {
@@ -93,6 +146,12 @@ func Open(paths []string, opts Options) (_ *Volume, err error) {
 		}); err != nil {
 			return nil, fmt.Errorf("open volume: %w", err)
 		}
+	}
+	if v.Recovered, err = v.Engine.Recover(ctx, rec.active); err != nil {
+		return nil, fmt.Errorf("open volume: %w", err)
+	}
+	for i := range v.replicas {
+		v.StartResync(i)
 	}
 	return v, nil
 }
@@ -118,46 +177,6 @@ func checkSameVolume(rs []*replica.File) error {
 	return nil
 }
 
-// checkFresh refuses replicas that missed writes the others have.
-func checkFresh(rs []*replica.File) error {
-	var maxGen uint64
-	for _, r := range rs {
-		maxGen = max(maxGen, r.Meta().Generation)
-	}
-	for _, r := range rs {
-		m := r.Meta()
-		if m.Generation < maxGen {
-			return fmt.Errorf("replica %s is stale: it is at generation %d while others are at %d, so it missed writes; leave it out (resync of stale replicas is not available yet)", r.Path(), m.Generation, maxGen)
-		}
-		for _, o := range rs {
-			if om := o.Meta(); om.Generation >= m.Generation && om.IsStale(m.ReplicaID) {
-				return fmt.Errorf("replica %s is stale: %s recorded that it failed and missed writes; leave it out (resync of stale replicas is not available yet)", r.Path(), o.Path())
-			}
-		}
-	}
-	return nil
-}
-
-// recordStale is the engine's OnFaulty: the healthy replicas remember that
-// replica i missed writes, before the write that it missed is acknowledged.
-func (v *Volume) recordStale(_ context.Context, i int, _ error) error {
-	id := v.replicas[i].Meta().ReplicaID
-	var errs []error
-	for j, r := range v.replicas {
-		if j == i || v.Faulty(j) {
-			continue
-		}
-		if err := r.UpdateMeta(func(m *replica.Meta) {
-			if !slices.Contains(m.Stale, id) {
-				m.Stale = append(m.Stale, id)
-			}
-		}); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
 // BlockSize is the smallest request size every replica can take.
 func (v *Volume) BlockSize() int64 {
 	var bs int64 = 512
@@ -167,10 +186,12 @@ func (v *Volume) BlockSize() int64 {
 	return bs
 }
 
-// Close flushes the volume, marks the healthy replicas clean and releases
-// them. Faulty replicas stay marked open.
+// Close stops resyncs, flushes the volume, records that no write is in
+// flight, marks the in-sync replicas clean and releases them. Replicas
+// out of sync stay marked open, and the journal keeps what they miss.
 func (v *Volume) Close(ctx context.Context) error {
-	err := v.Flush(ctx)
+	v.Engine.Close()
+	err := v.Shutdown(ctx)
 	if err != nil {
 		err = fmt.Errorf("close volume: %w", err)
 	} else {
@@ -187,6 +208,9 @@ func (v *Volume) Close(ctx context.Context) error {
 }
 
 func (v *Volume) closeFiles() error {
+	if v.stopWatches != nil {
+		v.stopWatches()
+	}
 	var errs []error
 	for _, r := range v.replicas {
 		errs = append(errs, r.Close())
@@ -194,3 +218,6 @@ func (v *Volume) closeFiles() error {
 	v.replicas = nil
 	return errors.Join(errs...)
 }
+
+// ID is the volume's id, shared by its replicas.
+func (v *Volume) ID() string { return v.replicas[0].Meta().VolumeID }

@@ -8,7 +8,9 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 	"github.com/quorum-csi/quorum-csi/pkg/replica"
@@ -37,7 +39,7 @@ func meta(t *testing.T, p string) replica.Meta {
 
 func TestOpenCloseLifecycle(t *testing.T) {
 	ps := newReplicas(t, t.TempDir(), 1<<20, "a", "b", "c")
-	v, err := Open(ps, Options{})
+	v, err := Open(context.Background(), ps, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +51,7 @@ func TestOpenCloseLifecycle(t *testing.T) {
 			t.Errorf("%s while open: %+v", p, m)
 		}
 	}
-	if _, err := Open(ps, Options{}); !errors.Is(err, replica.ErrInUse) {
+	if _, err := Open(context.Background(), ps, Options{}); !errors.Is(err, replica.ErrInUse) {
 		t.Fatalf("second attach: err = %v, want in use", err)
 	}
 	ctx := context.Background()
@@ -68,12 +70,12 @@ func TestOpenCloseLifecycle(t *testing.T) {
 		}
 	}
 	// Not closing counts as a crash: the next attach says so.
-	v, err = Open(ps, Options{})
+	v, err = Open(context.Background(), ps, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	v.closeFiles()
-	v, err = Open(ps, Options{})
+	v, err = Open(context.Background(), ps, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,20 +113,6 @@ func TestOpenRefuses(t *testing.T) {
 		os.WriteFile(filepath.Join(dir, "copy"+suffix), b, 0o600)
 	}
 	copyOfA := filepath.Join(dir, "copy")
-	// d and e: one attach left out e (generation), another recorded f as
-	// stale.
-	de := newReplicas(t, dir, 1<<20, "d", "e", "f")
-	v, err := Open(de[:2], Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	v.Close(context.Background())
-	if err := rewriteMeta(de[0], func(m *replica.Meta) { m.Stale = []string{meta(t, de[2]).ReplicaID} }); err != nil {
-		t.Fatal(err)
-	}
-	if err := rewriteMeta(de[2], func(m *replica.Meta) { m.Generation = 1 }); err != nil {
-		t.Fatal(err)
-	}
 	held, err := replica.Open(big[1])
 	if err != nil {
 		t.Fatal(err)
@@ -145,18 +133,11 @@ func TestOpenRefuses(t *testing.T) {
 		{"threshold above N", abc, Options{VoteThreshold: 4}, "vote threshold 4 out of range"},
 		{"in use", []string{big[1]}, Options{}, "in use"},
 		{"fifo with rewrite", abc, Options{ReadPattern: quorum.ReadPatternFIFO, RewriteCorrupted: true}, "rewrite-corrupted needs"},
-		{"left out of the last attach", []string{de[0], de[1], filepath.Join(dir, "e2")}, Options{}, ""},
-		{"recorded stale", de, Options{}, "recorded that it failed"},
 	}
-	// e2: a replica of d's volume that stayed at generation 0.
-	if err := rewriteMetaCopy(t, de[1], filepath.Join(dir, "e2")); err != nil {
-		t.Fatal(err)
-	}
-	tests[8].want = "is stale: it is at generation 0 while others are at 1"
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			before := snapshot(t, dir)
-			_, err := Open(tc.paths, tc.opts)
+			_, err := Open(context.Background(), tc.paths, tc.opts)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("err = %v, want %q", err, tc.want)
 			}
@@ -182,15 +163,6 @@ func rewriteMeta(p string, fn func(*replica.Meta)) error {
 	return r.UpdateMeta(fn)
 }
 
-// rewriteMetaCopy makes dst a fresh replica with src's volume identity at
-// generation 0.
-func rewriteMetaCopy(t *testing.T, src, dst string) error {
-	t.Helper()
-	newReplicas(t, filepath.Dir(dst), meta(t, src).Size, filepath.Base(dst))
-	vol := meta(t, src).VolumeID
-	return rewriteMeta(dst, func(m *replica.Meta) { m.VolumeID = vol; m.Generation = 0 })
-}
-
 // failingChild fails writes once armed.
 type failingChild struct {
 	quorum.Child
@@ -204,32 +176,65 @@ func (f *failingChild) WriteAt(ctx context.Context, p []byte, off int64) error {
 	return f.Child.WriteAt(ctx, p, off)
 }
 
-// TestFaultyReplicaRecordedStale: a replica that fails a write is named
-// stale in the others' metadata before the write is acknowledged, so the
-// next attach refuses it, and it is left open (not clean) itself.
-func TestFaultyReplicaRecordedStale(t *testing.T) {
-	ps := newReplicas(t, t.TempDir(), 1<<20, "a", "b", "c")
+func waitInSync(t *testing.T, v *Volume) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ok := true
+		for _, st := range v.Status() {
+			ok = ok && st.State == quorum.ChildHealthy
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not in sync: %+v", v.Status())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func assertSame(t *testing.T, ps []string) {
+	t.Helper()
+	var diffs []Diff
+	if err := Compare(context.Background(), ps, func(d Diff) { diffs = append(diffs, d) }); err != nil {
+		t.Fatal(err)
+	}
+	if len(diffs) > 0 {
+		t.Fatalf("replicas differ: %+v", diffs)
+	}
+}
+
+// small geometry: 4 KiB regions, 64 KiB extents, 4 of them active.
+func small(o Options) Options {
+	o.regionSize, o.extentSize, o.activeExtents = 4096, 64<<10, 4
+	return o
+}
+
+// TestStaleReplicaResyncs: a replica that fails writes is recorded in
+// the others' journals with what it missed; given again at the next
+// attach it gets exactly those regions and ends identical.
+func TestStaleReplicaResyncs(t *testing.T) {
+	ps := newReplicas(t, t.TempDir(), 4<<20, "a", "b", "c")
 	var bad *failingChild
-	opts := Options{wrapChild: func(i int, c quorum.Child) quorum.Child {
+	opts := small(Options{wrapChild: func(i int, c quorum.Child) quorum.Child {
 		if i == 2 {
 			bad = &failingChild{Child: c}
 			return bad
 		}
 		return c
-	}}
-	v, err := Open(ps, opts)
+	}})
+	ctx := context.Background()
+	v, err := Open(ctx, ps, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := context.Background()
 	bad.armed = true
-	if err := v.WriteAt(ctx, make([]byte, 4096), 0); err != nil {
-		t.Fatalf("write with 2 of 3: %v", err)
-	}
-	cID := meta(t, ps[2]).ReplicaID
-	for _, p := range ps[:2] {
-		if !meta(t, p).IsStale(cID) {
-			t.Errorf("%s does not record c as stale", p)
+	// Writes over more extents than the intent holds, so that part of
+	// the dirty map reaches the journal through evictions.
+	for i := range 40 {
+		if err := v.WriteAt(ctx, bytes.Repeat([]byte{byte(i + 1)}, 4096), int64(i)*100<<10); err != nil {
+			t.Fatalf("write with 2 of 3: %v", err)
 		}
 	}
 	if err := v.Close(ctx); err != nil {
@@ -238,14 +243,101 @@ func TestFaultyReplicaRecordedStale(t *testing.T) {
 	if m := meta(t, ps[2]); m.State != replica.StateOpen {
 		t.Errorf("faulty replica marked %s", m.State)
 	}
-	if _, err := Open(ps, Options{}); err == nil || !strings.Contains(err.Error(), "recorded that it failed") {
-		t.Fatalf("reattach with the stale replica: err = %v", err)
-	}
-	v, err = Open(ps[:2], Options{})
+	var copied atomic.Int64
+	v, err = Open(ctx, ps, small(Options{wrapChild: func(i int, c quorum.Child) quorum.Child {
+		if i == 2 {
+			return &countingChild{Child: c, written: &copied}
+		}
+		return c
+	}}))
 	if err != nil {
-		t.Fatalf("reattach without it: %v", err)
+		t.Fatalf("reattach with the stale replica: %v", err)
+	}
+	if !slices.Equal(v.Stale, ps[2:]) {
+		t.Errorf("stale = %v, want c", v.Stale)
+	}
+	waitInSync(t, v)
+	if err := v.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	assertSame(t, ps)
+	if n := copied.Load(); n != 40*4096 {
+		t.Errorf("resync wrote %d bytes into c, want the 40 regions it missed (%d)", n, 40*4096)
+	}
+}
+
+type countingChild struct {
+	quorum.Child
+	written *atomic.Int64
+}
+
+func (c *countingChild) WriteAt(ctx context.Context, p []byte, off int64) error {
+	c.written.Add(int64(len(p)))
+	return c.Child.WriteAt(ctx, p, off)
+}
+
+// TestLeftOutAndReplacement: a replica left out of an attach, and a new
+// empty replacement, both get a full copy when given.
+func TestLeftOutAndReplacement(t *testing.T) {
+	dir := t.TempDir()
+	ps := newReplicas(t, dir, 1<<20, "a", "b", "c")
+	ctx := context.Background()
+	v, err := Open(ctx, ps[:2], small(Options{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{7}, 64<<10)
+	v.WriteAt(ctx, data, 128<<10)
+	v.Close(ctx)
+	repl := filepath.Join(dir, "d")
+	if err := replica.CreateReplacement([]string{repl}, ps[0]); err != nil {
+		t.Fatal(err)
+	}
+	all := append(slices.Clone(ps), repl)
+	v, err = Open(ctx, all, small(Options{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(v.Stale, []string{ps[2], repl}) {
+		t.Errorf("stale = %v", v.Stale)
+	}
+	waitInSync(t, v)
+	v.Close(ctx)
+	assertSame(t, all)
+}
+
+// TestCrashRecoveryOnOpen: replicas that differ inside an extent active
+// at a crash are made identical before Open returns; the first replica
+// is the source.
+func TestCrashRecoveryOnOpen(t *testing.T) {
+	ps := newReplicas(t, t.TempDir(), 4<<20, "a", "b", "c")
+	ctx := context.Background()
+	v, err := Open(ctx, ps, small(Options{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.WriteAt(ctx, bytes.Repeat([]byte{1}, 8192), 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	// The crash: a write in flight reached only b, and nobody closed.
+	f, _ := os.OpenFile(ps[1], os.O_WRONLY, 0)
+	f.WriteAt(bytes.Repeat([]byte{2}, 4096), 1<<20)
+	f.Close()
+	v.Engine.Close()
+	v.closeFiles()
+
+	v, err = Open(ctx, ps, small(Options{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(v.Unclean, ps) || v.Recovered.Extents != 1 || v.Recovered.Repaired != 64<<10 {
+		t.Errorf("unclean %v, recovered %+v: want all unclean and b's 64 KiB extent repaired", v.Unclean, v.Recovered)
 	}
 	v.Close(ctx)
+	assertSame(t, ps)
+	if b, _ := os.ReadFile(ps[1]); b[1<<20] != 1 {
+		t.Error("b kept the unacknowledged write instead of a's content")
+	}
 }
 
 func TestCompare(t *testing.T) {

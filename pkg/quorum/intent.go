@@ -1,0 +1,222 @@
+package quorum
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+)
+
+// Journal persists what the engine must know after a crash or at the
+// next attach: which extents may hold writes that not every child has
+// (the write intent, in the spirit of DRBD's activity log), and which
+// regions each out-of-sync child misses. Commits are serialised.
+type Journal interface {
+	Commit(ctx context.Context, rec Record) error
+}
+
+// Record is one state of the journal.
+type Record struct {
+	// Active lists, ascending, the extents (offset / ExtentSize) where
+	// writes may be in flight or not yet flushed. After a crash, children
+	// may differ there and nowhere else.
+	Active []int64
+	// Dirty maps each child that is not in sync (by index) to the regions
+	// it misses. Inside Active extents a map may lag behind; those
+	// extents count as dirty for every such child after a crash.
+	Dirty map[int]*Bitmap
+}
+
+// Defaults for the write-intent record: 512 extents of 4 MiB keep up to
+// 2 GiB of recently written space hot, so a random-write working set of
+// that size costs no journal commits once warm, and a crash costs at most
+// a comparison of 2 GiB.
+const (
+	DefaultExtentSize    = 4 << 20
+	DefaultActiveExtents = 512
+)
+
+// intentLog is the in-memory side of the write intent.
+type intentLog struct {
+	mu       sync.Mutex
+	active   map[int64]*extentUse
+	pending  map[int64]bool
+	tick     uint64
+	leader   bool          // a commit is under way
+	done     chan struct{} // closed when the commit under way ends
+	lastErr  error         // result of the last commit, for its waiters
+	capacity int
+	shift    uint
+}
+
+type extentUse struct {
+	inflight int
+	lastUse  uint64
+}
+
+func (l *intentLog) extents(off, length int64) (first, last int64) {
+	return off >> l.shift, (off + max(length, 1) - 1) >> l.shift
+}
+
+// beginWrite makes [off, off+length) part of the committed write intent
+// and counts the write in flight there. Concurrent misses share one
+// commit.
+func (e *Engine) beginWrite(ctx context.Context, off, length int64) error {
+	l := &e.intent
+	first, last := l.extents(off, length)
+	l.mu.Lock()
+	for {
+		missing := false
+		for x := first; x <= last; x++ {
+			if l.active[x] == nil {
+				missing = true
+				l.pending[x] = true
+			}
+		}
+		if !missing {
+			l.tick++
+			for x := first; x <= last; x++ {
+				u := l.active[x]
+				u.inflight++
+				u.lastUse = l.tick
+			}
+			l.mu.Unlock()
+			return nil
+		}
+		if !l.leader {
+			err := e.commitLocked(ctx)
+			if err != nil {
+				l.mu.Unlock()
+				return err
+			}
+			continue
+		}
+		done := l.done
+		l.mu.Unlock()
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		l.mu.Lock()
+		if l.lastErr != nil {
+			err := l.lastErr
+			l.mu.Unlock()
+			return err
+		}
+	}
+}
+
+// endWrite counts a write out of its extents.
+func (e *Engine) endWrite(off, length int64) {
+	l := &e.intent
+	first, last := l.extents(off, length)
+	l.mu.Lock()
+	for x := first; x <= last; x++ {
+		l.active[x].inflight--
+	}
+	l.mu.Unlock()
+}
+
+// commitLocked, called with l.mu held and no commit under way, persists
+// the active extents plus everything pending, evicting idle extents
+// beyond capacity. Evicted extents leave the map before the I/O so that
+// a new write to one becomes a miss and waits for the next commit; their
+// data is flushed on every child before the record that drops them.
+func (e *Engine) commitLocked(ctx context.Context) error {
+	l := &e.intent
+	l.leader = true
+	l.done = make(chan struct{})
+	added := make([]int64, 0, len(l.pending))
+	for x := range l.pending {
+		added = append(added, x)
+	}
+	clear(l.pending)
+	var victims []int64
+	if over := len(l.active) + len(added) - l.capacity; over > 0 {
+		// Evict an eighth of the log at once: each eviction costs a flush.
+		victims = l.idle(over + l.capacity/8)
+		for _, x := range victims {
+			delete(l.active, x)
+		}
+	}
+	active := make([]int64, 0, len(l.active)+len(added))
+	for x := range l.active {
+		active = append(active, x)
+	}
+	active = append(active, added...)
+	slices.Sort(active)
+	l.mu.Unlock()
+
+	err := e.commitIntent(ctx, active, len(victims) > 0)
+
+	l.mu.Lock()
+	if err == nil {
+		for _, x := range added {
+			if l.active[x] == nil {
+				l.active[x] = &extentUse{}
+			}
+		}
+	} else {
+		// The victims are gone from the map either way: an extent that
+		// may not be in the last good record only becomes active again
+		// through a commit.
+		err = fmt.Errorf("commit write intent: %w", err)
+	}
+	l.lastErr = err
+	l.leader = false
+	close(l.done)
+	return err
+}
+
+// idle picks up to n extents with no write in flight, least recently
+// used first.
+func (l *intentLog) idle(n int) []int64 {
+	var cand []int64
+	for x, u := range l.active {
+		if u.inflight == 0 {
+			cand = append(cand, x)
+		}
+	}
+	slices.SortFunc(cand, func(a, b int64) int {
+		return int(l.active[a].lastUse) - int(l.active[b].lastUse)
+	})
+	return cand[:min(n, len(cand))]
+}
+
+// commitIntent writes a record with the given active extents, first
+// flushing every child when extents leave the record.
+func (e *Engine) commitIntent(ctx context.Context, active []int64, flush bool) error {
+	if flush {
+		if err := e.Flush(ctx); err != nil {
+			return err
+		}
+	}
+	return e.commitRecord(ctx, active)
+}
+
+// commitRecord persists active with the current dirty maps. Commits are
+// serialised by journalMu, so records reach the journal in order.
+func (e *Engine) commitRecord(ctx context.Context, active []int64) error {
+	if e.cfg.Journal == nil {
+		return nil
+	}
+	e.journalMu.Lock()
+	defer e.journalMu.Unlock()
+	if active == nil {
+		active = e.lastActive
+	}
+	rec := Record{Active: active, Dirty: map[int]*Bitmap{}}
+	e.dirtyMu.Lock()
+	for i, m := range e.children {
+		if m.dirty != nil {
+			rec.Dirty[i] = m.dirty.Clone()
+		}
+	}
+	e.dirtyMu.Unlock()
+	if err := e.cfg.Journal.Commit(ctx, rec); err != nil {
+		return err
+	}
+	e.lastActive = active
+	return nil
+}
