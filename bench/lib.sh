@@ -108,7 +108,8 @@ attach_start() {
 	ATTACH_SEQ=$((ATTACH_SEQ + 1))
 	local out=$WORK/attach-$ATTACH_SEQ.out err=$WORK/attach-$ATTACH_SEQ.err pid i
 	mkdir -p "$WORK/state"
-	setsid "$QUORUMCTL" attach --state-dir "$WORK/state" "$@" >"$out" 2>"$err" </dev/null &
+	# No background scrub: it would take disk time from the measurement.
+	setsid "$QUORUMCTL" attach --state-dir "$WORK/state" --scrub-rate 0 "$@" >"$out" 2>"$err" </dev/null &
 	pid=$!
 	ATTACH_PIDS+=("$pid")
 	ATTACH_LOG[$pid]=$err

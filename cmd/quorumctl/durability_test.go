@@ -139,3 +139,55 @@ func TestKillDuringWrites(t *testing.T) {
 	a.stop(syscall.SIGTERM)
 	assertIdentical(t, ps...)
 }
+
+func corrupt(t *testing.T, p string, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(p, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt([]byte("silent corruption"), off); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestScrubOffline: quorumctl scrub finds a silently corrupted replica,
+// reports it and repairs it; three different versions are left alone
+// with exit status 1.
+func TestScrubOffline(t *testing.T) {
+	dir := t.TempDir()
+	ps := replicas(t, dir, "16M", "a.img", "b.img", "c.img")
+	corrupt(t, ps[1], 5<<20+123)
+	out, errOut, code := quorumctl(t, "scrub", ps[0], ps[1], ps[2])
+	if code != 0 || !strings.Contains(out, "1 replica chunks repaired") || !strings.Contains(errOut, `"child":"`+ps[1]+`"`) {
+		t.Fatalf("scrub: exit %d\n%s%s", code, out, errOut)
+	}
+	assertIdentical(t, ps...)
+	corrupt(t, ps[0], 100)
+	corrupt(t, ps[1], 101)
+	if out, _, code := quorumctl(t, "scrub", ps[0], ps[1], ps[2]); code != 1 || !strings.Contains(out, "1 chunks without a majority") {
+		t.Fatalf("scrub of three versions: exit %d\n%s", code, out)
+	}
+}
+
+// TestBackgroundScrub: a fifo volume, whose reads never compare
+// replicas, repairs silent corruption through the scrub that runs while
+// it is attached.
+func TestBackgroundScrub(t *testing.T) {
+	dir := kernelTest(t)
+	ps := replicas(t, dir, "64M", "a.img", "b.img", "c.img")
+	corrupt(t, ps[0], 40<<20)
+	a := attach(t, dir, "--read-pattern", "fifo", "--scrub-rate", "256M", ps[0], ps[1], ps[2])
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		out := mustQuorumctl(t, "status", "--state-dir", filepath.Join(dir, "state"), ps[0])
+		if strings.Contains(out, "scrub pass 1: 67108864 of 67108864 bytes, 1 repaired") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("scrub did not finish its pass:\n%s", out)
+		}
+	}
+	a.stop(syscall.SIGTERM)
+	assertIdentical(t, ps...)
+}

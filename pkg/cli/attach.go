@@ -77,6 +77,9 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	ef.register(fs)
 	stateDir := fs.String("state-dir", defaultStateDir(), "folder for the private FUSE mount point and the status socket (env QUORUM_STATE_DIR)")
 	probeEvery := fs.Duration("probe-interval", 2*time.Second, "how often faulty replicas are asked whether they answer again")
+	scrubRate := sizeFlag{n: 4 << 20}
+	fs.Var(&scrubRate, "scrub-rate", "bytes per second of the background scrub, which votes across replicas and repairs minorities (0: no background scrub)")
+	scrubInterval := fs.Duration("scrub-interval", 24*time.Hour, "time between background scrub passes; the first starts at attach")
 	faults := faultFlag{}
 	fs.Var(faults, "fault-file", "REPLICA=FILE: while FILE exists, every request to REPLICA fails with EIO (for testing failure handling; repeatable)")
 	pos, err := parse(fs, args)
@@ -131,7 +134,8 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	log.Info("attached", "device", dev.Path(), "replicas", len(pos), "voteThreshold", vol.VoteThreshold(), "readPattern", vol.ReadPattern(), "frontend", "fuse-loop", "replicaIO", replica.IOMethod())
 	fmt.Fprintln(stdout, dev.Path())
 
-	// Faulty replicas that answer again start their resync.
+	// Faulty replicas that answer again start their resync; the
+	// background scrub runs under the same context.
 	probeCtx, stopProbe := context.WithCancel(context.Background())
 	go func() {
 		t := time.NewTicker(*probeEvery)
@@ -145,6 +149,9 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 			}
 		}
 	}()
+	if scrubRate.n > 0 {
+		go vol.ScrubEvery(probeCtx, scrubRate.n, *scrubInterval)
+	}
 	sig := <-sigs
 	stopProbe()
 	log.Info("detaching", "signal", sig.String(), "device", dev.Path())

@@ -35,6 +35,7 @@ func commands() []command {
 		{"create", "make new replica images and their metadata", runCreate},
 		{"attach", "assemble replicas into a block device, in the foreground", runAttach},
 		{"check", "compare replicas offline; exit 1 when they differ", runCheck},
+		{"scrub", "vote across replicas offline and repair minorities", runScrub},
 		{"status", "show the replicas of an attached volume: state, dirty bytes, resync progress", runStatus},
 		{"bench", "drive the engine in-process like qemu-img bench", runBench},
 	}

@@ -25,6 +25,7 @@ type statusReport struct {
 	VoteThreshold int                  `json:"voteThreshold"`
 	ReadPattern   quorum.ReadPattern   `json:"readPattern"`
 	Children      []quorum.ChildStatus `json:"children"`
+	Scrub         volume.ScrubProgress `json:"scrub"`
 }
 
 func statusSocket(stateDir, volumeID string) string {
@@ -53,7 +54,7 @@ func serveStatus(ctx context.Context, stateDir, device string, vol *volume.Volum
 			c.SetDeadline(time.Now().Add(5 * time.Second))
 			json.NewEncoder(c).Encode(statusReport{
 				Device: device, VolumeID: vol.ID(), VoteThreshold: vol.VoteThreshold(),
-				ReadPattern: vol.ReadPattern(), Children: vol.Status(),
+				ReadPattern: vol.ReadPattern(), Children: vol.Status(), Scrub: vol.ScrubProgress(),
 			})
 			c.Close()
 		}
@@ -104,5 +105,11 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", ch.Name, ch.State, ch.DirtyBytes, resync, ch.Error)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if sc := rep.Scrub; sc.Pass > 0 {
+		fmt.Fprintf(stdout, "scrub pass %d: %d of %d bytes, %d repaired, %d without a majority\n", sc.Pass, sc.Done, sc.Total, sc.Repaired, sc.Unresolved)
+	}
+	return nil
 }

@@ -391,7 +391,14 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if e.cfg.ReadPattern == ReadPatternFIFO {
 		return e.readFIFO(ctx, p, off)
 	}
-	return e.readVote(ctx, p, off)
+	_, err = e.readVote(ctx, p, off, voteMode{rewrite: e.cfg.RewriteCorrupted, strict: e.cfg.Strict})
+	return err
+}
+
+// voteMode says what a voting read does about disagreement.
+type voteMode struct {
+	rewrite bool // rewrite losers with the winner
+	strict  bool // fail on any disagreement
 }
 
 func (e *Engine) readFIFO(ctx context.Context, p []byte, off int64) error {
@@ -412,12 +419,14 @@ func (e *Engine) readFIFO(ctx context.Context, p []byte, off int64) error {
 	return e.quorumFailure(OpRead, off, length, fmt.Sprintf("all %d healthy children failed", tried))
 }
 
-func (e *Engine) readVote(ctx context.Context, p []byte, off int64) error {
+// readVote reads every healthy child, votes, and returns how many
+// children lost the vote.
+func (e *Engine) readVote(ctx context.Context, p []byte, off int64, mode voteMode) (int, error) {
 	length := int64(len(p))
 	t := e.cfg.VoteThreshold
 	idx := e.healthy()
 	if len(idx) < t {
-		return e.quorumFailure(OpRead, off, length, fmt.Sprintf("%d healthy children, threshold %d", len(idx), t))
+		return 0, e.quorumFailure(OpRead, off, length, fmt.Sprintf("%d healthy children, threshold %d", len(idx), t))
 	}
 	// The first child reads straight into p; the others into pooled buffers.
 	bufs := make([][]byte, len(idx))
@@ -441,41 +450,41 @@ func (e *Engine) readVote(ctx context.Context, p []byte, off int64) error {
 		replies[k] = bufs[k]
 		ok++
 	}
-	if e.cfg.Strict && ok < len(idx) {
-		return e.quorumFailure(OpRead, off, length, fmt.Sprintf("strict mode: %d of %d children failed to read", len(idx)-ok, len(idx)))
+	if mode.strict && ok < len(idx) {
+		return 0, e.quorumFailure(OpRead, off, length, fmt.Sprintf("strict mode: %d of %d children failed to read", len(idx)-ok, len(idx)))
 	}
 	if ok < t {
-		return e.quorumFailure(OpRead, off, length, fmt.Sprintf("%d of %d children read successfully, threshold %d", ok, len(idx), t))
+		return 0, e.quorumFailure(OpRead, off, length, fmt.Sprintf("%d of %d children read successfully, threshold %d", ok, len(idx), t))
 	}
 	versions := tally(replies)
-	if len(versions) > 1 && e.cfg.Strict {
+	if len(versions) > 1 && mode.strict {
 		e.reportLosers(versions, 0, idx, off, length, "strict mode: content differs from "+e.children[idx[versions[0].members[0]]].Name)
-		return e.quorumFailure(OpRead, off, length, fmt.Sprintf("strict mode: children returned %d different versions", len(versions)))
+		return 0, e.quorumFailure(OpRead, off, length, fmt.Sprintf("strict mode: children returned %d different versions", len(versions)))
 	}
 	w := winner(versions)
 	if n := len(versions[w].members); n < t {
-		return e.quorumFailure(OpRead, off, length, fmt.Sprintf("best version has %d of %d votes, threshold %d", n, len(idx), t))
+		return 0, e.quorumFailure(OpRead, off, length, fmt.Sprintf("best version has %d of %d votes, threshold %d", n, len(idx), t))
 	}
 	win := versions[w].members[0]
 	if win != 0 {
 		copy(p, bufs[win])
 	}
 	if len(versions) == 1 {
-		return nil
+		return 0, nil
 	}
 	e.reportLosers(versions, w, idx, off, length, "content lost the vote")
-	if e.cfg.RewriteCorrupted {
-		var losers []int
-		for j, v := range versions {
-			if j != w {
-				for _, k := range v.members {
-					losers = append(losers, idx[k])
-				}
+	var losers []int
+	for j, v := range versions {
+		if j != w {
+			for _, k := range v.members {
+				losers = append(losers, idx[k])
 			}
 		}
+	}
+	if mode.rewrite {
 		e.rewrite(ctx, losers, p, off)
 	}
-	return nil
+	return len(losers), nil
 }
 
 // rewrite repairs losers with the winning bytes. The read holds a shared

@@ -22,7 +22,7 @@ type fakeChild struct {
 	inject  func(op Op, off, length int64) error
 	corrupt func(p []byte, off int64)
 	counts  map[Op]int
-	written int64 // bytes stored by WriteAt
+	written int64 // bytes changed by WriteAt, Discard and WriteZeroes
 }
 
 func newFake(size int) *fakeChild {
@@ -85,6 +85,7 @@ func (f *fakeChild) zero(ctx context.Context, op Op, off, length int64) error {
 	}
 	f.mu.Lock()
 	clear(f.data[off : off+length])
+	f.written += length
 	f.mu.Unlock()
 	return nil
 }

@@ -2,6 +2,7 @@ package quorum
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 )
@@ -108,10 +109,33 @@ func (e *Engine) copyRegion(ctx context.Context, i int, buf []byte, off int64) e
 	if !read {
 		return fmt.Errorf("region at %d: %w", off, errNoSource)
 	}
+	// Zeroes are discarded rather than written: a replacement stays as
+	// sparse as the replicas it copies.
+	if allZero(buf) {
+		if err := e.children[i].Child.Discard(ctx, off, int64(len(buf))); err != nil {
+			return fmt.Errorf("discard region at %d: %w", off, err)
+		}
+		return nil
+	}
 	if err := e.children[i].Child.WriteAt(ctx, buf, off); err != nil {
 		return fmt.Errorf("write region at %d: %w", off, err)
 	}
 	return nil
+}
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.NativeEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // finishResync makes the child healthy once it holds every region, and

@@ -46,6 +46,7 @@ type Volume struct {
 	Stale []string
 	// Recovered says what crash recovery did at Open.
 	Recovered quorum.RecoverStats
+	scrub     scrubState
 }
 
 // Open opens and checks the replicas at paths, in fifo order, recovers
