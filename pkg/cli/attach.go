@@ -77,7 +77,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	ef.register(fs)
 	stateDir := fs.String("state-dir", defaultStateDir(), "folder for the private FUSE mount point and the status socket (env QUORUM_STATE_DIR)")
 	probeEvery := fs.Duration("probe-interval", 2*time.Second, "how often faulty replicas are asked whether they answer again")
-	scrubRate := sizeFlag{n: 4 << 20}
+	scrubRate := sizeFlag{n: 4 << 20, allowZero: true}
 	fs.Var(&scrubRate, "scrub-rate", "bytes per second of the background scrub, which votes across replicas and repairs minorities (0: no background scrub)")
 	scrubInterval := fs.Duration("scrub-interval", 24*time.Hour, "time between background scrub passes; the first starts at attach")
 	faults := faultFlag{}

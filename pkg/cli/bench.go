@@ -28,6 +28,7 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&offset, "o", "first offset")
 	write := fs.Bool("w", false, "write instead of read")
 	pattern := fs.Int("pattern", 0, "byte written by -w")
+	noJournal := fs.Bool("without-journal", false, "run without the journal (write intent), to measure its cost; replicas are not crash-consistent then")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -45,6 +46,7 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	opts.WithoutJournal = *noJournal
 	vol, err := volume.Open(context.Background(), pos, opts)
 	if err != nil {
 		return err

@@ -147,11 +147,19 @@ func parseSize(s string) (int64, error) {
 	return n * mult, nil
 }
 
-// sizeFlag is a flag.Value for sizes.
-type sizeFlag struct{ n int64 }
+// sizeFlag is a flag.Value for sizes; zero is accepted only where it
+// means "off".
+type sizeFlag struct {
+	n         int64
+	allowZero bool
+}
 
 func (f *sizeFlag) String() string { return strconv.FormatInt(f.n, 10) }
 func (f *sizeFlag) Set(s string) error {
+	if f.allowZero && strings.TrimSpace(s) == "0" {
+		f.n = 0
+		return nil
+	}
 	n, err := parseSize(s)
 	f.n = n
 	return err

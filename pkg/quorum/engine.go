@@ -232,8 +232,9 @@ func (e *Engine) quorumFailure(op Op, off, length int64, reason string) error {
 }
 
 // fault reports child i bad and makes it faulty. The range it missed is
-// marked dirty for it (everything, for a failed flush: what it lost is
-// unknown). The first time, awaitRecords then records it through OnFaulty.
+// marked dirty for it. A failed flush may have lost any write not flushed
+// before: with a journal, that is the extents of the write intent; without
+// one, everything. awaitRecords then commits the fault.
 func (e *Engine) fault(i int, op Op, off, length int64, cause error) {
 	m := e.children[i]
 	e.emit(Event{Type: EventReportBad, Op: op, Offset: off, Length: length, Child: m.Name, Error: cause.Error()})
@@ -243,7 +244,9 @@ func (e *Engine) fault(i int, op Op, off, length int64, cause error) {
 	if m.dirty == nil {
 		m.dirty = NewBitmap(e.size, e.cfg.RegionSize)
 	}
-	if op == OpFlush {
+	if op == OpFlush && e.cfg.Journal != nil {
+		e.intent.unflushed(m.dirty, e.size)
+	} else if op == OpFlush {
 		m.dirty.SetRange(0, e.size)
 	} else {
 		m.dirty.SetRange(off, length)

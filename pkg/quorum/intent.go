@@ -27,13 +27,13 @@ type Record struct {
 	Dirty map[int]*Bitmap
 }
 
-// Defaults for the write-intent record: 512 extents of 4 MiB keep up to
-// 2 GiB of recently written space hot, so a random-write working set of
-// that size costs no journal commits once warm, and a crash costs at most
-// a comparison of 2 GiB.
+// Defaults for the write-intent record: 1024 extents of 4 MiB keep up to
+// 4 GiB of recently written space hot (DRBD's default activity log is
+// 4.8 GiB), so a random-write working set of that size costs no journal
+// commit once warm, and a crash costs at most a comparison of 4 GiB.
 const (
 	DefaultExtentSize    = 4 << 20
-	DefaultActiveExtents = 512
+	DefaultActiveExtents = 1024
 )
 
 // intentLog is the in-memory side of the write intent.
@@ -45,6 +45,7 @@ type intentLog struct {
 	leader   bool          // a commit is under way
 	done     chan struct{} // closed when the commit under way ends
 	lastErr  error         // result of the last commit, for its waiters
+	evicting []int64       // extents the commit under way drops
 	capacity int
 	shift    uint
 }
@@ -140,6 +141,7 @@ func (e *Engine) commitLocked(ctx context.Context) error {
 			delete(l.active, x)
 		}
 	}
+	l.evicting = victims
 	active := make([]int64, 0, len(l.active)+len(added))
 	for x := range l.active {
 		active = append(active, x)
@@ -164,6 +166,7 @@ func (e *Engine) commitLocked(ctx context.Context) error {
 		err = fmt.Errorf("commit write intent: %w", err)
 	}
 	l.lastErr = err
+	l.evicting = nil
 	l.leader = false
 	close(l.done)
 	return err
@@ -219,4 +222,22 @@ func (e *Engine) commitRecord(ctx context.Context, active []int64) error {
 	}
 	e.lastActive = active
 	return nil
+}
+
+// unflushed marks in b every extent whose writes may not have been
+// flushed: the active ones and those being evicted (flushed only once
+// the commit under way has succeeded).
+func (l *intentLog) unflushed(b *Bitmap, size int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	mark := func(x int64) {
+		off := x << l.shift
+		b.SetRange(off, min(int64(1)<<l.shift, size-off))
+	}
+	for x := range l.active {
+		mark(x)
+	}
+	for _, x := range l.evicting {
+		mark(x)
+	}
 }

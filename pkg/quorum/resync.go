@@ -1,10 +1,12 @@
 package quorum
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 )
 
 // probeSize is what Probe reads to see whether a faulty child answers.
@@ -55,40 +57,98 @@ func (e *Engine) StartResync(i int) {
 // errNoSource: no healthy child could provide a region.
 var errNoSource = errors.New("no healthy child could be read")
 
-// resync copies child i's dirty regions, one region at a time under an
-// exclusive range so that no write to it runs meanwhile. A write that
-// reaches the child while a region is still dirty changes nothing: the
-// region is copied whole afterwards. When no region is left, the child is
-// flushed, OnInSync records it, and it serves reads again.
+// Resync copies in runs of up to resyncRun bytes of contiguous dirty
+// regions, resyncWorkers at a time: a full copy then streams instead of
+// going one small region at a time.
+const (
+	resyncRun     = 1 << 20
+	resyncWorkers = 4
+)
+
+// resync copies child i's dirty regions, each run under an exclusive
+// range so that no write to it runs meanwhile. A write that reaches the
+// child while a region is still dirty changes nothing: the region is
+// copied whole afterwards. When no region is left, the child is flushed,
+// the journal records it in sync, and it serves reads again.
 func (e *Engine) resync(ctx context.Context, i int) error {
 	m := e.children[i]
-	buf := getBuf(int(e.cfg.RegionSize))
-	defer putBuf(buf)
 	for {
 		if m.state.Load() != stateResyncing {
 			return nil // it failed a write meanwhile; fault has the cause
 		}
-		e.dirtyMu.Lock()
-		r := m.dirty.Next(0)
-		var off, length int64
-		if r >= 0 {
-			off, length = m.dirty.Span(r)
-		}
-		e.dirtyMu.Unlock()
-		if r < 0 {
-			if done, err := e.finishResync(ctx, i); done || err != nil {
-				return err
-			}
-			continue
-		}
-		if err := e.copyRegion(ctx, i, buf[:length], off); err != nil {
+		if err := e.resyncPass(ctx, i); err != nil {
 			return err
 		}
-		e.dirtyMu.Lock()
-		m.dirty.Clear(r)
-		e.dirtyMu.Unlock()
-		m.resyncDone.Add(length)
+		if m.state.Load() != stateResyncing {
+			return nil
+		}
+		if done, err := e.finishResync(ctx, i); done || err != nil {
+			return err
+		}
 	}
+}
+
+// resyncPass copies every region dirty when it reaches it, once.
+func (e *Engine) resyncPass(ctx context.Context, i int) error {
+	m := e.children[i]
+	var mu sync.Mutex
+	var cursor int64
+	var firstErr error
+	regionsPerRun := max(1, resyncRun/e.cfg.RegionSize)
+	// next claims the next run of contiguous dirty regions at or after
+	// the cursor.
+	next := func() (first, n int64) {
+		mu.Lock()
+		defer mu.Unlock()
+		if firstErr != nil {
+			return -1, 0
+		}
+		e.dirtyMu.Lock()
+		defer e.dirtyMu.Unlock()
+		first = m.dirty.Next(cursor)
+		if first < 0 {
+			return -1, 0
+		}
+		n = 1
+		for n < regionsPerRun && first+n < m.dirty.Regions() && m.dirty.Test(first+n) {
+			n++
+		}
+		cursor = first + n
+		return first, n
+	}
+	var wg sync.WaitGroup
+	for range resyncWorkers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := getBuf(int(regionsPerRun * e.cfg.RegionSize))
+			defer putBuf(buf)
+			for {
+				first, n := next()
+				if first < 0 || m.state.Load() != stateResyncing {
+					return
+				}
+				off, _ := m.dirty.Span(first)
+				lastOff, lastLen := m.dirty.Span(first + n - 1)
+				length := lastOff + lastLen - off
+				err := e.copyRegion(ctx, i, buf[:length], off)
+				if err != nil {
+					mu.Lock()
+					firstErr = cmp.Or(firstErr, err)
+					mu.Unlock()
+					return
+				}
+				e.dirtyMu.Lock()
+				for r := first; r < first+n; r++ {
+					m.dirty.Clear(r)
+				}
+				e.dirtyMu.Unlock()
+				m.resyncDone.Add(length)
+			}
+		}()
+	}
+	wg.Wait()
+	return firstErr
 }
 
 func (e *Engine) copyRegion(ctx context.Context, i int, buf []byte, off int64) error {

@@ -27,6 +27,10 @@ type Options struct {
 	// exists, every request to the replica fails with EIO. For testing
 	// failure handling on a running volume.
 	FaultFiles map[string]string
+	// WithoutJournal runs the engine with no journal, to measure what the
+	// journal costs (bench only): no write intent, so a crash leaves the
+	// replicas unreconciled, and faults are not persisted.
+	WithoutJournal bool
 
 	// wrapChild lets tests put a fault injector around a replica.
 	wrapChild func(i int, c quorum.Child) quorum.Child
@@ -133,6 +137,9 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 			v.Unclean = append(v.Unclean, r.Path())
 		}
 		cfg.Children = append(cfg.Children, member)
+	}
+	if opts.WithoutJournal {
+		cfg.Journal = nil
 	}
 	if len(v.Stale) == len(v.replicas) {
 		return nil, fmt.Errorf("no replica is in sync: %v all missed writes; give at least one in-sync replica", v.Stale)
