@@ -62,7 +62,7 @@ var errNoSource = errors.New("no healthy child could be read")
 // going one small region at a time.
 const (
 	resyncRun     = 1 << 20
-	resyncWorkers = 4
+	resyncWorkers = 8
 )
 
 // resync copies child i's dirty regions, each run under an exclusive

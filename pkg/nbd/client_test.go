@@ -1,0 +1,539 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestClientAgainstServerModel drives many goroutines of random reads,
+// writes, discards, write-zeroes and flushes through one client and
+// checks every read against a model of the export. Goroutines own
+// disjoint slices of the export, so the model is exact while requests
+// are pipelined and answered out of order.
+func TestClientAgainstServerModel(t *testing.T) {
+	checkNoGoroutines(t)
+	const size, block, workers = 4 << 20, 512, 16
+	m := newMem(size, block)
+	ts := memServer(t, "unix", m)
+	c := dial(t, ts, Config{Export: "mem"})
+	if c.Size() != size || c.BlockSize() != block {
+		t.Fatalf("size %d block %d", c.Size(), c.BlockSize())
+	}
+	if i := c.Info(); !i.Structured || !i.BlockStatus || i.MaxBlock != MaxPayload || i.Flags&FlagSendWriteZeroes == 0 {
+		t.Fatalf("negotiated %+v", i)
+	}
+	model := make([]byte, size)
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 1))
+			base := int64(w) * size / workers
+			span := int64(size / workers)
+			for i := 0; i < 200; i++ {
+				n := (rng.Int64N(64) + 1) * block
+				off := base + rng.Int64N((span-n)/block+1)*block
+				switch rng.IntN(6) {
+				case 0, 1:
+					p := pattern(int(n), byte(rng.IntN(256)))
+					if err := c.WriteAt(ctx, p, off); err != nil {
+						errs <- err
+						return
+					}
+					copy(model[off:], p)
+				case 2:
+					if err := c.Discard(ctx, off, n); err != nil {
+						errs <- err
+						return
+					}
+					clear(model[off : off+n])
+				case 3:
+					if err := c.WriteZeroes(ctx, off, n); err != nil {
+						errs <- err
+						return
+					}
+					clear(model[off : off+n])
+				case 4:
+					if err := c.Flush(ctx); err != nil {
+						errs <- err
+						return
+					}
+				default:
+					p := make([]byte, n)
+					if err := c.ReadAt(ctx, p, off); err != nil {
+						errs <- err
+						return
+					}
+					if !bytes.Equal(p, model[off:off+n]) {
+						errs <- errors.New("read returned other bytes than written")
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(m.snapshot(), model) {
+		t.Fatal("export differs from the model")
+	}
+}
+
+func TestClientRefusesBadRequestsLocally(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	ts := memServer(t, "unix", m)
+	c := dial(t, ts, Config{Export: "mem"})
+	ctx := context.Background()
+	for _, err := range []error{
+		c.ReadAt(ctx, make([]byte, 512), 0),
+		c.WriteAt(ctx, make([]byte, 4096), 512),
+		c.WriteAt(ctx, make([]byte, 4096), 1<<20),
+		c.Discard(ctx, -4096, 4096),
+		c.WriteZeroes(ctx, 0, 2<<20),
+	} {
+		if err == nil {
+			t.Error("bad request accepted")
+		}
+	}
+	if n := m.count("read") + m.count("write") + m.count("discard") + m.count("zero"); n != 0 {
+		t.Fatalf("%d bad requests reached the backend", n)
+	}
+}
+
+func TestClientSplitsLargeRequests(t *testing.T) {
+	const size = 40 << 20
+	m := newMem(size, 512)
+	var mu sync.Mutex
+	var largest int64
+	m.before = func(op string, off, length int64) error {
+		mu.Lock()
+		largest = max(largest, length)
+		mu.Unlock()
+		return nil
+	}
+	ts := memServer(t, "unix", m)
+	c := dial(t, ts, Config{Export: "mem"})
+	ctx := context.Background()
+	p := pattern(size-4096, 9)
+	if err := c.WriteAt(ctx, p, 4096); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(p))
+	if err := c.ReadAt(ctx, got, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, p) {
+		t.Fatal("large read differs from large write")
+	}
+	if err := c.WriteZeroes(ctx, 0, size); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(m.snapshot(), make([]byte, size)) {
+		t.Fatal("large write-zeroes left data")
+	}
+	if largest > MaxPayload {
+		t.Fatalf("a request of %d bytes reached the server", largest)
+	}
+}
+
+func TestClientTimeoutKeepsConnection(t *testing.T) {
+	checkNoGoroutines(t)
+	m := newMem(1<<20, 512)
+	copy(m.data, pattern(1<<20, 5))
+	slow := make(chan struct{})
+	m.before = func(op string, off, length int64) error {
+		if op == "read" && off == 0 {
+			<-slow
+		}
+		return nil
+	}
+	ts := memServer(t, "unix", m)
+	c := dial(t, ts, Config{Export: "mem", Timeout: 100 * time.Millisecond})
+	ctx := context.Background()
+
+	buf := bytes.Repeat([]byte{0xaa}, 4096)
+	err := c.ReadAt(ctx, buf, 0)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("slow read: %v, want a timeout", err)
+	}
+	// Cancellation, likewise, fails only its own request.
+	cctx, cancel := context.WithCancel(ctx)
+	go func() { time.Sleep(20 * time.Millisecond); cancel() }()
+	buf2 := bytes.Repeat([]byte{0xbb}, 4096)
+	if err := c.ReadAt(cctx, buf2, 0); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled read: %v", err)
+	}
+	// Other requests go on over the same connection meanwhile.
+	got := make([]byte, 4096)
+	if err := c.ReadAt(ctx, got, 8192); err != nil || !bytes.Equal(got, m.snapshot()[8192:8192+4096]) {
+		t.Fatalf("read after a timeout: %v", err)
+	}
+	if s, _ := c.State(); s != Connected {
+		t.Fatalf("state %v after a timeout", s)
+	}
+	// The late replies arrive and are dropped: the callers' buffers,
+	// returned to them, stay as they were.
+	close(slow)
+	time.Sleep(100 * time.Millisecond)
+	if !bytes.Equal(buf, bytes.Repeat([]byte{0xaa}, 4096)) || !bytes.Equal(buf2, bytes.Repeat([]byte{0xbb}, 4096)) {
+		t.Fatal("a late reply wrote into the buffer of a request that had timed out")
+	}
+	if err := c.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, m.snapshot()[:4096]) {
+		t.Fatalf("read after late replies: %v", err)
+	}
+}
+
+func TestClientReconnects(t *testing.T) {
+	checkNoGoroutines(t)
+	m := newMem(1<<20, 512)
+	s1 := memServer(t, "tcp", m)
+	var states []State
+	var mu sync.Mutex
+	c := dial(t, s1, Config{
+		Export: "mem", MinBackoff: 10 * time.Millisecond, MaxBackoff: 80 * time.Millisecond,
+		OnStateChange: func(s State, err error) {
+			mu.Lock()
+			states = append(states, s)
+			mu.Unlock()
+		},
+	})
+	ctx := context.Background()
+	if err := c.WriteAt(ctx, pattern(4096, 1), 0); err != nil {
+		t.Fatal(err)
+	}
+	// Requests in flight when the server dies fail with ErrDisconnected.
+	entered, stuck := make(chan struct{}), make(chan struct{})
+	t.Cleanup(func() { close(stuck) }) // runs before the server's cleanup
+	m.setBefore(func(op string, off, length int64) error {
+		if op == "read" {
+			close(entered)
+			<-stuck // a hung disk: no answer until the test ends
+		}
+		return nil
+	})
+	errc := make(chan error, 1)
+	go func() { errc <- c.ReadAt(ctx, make([]byte, 512), 0) }()
+	<-entered
+	addr := s1.Addr
+	closeAbruptly(t, s1)
+	if err := <-errc; !errors.Is(err, ErrDisconnected) {
+		t.Fatalf("request in flight at connection loss: %v", err)
+	}
+	// While down, requests fail fast.
+	start := time.Now()
+	if err := c.ReadAt(ctx, make([]byte, 512), 0); !errors.Is(err, ErrDisconnected) {
+		t.Fatalf("request while disconnected: %v", err)
+	}
+	if d := time.Since(start); d > 50*time.Millisecond {
+		t.Fatalf("request while disconnected took %v", d)
+	}
+	time.Sleep(300 * time.Millisecond) // several failed attempts, backoff capped
+
+	// The server comes back on the same address; so does the client.
+	m.setBefore(nil)
+	s2 := restartOn(t, "tcp", addr, m)
+	_ = s2
+	waitState(t, c, Connected)
+	got := make([]byte, 4096)
+	if err := c.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, pattern(4096, 1)) {
+		t.Fatalf("read after reconnect: %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(states) < 2 || states[0] != Disconnected || states[len(states)-1] != Connected {
+		t.Fatalf("state changes %v", states)
+	}
+}
+
+// closeAbruptly stops a server without waiting for handlers stuck in the
+// backend (as a crash would).
+func closeAbruptly(t *testing.T, ts *testServer) {
+	ts.beginClose()
+	ts.mu.Lock()
+	for c := range ts.conns {
+		c.raw.Close()
+	}
+	ts.mu.Unlock()
+}
+
+func restartOn(t *testing.T, network, addr string, b Backend) *Server {
+	t.Helper()
+	s, err := NewServer(ServerConfig{Exports: []Export{{Name: "mem", Backend: b}}, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var l net.Listener
+	for i := 0; ; i++ {
+		if l, err = net.Listen(network, addr); err == nil {
+			break
+		}
+		if i == 50 {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	done := make(chan struct{})
+	go func() { s.Serve(l); close(done) }()
+	t.Cleanup(func() { s.Close(); <-done })
+	return s
+}
+
+func waitState(t *testing.T, c *Client, want State) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s, err := c.State()
+		if s == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("state %v (%v), want %v", s, err, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestClientBlockStatus(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	ts := startServer(t, "unix", ServerConfig{Exports: []Export{{Name: "holey", Backend: holeyBackend{m}}}})
+	c := dial(t, ts, Config{Export: "holey"})
+	ctx := context.Background()
+	if err := c.WriteAt(ctx, pattern(8192, 1), 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	ext, err := c.BlockStatus(ctx, 0, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Extent{{64 << 10, StateHole | StateZero}, {8192, 0}, {1<<20 - 64<<10 - 8192, StateHole | StateZero}}
+	if len(ext) != 3 || ext[0] != want[0] || ext[1] != want[1] || ext[2] != want[2] {
+		t.Fatalf("extents %+v, want %+v", ext, want)
+	}
+}
+
+func TestClientCloseWaitsAndRefuses(t *testing.T) {
+	checkNoGoroutines(t)
+	m := newMem(1<<20, 512)
+	entered := make(chan struct{}, 1)
+	m.before = func(op string, off, length int64) error {
+		if op == "write" {
+			entered <- struct{}{}
+			time.Sleep(100 * time.Millisecond)
+		}
+		return nil
+	}
+	ts := memServer(t, "unix", m)
+	c := dial(t, ts, Config{Export: "mem"})
+	errc := make(chan error, 1)
+	go func() { errc <- c.WriteAt(context.Background(), pattern(512, 4), 0) }()
+	<-entered
+	c.Close()
+	if err := <-errc; err != nil {
+		t.Fatalf("write in flight at Close: %v", err)
+	}
+	if err := c.ReadAt(context.Background(), make([]byte, 512), 0); !errors.Is(err, ErrClosed) {
+		t.Fatalf("read after Close: %v", err)
+	}
+}
+
+// scriptedServer answers the handshake like a server that negotiated
+// structured replies, then hands the transmission phase to script.
+func scriptedServer(t *testing.T, info ExportInfo, script func(r io.Reader, w io.Writer)) *Client {
+	t.Helper()
+	cs, ss := net.Pipe()
+	go func() {
+		defer ss.Close()
+		WriteGreeting(ss, FlagFixedNewstyle|FlagNoZeroes)
+		ReadClientFlags(ss)
+		for {
+			o, err := ReadOption(ss, 1<<16)
+			if err != nil {
+				return
+			}
+			switch o.Option {
+			case OptStructuredReply:
+				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepAck})
+			case OptSetMetaContext:
+				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepMetaContext, Data: AppendMetaContextReply(nil, 7, MetaBaseAllocation)})
+				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepAck})
+			case OptGo:
+				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepInfo, Data: Info{Type: InfoExport, Size: uint64(info.Size), Flags: info.Flags}.Append(nil)})
+				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepAck})
+				script(ss, ss)
+				return
+			}
+		}
+	}()
+	c, err := Dial(context.Background(), Config{
+		Export: "x", Logger: testLogger(t), MinBackoff: time.Hour,
+		Dial: func(context.Context, string, string) (net.Conn, error) { return cs, nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestClientAssemblesStructuredReads(t *testing.T) {
+	data := pattern(4096, 3)
+	done := make(chan struct{})
+	c := scriptedServer(t, ExportInfo{Size: 1 << 20, Flags: FlagHasFlags | FlagSendFlush}, func(r io.Reader, w io.Writer) {
+		q, _ := ReadRequest(r) // read 4096 at 8192
+		// Out of order: the tail, a hole in the middle, then the head.
+		chunk := func(flags ReplyFlags, t ChunkType, payload []byte) {
+			w.Write(append(AppendChunkHeader(nil, flags, t, q.Cookie, uint32(len(payload))), payload...))
+		}
+		chunk(0, ChunkOffsetData, append(be.AppendUint64(nil, 8192+3072), data[3072:]...))
+		chunk(0, ChunkOffsetHole, AppendOffsetHole(nil, 8192+1024, 2048))
+		chunk(0, ChunkOffsetData, append(be.AppendUint64(nil, 8192), data[:1024]...))
+		chunk(ReplyFlagDone, ChunkNone, nil)
+		q, _ = ReadRequest(r) // a read the server fails with a message
+		chunk(ReplyFlagDone, ChunkErrorOffset, AppendErrorChunk(nil, ErrorChunk{Errno: EIO, Message: "bad sector", HasOffset: true, Offset: q.Offset}))
+		q, _ = ReadRequest(r) // a write, answered with a simple reply
+		io.CopyN(io.Discard, r, int64(q.Length))
+		w.Write(AppendSimpleReply(nil, q.Cookie, 0))
+		q, _ = ReadRequest(r) // overlapping chunks: a broken server
+		chunk(0, ChunkOffsetData, append(be.AppendUint64(nil, q.Offset), make([]byte, 1024)...))
+		chunk(ReplyFlagDone, ChunkOffsetData, append(be.AppendUint64(nil, q.Offset+512), make([]byte, 512)...))
+		close(done)
+		io.Copy(io.Discard, r)
+	})
+	ctx := context.Background()
+	got := bytes.Repeat([]byte{0xff}, 4096)
+	if err := c.ReadAt(ctx, got, 8192); err != nil {
+		t.Fatal(err)
+	}
+	want := append(append(append([]byte(nil), data[:1024]...), make([]byte, 2048)...), data[3072:]...)
+	if !bytes.Equal(got, want) {
+		t.Fatal("structured read assembled wrongly")
+	}
+	err := c.ReadAt(ctx, got, 0)
+	var re *RequestError
+	if !errors.As(err, &re) || re.Errno != EIO || re.Message != "bad sector" {
+		t.Fatalf("error chunk: %v", err)
+	}
+	if err := c.WriteAt(ctx, make([]byte, 512), 0); err != nil {
+		t.Fatalf("simple reply to a write: %v", err)
+	}
+	err = c.ReadAt(ctx, got[:1024], 0)
+	var pe *ProtocolError
+	if !errors.Is(err, ErrDisconnected) || !errors.As(err, &pe) && !bytes.Contains([]byte(err.Error()), []byte("overlaps")) {
+		t.Fatalf("overlapping chunks: %v, want the connection dropped", err)
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("script did not run to its end")
+	}
+}
+
+func TestClientSimpleRepliesAndNoWriteZeroes(t *testing.T) {
+	// A server that negotiated nothing: simple replies, no WRITE_ZEROES,
+	// no flush. Discard must still leave zeroes, by writing them.
+	m := newMem(1<<20, 512)
+	copy(m.data, pattern(1<<20, 1))
+	c := scriptedPlain(t, m)
+	ctx := context.Background()
+	if err := c.Discard(ctx, 4096, 8192); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 8192)
+	if err := c.ReadAt(ctx, got, 4096); err != nil || !bytes.Equal(got, make([]byte, 8192)) {
+		t.Fatalf("discard without WRITE_ZEROES: %v", err)
+	}
+	if err := c.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := m.count("flush"); n != 0 {
+		t.Fatalf("flush sent to a server without SEND_FLUSH")
+	}
+}
+
+// scriptedPlain serves m with simple replies only and transmission flags
+// HAS_FLAGS alone.
+func scriptedPlain(t *testing.T, m *memBackend) *Client {
+	cs, ss := net.Pipe()
+	go func() {
+		defer ss.Close()
+		WriteGreeting(ss, FlagFixedNewstyle)
+		ReadClientFlags(ss)
+		for {
+			o, err := ReadOption(ss, 1<<16)
+			if err != nil {
+				return
+			}
+			if o.Option != OptGo {
+				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepErrUnsup})
+				continue
+			}
+			WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepInfo, Data: Info{Type: InfoExport, Size: uint64(m.Size()), Flags: FlagHasFlags}.Append(nil)})
+			WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepAck})
+			break
+		}
+		for {
+			q, err := ReadRequest(ss)
+			if err != nil || q.Command == CmdDisc {
+				return
+			}
+			switch q.Command {
+			case CmdRead:
+				p := make([]byte, q.Length)
+				m.ReadAt(context.Background(), p, int64(q.Offset))
+				ss.Write(append(AppendSimpleReply(nil, q.Cookie, 0), p...))
+			case CmdWrite:
+				p := make([]byte, q.Length)
+				io.ReadFull(ss, p)
+				m.WriteAt(context.Background(), p, int64(q.Offset))
+				ss.Write(AppendSimpleReply(nil, q.Cookie, 0))
+			default:
+				ss.Write(AppendSimpleReply(nil, q.Cookie, EINVAL))
+			}
+		}
+	}()
+	c, err := Dial(context.Background(), Config{
+		Export: "x", Logger: testLogger(t), MinBackoff: time.Hour,
+		Dial: func(context.Context, string, string) (net.Conn, error) { return cs, nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if i := c.Info(); i.Structured || i.Flags != FlagHasFlags {
+		t.Fatalf("negotiated %+v", i)
+	}
+	return c
+}
+
+func TestClientSoftDisconnectOnShutdown(t *testing.T) {
+	sawDisc := make(chan bool, 1)
+	c := scriptedServer(t, ExportInfo{Size: 1 << 20, Flags: FlagHasFlags}, func(r io.Reader, w io.Writer) {
+		q, _ := ReadRequest(r)
+		io.CopyN(io.Discard, r, int64(q.Length))
+		p := AppendErrorChunk(nil, ErrorChunk{Errno: ESHUTDOWN, Message: "going down"})
+		w.Write(append(AppendChunkHeader(nil, ReplyFlagDone, ChunkError, q.Cookie, uint32(len(p))), p...))
+		q, err := ReadRequest(r)
+		sawDisc <- err == nil && q.Command == CmdDisc
+	})
+	err := c.WriteAt(context.Background(), make([]byte, 512), 0)
+	if !errors.Is(err, ESHUTDOWN) {
+		t.Fatalf("write answered with ESHUTDOWN: %v", err)
+	}
+	if !<-sawDisc {
+		t.Fatal("client did not send NBD_CMD_DISC after ESHUTDOWN")
+	}
+	waitState(t, c, Disconnected)
+}

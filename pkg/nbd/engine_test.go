@@ -1,0 +1,76 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/quorum-csi/quorum-csi/pkg/quorum"
+)
+
+// TestEngineWithNBDChildren runs the quorum engine as it will run on a
+// node: one local replica and two remote ones over NBD. One replica
+// server dies in the middle of concurrent writes; the engine marks that
+// child faulty and every write still succeeds on the other two.
+func TestEngineWithNBDChildren(t *testing.T) {
+	checkNoGoroutines(t)
+	const size = 8 << 20
+	local, r1, r2 := newMem(size, 512), newMem(size, 512), newMem(size, 512)
+	s1, s2 := memServer(t, "unix", r1), memServer(t, "unix", r2)
+	c1 := dial(t, s1, Config{Export: "mem", Timeout: 2 * time.Second})
+	c2 := dial(t, s2, Config{Export: "mem", Timeout: 2 * time.Second, MinBackoff: time.Hour})
+	e, err := quorum.New(quorum.Config{Children: []quorum.Member{
+		{Name: "local", Child: local}, {Name: "nbd-1", Child: c1}, {Name: "nbd-2", Child: c2},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	ctx := context.Background()
+	model := make([]byte, size)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	kill := make(chan struct{})
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 9))
+			span := int64(size / 8)
+			for i := 0; i < 100; i++ {
+				if w == 0 && i == 50 {
+					close(kill)
+				}
+				n := (rng.Int64N(16) + 1) * 4096
+				off := int64(w)*span + rng.Int64N((span-n)/4096+1)*4096
+				p := pattern(int(n), byte(rng.IntN(256)))
+				if err := e.WriteAt(ctx, p, off); err != nil {
+					t.Errorf("engine write: %v", err)
+					return
+				}
+				mu.Lock()
+				copy(model[off:], p)
+				mu.Unlock()
+			}
+		}()
+	}
+	<-kill
+	closeAbruptly(t, s2)
+	wg.Wait()
+	if err := e.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !e.Faulty(2) || e.Faulty(0) || e.Faulty(1) {
+		t.Fatalf("faulty children: %v %v %v, want only nbd-2", e.Faulty(0), e.Faulty(1), e.Faulty(2))
+	}
+	got := make([]byte, size)
+	if err := e.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, model) {
+		t.Fatalf("engine read: %v", err)
+	}
+	if !bytes.Equal(local.snapshot(), model) || !bytes.Equal(r1.snapshot(), model) {
+		t.Fatal("the healthy replicas differ from what the engine acknowledged")
+	}
+}
