@@ -8,17 +8,13 @@ package attach
 import (
 	"context"
 	"errors"
+
+	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 )
 
-// Volume is what a frontend serves; quorum.Engine implements it.
-type Volume interface {
-	ReadAt(ctx context.Context, p []byte, off int64) error
-	WriteAt(ctx context.Context, p []byte, off int64) error
-	Flush(ctx context.Context) error
-	Discard(ctx context.Context, off, length int64) error
-	WriteZeroes(ctx context.Context, off, length int64) error
-	Size() int64
-}
+// Volume is what a frontend serves: the engine, which has the method set
+// of one of its own children.
+type Volume = quorum.Child
 
 // Device is an attached volume.
 type Device interface {
