@@ -70,7 +70,10 @@ func TestFilesystems(t *testing.T) {
 			for name := range sums {
 				os.Remove(name)
 			}
-			testutil.Run(t, "sync")
+			// A remount settles the deletions: XFS leaves extents freed by
+			// a transaction still in its log out of an FITRIM.
+			testutil.Run(t, "umount", mnt)
+			testutil.Run(t, "mount", a.dev, mnt)
 			testutil.Run(t, "fstrim", mnt)
 			testutil.Run(t, "umount", mnt)
 			mounted = false
