@@ -38,11 +38,11 @@ type childStatus struct {
 // and the replicas end identical.
 func TestReplicaFailsAndResyncs(t *testing.T) {
 	dir := kernelTest(t, "fio")
-	ps := replicas(t, dir, "256M", "a.img", "b.img", "c.img")
+	ps := replicas(t, dir, "512M", "a.img", "b.img", "c.img")
 	control := filepath.Join(dir, "fail-c")
 	a := attach(t, dir, "--fault-file", ps[2]+"="+control, "--probe-interval", "200ms", ps[0], ps[1], ps[2])
 	fio := exec.Command("fio", "--name=degraded", "--filename="+a.dev, "--ioengine=libaio", "--direct=1",
-		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=192M", "--verify=crc32c", "--do_verify=1",
+		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=256M", "--verify=crc32c", "--do_verify=1",
 		"--verify_fatal=1", "--output-format=terse", "--terse-version=3")
 	out, err := fio.StdoutPipe()
 	if err != nil {
@@ -97,10 +97,12 @@ var (
 // and the replicas are identical.
 func TestKillDuringWrites(t *testing.T) {
 	dir := kernelTest(t, "fio")
-	ps := replicas(t, dir, "512M", "a.img", "b.img", "c.img")
+	ps := replicas(t, dir, "2G", "a.img", "b.img", "c.img")
 	a := attach(t, dir, ps...)
+	// 1 GiB of 4k writes takes far longer than the 2.5 s before the kill,
+	// even on a disk several times faster than ours.
 	job := []string{"--name=crash", "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=4k",
-		"--iodepth=16", "--size=256M", "--verify=crc32c"}
+		"--iodepth=16", "--size=1G", "--verify=crc32c"}
 	fio := exec.Command("fio", append(job, "--filename="+a.dev, "--verify_state_save=1", "--do_verify=1")...)
 	fio.Dir = dir // where fio keeps its verify state
 	var fioOut strings.Builder
