@@ -14,8 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/quorum-csi/quorum-csi/internal/alignbuf"
 	"github.com/quorum-csi/quorum-csi/internal/testutil"
 )
 
@@ -101,7 +100,7 @@ func TestFUSELoop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	buf := alignedBuf(1 << 20)
+	buf := alignbuf.Make(1<<20, 0)
 	for i := range buf {
 		buf[i] = byte(i % 251)
 	}
@@ -114,7 +113,7 @@ func TestFUSELoop(t *testing.T) {
 	if !reached {
 		t.Fatal("write did not reach the volume at its offset")
 	}
-	got := alignedBuf(1 << 20)
+	got := alignbuf.Make(1<<20, 0)
 	if _, err := f.ReadAt(got, 4<<20); err != nil || !bytes.Equal(got, buf) {
 		t.Fatalf("read back: %v", err)
 	}
@@ -166,12 +165,4 @@ func TestFUSELoop(t *testing.T) {
 	if out, _ := exec.Command("losetup", "-n", "-O", "BACK-FILE", dev.Path()).Output(); len(bytes.TrimSpace(out)) > 0 {
 		t.Errorf("%s still bound: %s", dev.Path(), out)
 	}
-}
-
-func alignedBuf(n int) []byte {
-	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
-	if err != nil {
-		panic(err)
-	}
-	return b
 }

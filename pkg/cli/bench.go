@@ -7,8 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
+	"github.com/quorum-csi/quorum-csi/internal/alignbuf"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
 )
 
@@ -66,7 +66,8 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := alignedBuf(int(bufSize.n))
+			// Aligned like QEMU's buffers, so direct I/O needs no bounce copy.
+			buf := alignbuf.Make(int(bufSize.n), 0)
 			for i := range buf {
 				buf[i] = byte(*pattern)
 			}
@@ -98,12 +99,4 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "Run completed in %.3f seconds: %.0f requests/s\n", elapsed.Seconds(), float64(*count)/elapsed.Seconds())
 	return nil
-}
-
-// alignedBuf returns page-aligned memory so that the replicas' direct I/O
-// needs no bounce buffer, as for QEMU's own aligned buffers.
-func alignedBuf(n int) []byte {
-	raw := make([]byte, n+4096)
-	off := int(-uintptr(unsafe.Pointer(&raw[0])) % 4096)
-	return raw[off : off+n]
 }

@@ -7,11 +7,15 @@
 //
 //   - Write, WriteZeroes, Discard and Flush go to every healthy child and
 //     succeed when at least t children succeed. A child that fails one of
-//     them is reported (REPORT_BAD) and becomes faulty: it missed data, so
-//     it is never read or written again in this engine's life. The
-//     transition is handed to Config.OnFaulty, synchronously, before the
-//     request that caused it completes, so that the fact can be persisted
-//     before the write is acknowledged.
+//     them is reported (REPORT_BAD) and becomes faulty: it is neither read
+//     nor counted, and every region written meanwhile is marked dirty for
+//     it. With a Journal, the fault is committed before the request that
+//     found it completes. When the child answers again (Probe) its dirty
+//     regions are copied to it in the background (resync), and it serves
+//     reads again once it holds them all.
+//   - Writes run inside extents of a committed write intent (the
+//     Journal), so that after a crash Recover only has to reconcile those
+//     extents.
 //   - ReadPatternQuorum reads every healthy child and votes. The content
 //     that the most children returned wins if at least t children returned
 //     it; otherwise the read fails with a QUORUM_FAILURE. Children are

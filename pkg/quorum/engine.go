@@ -74,7 +74,7 @@ type Engine struct {
 	size     int64
 	ranges   rangeTable
 	faultMu  sync.Mutex
-	// unrecorded counts faulty children whose OnFaulty has not succeeded.
+	// unrecorded counts faulty children not yet in a committed record.
 	unrecorded atomic.Int32
 	dirtyMu    sync.Mutex
 

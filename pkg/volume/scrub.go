@@ -4,8 +4,8 @@ import (
 	"context"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
+	"github.com/quorum-csi/quorum-csi/internal/alignbuf"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 )
 
@@ -41,7 +41,7 @@ func (v *Volume) Scrub(ctx context.Context, rate int64) (quorum.ScrubStats, erro
 	s.done.Store(0)
 	s.repaired.Store(0)
 	s.unresolved.Store(0)
-	buf := alignedChunk()
+	buf := alignbuf.Make(scrubChunk, 0)
 	start := time.Now()
 	size := v.Size()
 	for off := int64(0); off < size; off += scrubChunk {
@@ -79,10 +79,4 @@ func (v *Volume) ScrubEvery(ctx context.Context, rate int64, interval time.Durat
 		case <-time.After(interval):
 		}
 	}
-}
-
-func alignedChunk() []byte {
-	raw := make([]byte, scrubChunk+4096)
-	off := int(-uintptr(unsafe.Pointer(&raw[0])) % 4096)
-	return raw[off : off+scrubChunk]
 }
