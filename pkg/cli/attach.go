@@ -72,7 +72,7 @@ func (f *engineFlags) options(onEvent func(quorum.Event)) (volume.Options, error
 }
 
 func runAttach(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("attach", "[flags] PATH... (in fifo order: the local replica first)", stderr)
+	fs := newFlagSet("attach", "[flags] REPLICA... (image paths or NBD URIs, in fifo order: the local replica first)", stderr)
 	var ef engineFlags
 	ef.register(fs)
 	stateDir := fs.String("state-dir", defaultStateDir(), "folder for the private FUSE mount point and the status socket (env QUORUM_STATE_DIR)")
@@ -80,13 +80,15 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	scrubRate := sizeFlag{n: 4 << 20, allowZero: true}
 	fs.Var(&scrubRate, "scrub-rate", "bytes per second of the background scrub, which votes across replicas and repairs minorities (0: no background scrub)")
 	scrubInterval := fs.Duration("scrub-interval", 24*time.Hour, "time between background scrub passes; the first starts at attach")
+	epoch := fs.Uint64("epoch", 0, "epoch presented to replica servers for NBD replicas whose URI has no @epoch=N: it must not be older than the last attach's, and a newer one fences that attach")
+	nbdTimeout := fs.Duration("nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take before that replica is left out (it resyncs when it answers again)")
 	faults := faultFlag{}
 	fs.Var(faults, "fault-file", "REPLICA=FILE: while FILE exists, every request to REPLICA fails with EIO (for testing failure handling; repeatable)")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
 	}
-	if err := needArgs(pos, "replica paths"); err != nil {
+	if err := needArgs(pos, "replicas"); err != nil {
 		return err
 	}
 	errw := &syncWriter{w: stderr}
@@ -96,6 +98,9 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	opts.FaultFiles = faults
+	opts.Epoch = *epoch
+	opts.RequestTimeout = *nbdTimeout
+	opts.Logger = log
 	stopProfile, err := profileCPU(ef.cpuProfile)
 	if err != nil {
 		return err

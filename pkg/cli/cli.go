@@ -34,6 +34,8 @@ func commands() []command {
 	return []command{
 		{"create", "make new replica images and their metadata", runCreate},
 		{"attach", "assemble replicas into a block device, in the foreground", runAttach},
+		{"serve", "serve replica images to attaches on other machines (NBD), in the foreground", runServe},
+		{"gen-certs", "write a development CA and TLS certificates for serve and attach", runGenCerts},
 		{"check", "compare replicas offline; exit 1 when they differ", runCheck},
 		{"scrub", "vote across replicas offline and repair minorities", runScrub},
 		{"status", "show the replicas of an attached volume: state, dirty bytes, resync progress", runStatus},
@@ -82,7 +84,7 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: quorumctl COMMAND [flags] ...")
 	fmt.Fprintln(w, "\ncommands:")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-9s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w, "\nquorumctl COMMAND -h shows a command's flags.")
 }

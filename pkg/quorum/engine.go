@@ -236,10 +236,14 @@ func (e *Engine) quorumFailure(op Op, off, length int64, reason string) error {
 // before: with a journal, that is the extents of the write intent; without
 // one, everything. awaitRecords then commits the fault.
 func (e *Engine) fault(i int, op Op, off, length int64, cause error) {
-	m := e.children[i]
-	e.emit(Event{Type: EventReportBad, Op: op, Offset: off, Length: length, Child: m.Name, Error: cause.Error()})
 	e.faultMu.Lock()
 	defer e.faultMu.Unlock()
+	e.faultLocked(i, op, off, length, cause)
+}
+
+func (e *Engine) faultLocked(i int, op Op, off, length int64, cause error) {
+	m := e.children[i]
+	e.emit(Event{Type: EventReportBad, Op: op, Offset: off, Length: length, Child: m.Name, Error: cause.Error()})
 	e.dirtyMu.Lock()
 	if m.dirty == nil {
 		m.dirty = NewBitmap(e.size, e.cfg.RegionSize)
@@ -274,12 +278,6 @@ func (e *Engine) recordLocked(ctx context.Context) error {
 	}
 	if err := e.commitRecord(ctx, nil); err != nil {
 		return fmt.Errorf("record faulty children: %w", err)
-	}
-	for _, m := range e.children {
-		if m.unrecorded {
-			m.unrecorded = false
-			e.unrecorded.Add(-1)
-		}
 	}
 	return nil
 }

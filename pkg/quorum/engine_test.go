@@ -197,6 +197,50 @@ func TestJournalFailureFailsWrite(t *testing.T) {
 	}
 }
 
+// TestJournalRefusedByChild: a child that cannot store a record is
+// faulted (its data is fine, but the next attach could not learn from
+// it) while the others still form a quorum; when too few store it, the
+// write fails.
+func TestJournalRefusedByChild(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		refuse  []int
+		wantErr bool
+	}{
+		{"one of three", []int{2}, false},
+		{"two of three", []int{1, 2}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			j := &fakeJournal{refuse: map[int]error{}}
+			r := newRig(t, 3, 1<<20, Config{Journal: j})
+			for _, i := range tc.refuse {
+				j.refuse[i] = errors.New("journal unreachable")
+			}
+			err := r.e.WriteAt(context.Background(), pattern(1, 512), 0)
+			if tc.wantErr {
+				if err == nil {
+					t.Fatal("write acknowledged with the record stored by 1 of 3")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !r.e.Faulty(2) || r.e.Faulty(0) || r.e.Faulty(1) {
+				t.Fatalf("faulty: %v %v %v, want only child 2", r.e.Faulty(0), r.e.Faulty(1), r.e.Faulty(2))
+			}
+			if rec, _ := j.last(); !slices.Equal(dirtyKeys(rec), []int{2}) {
+				t.Errorf("last record %+v, want child 2 dirty", rec)
+			}
+			r.events.mu.Lock()
+			defer r.events.mu.Unlock()
+			if ev := r.events.events; len(ev) != 1 || ev[0].Op != OpJournal || ev[0].Child != "c2" {
+				t.Errorf("events %+v, want one REPORT_BAD journal for c2", ev)
+			}
+		})
+	}
+}
+
 // TestFaultCommittedBeforeAck: a request that failed on a child, or
 // skipped it because it is faulty, completes only after the journal has
 // the child.

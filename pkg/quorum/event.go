@@ -21,6 +21,10 @@ const (
 	OpFlush       Op = "flush"
 	OpDiscard     Op = "discard"
 	OpWriteZeroes Op = "write-zeroes"
+	// OpJournal: a child could not store a journal record. Its data is
+	// intact, but the next attach could not learn from it what the
+	// others hold, so it is left out until it resyncs.
+	OpJournal Op = "journal"
 )
 
 // Event reports a failure or a disagreement. Child is empty for

@@ -224,6 +224,8 @@ type fakeJournal struct {
 	records []Record
 	fail    error
 	block   chan struct{}
+	// refuse: these children do not store records (the others do).
+	refuse map[int]error
 }
 
 func (j *fakeJournal) Commit(ctx context.Context, rec Record) error {
@@ -239,6 +241,15 @@ func (j *fakeJournal) Commit(ctx context.Context, rec Record) error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	j.records = append(j.records, rec)
+	failed := map[int]error{}
+	for i, err := range j.refuse {
+		if _, dirty := rec.Dirty[i]; !dirty {
+			failed[i] = err
+		}
+	}
+	if len(failed) > 0 {
+		return &CommitError{Failed: failed}
+	}
 	return nil
 }
 

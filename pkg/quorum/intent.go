@@ -2,7 +2,9 @@ package quorum
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
 )
@@ -13,6 +15,23 @@ import (
 // regions each out-of-sync child misses. Commits are serialised.
 type Journal interface {
 	Commit(ctx context.Context, rec Record) error
+}
+
+// CommitError is what Journal.Commit returns when the record reached
+// some of the children it goes to but not all: Failed maps each child
+// (by index) that did not store it to why. When at least VoteThreshold
+// children stored it, the engine faults the others (they resync when
+// they answer again) and commits once more; otherwise the commit fails.
+type CommitError struct {
+	Failed map[int]error
+}
+
+func (c *CommitError) Error() string {
+	errs := make([]error, 0, len(c.Failed))
+	for _, i := range slices.Sorted(maps.Keys(c.Failed)) {
+		errs = append(errs, c.Failed[i])
+	}
+	return fmt.Sprintf("journal record not stored by %d children: %v", len(c.Failed), errors.Join(errs...))
 }
 
 // Record is one state of the journal.
@@ -195,10 +214,14 @@ func (e *Engine) commitIntent(ctx context.Context, active []int64, flush bool) e
 			return err
 		}
 	}
+	e.faultMu.Lock()
+	defer e.faultMu.Unlock()
 	return e.commitRecord(ctx, active)
 }
 
-// commitRecord persists active with the current dirty maps. Commits are
+// commitRecord persists active with the current dirty maps. The caller
+// holds faultMu, so that the record holds every fault so far and a
+// child that cannot store it can be faulted here; commits are
 // serialised by journalMu, so records reach the journal in order.
 func (e *Engine) commitRecord(ctx context.Context, active []int64) error {
 	if e.cfg.Journal == nil {
@@ -209,18 +232,39 @@ func (e *Engine) commitRecord(ctx context.Context, active []int64) error {
 	if active == nil {
 		active = e.lastActive
 	}
-	rec := Record{Active: active, Dirty: map[int]*Bitmap{}}
-	e.dirtyMu.Lock()
-	for i, m := range e.children {
-		if m.dirty != nil {
-			rec.Dirty[i] = m.dirty.Clone()
+	for {
+		rec := Record{Active: active, Dirty: map[int]*Bitmap{}}
+		e.dirtyMu.Lock()
+		for i, m := range e.children {
+			if m.dirty != nil {
+				rec.Dirty[i] = m.dirty.Clone()
+			}
+		}
+		e.dirtyMu.Unlock()
+		err := e.cfg.Journal.Commit(ctx, rec)
+		var ce *CommitError
+		if err == nil {
+			break
+		}
+		if !errors.As(err, &ce) || len(e.children)-len(rec.Dirty)-len(ce.Failed) < e.cfg.VoteThreshold {
+			return err
+		}
+		for i, cause := range ce.Failed {
+			if _, ok := rec.Dirty[i]; ok {
+				return fmt.Errorf("journal reports child %d, which the record leaves out: %w", i, err)
+			}
+			e.faultLocked(i, OpJournal, 0, 0, cause)
 		}
 	}
-	e.dirtyMu.Unlock()
-	if err := e.cfg.Journal.Commit(ctx, rec); err != nil {
-		return err
-	}
 	e.lastActive = active
+	// The record holds every faulty child's dirty map: none is
+	// unrecorded any more.
+	for _, m := range e.children {
+		if m.unrecorded {
+			m.unrecorded = false
+			e.unrecorded.Add(-1)
+		}
+	}
 	return nil
 }
 

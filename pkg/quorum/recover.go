@@ -53,6 +53,8 @@ func (e *Engine) Recover(ctx context.Context, active []int64) (RecoverStats, err
 			}
 		}
 	}
+	e.faultMu.Lock()
+	defer e.faultMu.Unlock()
 	if err := e.commitRecord(ctx, []int64{}); err != nil {
 		return st, fmt.Errorf("recover: %w", err)
 	}
@@ -111,5 +113,7 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	e.intent.mu.Lock()
 	clear(e.intent.active)
 	e.intent.mu.Unlock()
+	e.faultMu.Lock()
+	defer e.faultMu.Unlock()
 	return e.commitRecord(ctx, []int64{})
 }

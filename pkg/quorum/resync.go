@@ -231,6 +231,9 @@ func (e *Engine) finishResync(ctx context.Context, i int) (bool, error) {
 		e.dirtyMu.Unlock()
 		return false, fmt.Errorf("record in sync: %w", err)
 	}
+	if m.state.Load() != stateResyncing {
+		return true, nil // it could not store the record: faulted again
+	}
 	m.cause = nil
 	m.state.Store(stateHealthy)
 	return true, nil

@@ -35,7 +35,10 @@ type File struct {
 	metaMu sync.Mutex
 	meta   Meta
 
-	journal *os.File // nil for read-only opens
+	// journal is opened at most once, then only read: nil until the
+	// first record for a new replica, and for read-only opens.
+	journalMu sync.Mutex
+	journal   *os.File
 }
 
 // Open opens the replica at path for exclusive read-write use. It fails

@@ -41,6 +41,8 @@ type JournalEntry struct {
 // missing file without create leaves r.journal nil (no record yet), so
 // that a refused attach creates nothing.
 func (r *File) openJournal(create bool) error {
+	r.journalMu.Lock()
+	defer r.journalMu.Unlock()
 	if r.journal != nil {
 		return nil
 	}
@@ -59,27 +61,28 @@ func (r *File) openJournal(create bool) error {
 	return nil
 }
 
-// journalSlot is where a record goes: records alternate between two
+func (r *File) journalFile() *os.File {
+	r.journalMu.Lock()
+	defer r.journalMu.Unlock()
+	return r.journal
+}
+
+// JournalSlot is where a record goes: records alternate between two
 // slots of slotSize bytes, which the caller sizes for the largest record
 // its volume can produce.
-func journalSlot(seq uint64, slotSize int64) int64 { return int64(seq%2) * slotSize }
+func JournalSlot(seq uint64, slotSize int64) int64 { return int64(seq%2) * slotSize }
 
 // WriteJournal stores a record in the slot its sequence number selects
 // and makes it durable.
 func (r *File) WriteJournal(e JournalEntry, slotSize int64) error {
-	if int64(journalHeader+len(e.Payload)) > slotSize {
-		return fmt.Errorf("replica %s: journal record of %d bytes exceeds its slot of %d", r.path, len(e.Payload), slotSize)
+	buf, err := EncodeJournal(e, slotSize)
+	if err != nil {
+		return fmt.Errorf("replica %s: %w", r.path, err)
 	}
 	if err := r.openJournal(true); err != nil {
 		return err
 	}
-	buf := make([]byte, journalHeader+len(e.Payload))
-	copy(buf, journalMagic)
-	binary.LittleEndian.PutUint64(buf[8:], e.Seq)
-	binary.LittleEndian.PutUint32(buf[16:], uint32(len(e.Payload)))
-	binary.LittleEndian.PutUint32(buf[20:], crc32.Checksum(e.Payload, castagnoli))
-	copy(buf[journalHeader:], e.Payload)
-	if _, err := r.journal.WriteAt(buf, journalSlot(e.Seq, slotSize)); err != nil {
+	if _, err := r.journal.WriteAt(buf, JournalSlot(e.Seq, slotSize)); err != nil {
 		return fmt.Errorf("replica %s: write journal: %w", r.path, err)
 	}
 	if err := unix.Fdatasync(int(r.journal.Fd())); err != nil {
@@ -88,16 +91,81 @@ func (r *File) WriteJournal(e JournalEntry, slotSize int64) error {
 	return nil
 }
 
+// EncodeJournal is a record as it is stored at JournalSlot(e.Seq,
+// slotSize): header and payload.
+func EncodeJournal(e JournalEntry, slotSize int64) ([]byte, error) {
+	if int64(journalHeader+len(e.Payload)) > slotSize {
+		return nil, fmt.Errorf("journal record of %d bytes exceeds its slot of %d", len(e.Payload), slotSize)
+	}
+	buf := make([]byte, journalHeader+len(e.Payload))
+	copy(buf, journalMagic)
+	binary.LittleEndian.PutUint64(buf[8:], e.Seq)
+	binary.LittleEndian.PutUint32(buf[16:], uint32(len(e.Payload)))
+	binary.LittleEndian.PutUint32(buf[20:], crc32.Checksum(e.Payload, castagnoli))
+	copy(buf[journalHeader:], e.Payload)
+	return buf, nil
+}
+
+// JournalAt reads the journal file's bytes at off, as zeroes where the
+// file (or the whole file) does not exist yet; for serving the journal
+// to a remote attach.
+func (r *File) JournalAt(p []byte, off int64) error {
+	clear(p)
+	j := r.journalFile()
+	if j == nil {
+		return nil
+	}
+	if _, err := j.ReadAt(p, off); err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("replica %s: read journal: %w", r.path, err)
+	}
+	return nil
+}
+
+// WriteJournalAt writes bytes of the journal file at off, for a remote
+// attach that encodes its records itself; SyncJournal makes them durable.
+func (r *File) WriteJournalAt(p []byte, off int64) error {
+	if err := r.openJournal(true); err != nil {
+		return err
+	}
+	if _, err := r.journal.WriteAt(p, off); err != nil {
+		return fmt.Errorf("replica %s: write journal: %w", r.path, err)
+	}
+	return nil
+}
+
+// SyncJournal makes the journal's writes durable.
+func (r *File) SyncJournal() error {
+	j := r.journalFile()
+	if j == nil {
+		return nil
+	}
+	if err := unix.Fdatasync(int(j.Fd())); err != nil {
+		return fmt.Errorf("replica %s: sync journal: %w", r.path, err)
+	}
+	return nil
+}
+
 // ReadJournal returns the newest intact record, or ok false when there is
 // none (a new replica).
 func (r *File) ReadJournal(slotSize int64) (e JournalEntry, ok bool, err error) {
-	if r.journal == nil {
+	j := r.journalFile()
+	if j == nil {
 		return e, false, nil
 	}
+	e, ok, err = ReadJournalFrom(j, slotSize)
+	if err != nil {
+		return e, false, fmt.Errorf("replica %s: read journal: %w", r.path, err)
+	}
+	return e, ok, nil
+}
+
+// ReadJournalFrom returns the newest intact record of a journal read
+// through ra, or ok false when neither slot holds one.
+func ReadJournalFrom(ra io.ReaderAt, slotSize int64) (e JournalEntry, ok bool, err error) {
 	for slot := range int64(2) {
-		got, valid, err := readSlot(r.journal, slot*slotSize, slotSize)
+		got, valid, err := readSlot(ra, slot*slotSize, slotSize)
 		if err != nil {
-			return e, false, fmt.Errorf("replica %s: read journal: %w", r.path, err)
+			return e, false, err
 		}
 		if valid && (!ok || got.Seq > e.Seq) {
 			e, ok = got, true
@@ -106,7 +174,7 @@ func (r *File) ReadJournal(slotSize int64) (e JournalEntry, ok bool, err error) 
 	return e, ok, nil
 }
 
-func readSlot(f *os.File, off, slotSize int64) (JournalEntry, bool, error) {
+func readSlot(f io.ReaderAt, off, slotSize int64) (JournalEntry, bool, error) {
 	var e JournalEntry
 	hdr := make([]byte, journalHeader)
 	if _, err := f.ReadAt(hdr, off); err != nil {

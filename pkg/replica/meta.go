@@ -46,6 +46,13 @@ type Meta struct {
 	Created    time.Time `json:"created"`
 }
 
+// EpochSuffix names the file beside an image that keeps the newest
+// attach epoch its replica server accepted (package nbd's EpochFile).
+const EpochSuffix = ".qepoch"
+
+// EpochPath names the epoch file of the image at path.
+func EpochPath(path string) string { return path + EpochSuffix }
+
 // MetaPath names the metadata file of the image at path.
 func MetaPath(path string) string { return path + MetaSuffix }
 
@@ -62,32 +69,52 @@ func ReadMeta(path string) (Meta, error) {
 	if err != nil {
 		return m, fmt.Errorf("replica %s: read metadata: %w", path, err)
 	}
+	return ParseMeta(b, path)
+}
+
+// ParseMeta decodes and checks metadata as stored (JSON), of the replica
+// named where.
+func ParseMeta(b []byte, where string) (Meta, error) {
+	var m Meta
 	if err := json.Unmarshal(b, &m); err != nil {
-		return m, fmt.Errorf("replica %s: metadata %s is corrupt: %w", path, MetaPath(path), err)
+		return m, fmt.Errorf("replica %s: metadata is corrupt: %w", where, err)
 	}
 	if m.Format != metaFormat {
-		return m, fmt.Errorf("replica %s: metadata format %d, this build reads %d", path, m.Format, metaFormat)
+		return m, fmt.Errorf("replica %s: metadata format %d, this build reads %d", where, m.Format, metaFormat)
 	}
 	if m.VolumeID == "" || m.ReplicaID == "" || m.Size <= 0 {
-		return m, fmt.Errorf("replica %s: metadata %s lacks volume id, replica id or size", path, MetaPath(path))
+		return m, fmt.Errorf("replica %s: metadata lacks volume id, replica id or size", where)
 	}
 	return m, nil
+}
+
+// Marshal encodes m as it is stored.
+func (m Meta) Marshal() []byte {
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		panic(err) // Meta has only plain fields
+	}
+	return append(b, '\n')
+}
+
+// SameReplica reports whether n describes the same replica as m: only
+// the generation and state may change after creation.
+func (m Meta) SameReplica(n Meta) bool {
+	return n.Format == m.Format && n.VolumeID == m.VolumeID && n.ReplicaID == m.ReplicaID &&
+		n.Size == m.Size && n.Created.Equal(m.Created)
 }
 
 // writeMeta replaces the metadata atomically: a crash leaves either the
 // old or the new file, never a torn one.
 func writeMeta(path string, m Meta) error {
-	b, err := json.MarshalIndent(m, "", "  ")
-	if err != nil {
-		return err
-	}
+	b := m.Marshal()
 	final := MetaPath(path)
 	tmp, err := os.CreateTemp(filepath.Dir(final), filepath.Base(final)+".tmp*")
 	if err != nil {
 		return fmt.Errorf("write metadata of %s: %w", path, err)
 	}
 	defer os.Remove(tmp.Name()) // a no-op once renamed
-	if _, err := tmp.Write(append(b, '\n')); err != nil {
+	if _, err := tmp.Write(b); err != nil {
 		tmp.Close()
 		return fmt.Errorf("write metadata of %s: %w", path, err)
 	}

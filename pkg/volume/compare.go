@@ -29,7 +29,7 @@ func Compare(ctx context.Context, paths []string, fn func(Diff)) error {
 	if err := replica.Distinct(paths); err != nil {
 		return err
 	}
-	var rs []*replica.File
+	var rs []member
 	defer func() {
 		for _, r := range rs {
 			r.Close()
@@ -40,7 +40,7 @@ func Compare(ctx context.Context, paths []string, fn func(Diff)) error {
 		if err != nil {
 			return err
 		}
-		rs = append(rs, r)
+		rs = append(rs, localReplica{r})
 	}
 	if err := checkSameVolume(rs); err != nil {
 		return err

@@ -123,7 +123,7 @@ func decodeRecord(b []byte) (record, error) {
 // of an attach is the truth.
 type journal struct {
 	mu       sync.Mutex
-	replicas []*replica.File
+	replicas []member
 	seq      uint64
 	slotSize int64
 	region   int64
@@ -158,20 +158,29 @@ func (j *journal) Commit(ctx context.Context, rec quorum.Record) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = rf.WriteJournal(entry, j.slotSize)
+			errs[i] = rf.writeJournal(ctx, entry, j.slotSize)
 		}()
 	}
 	wg.Wait()
-	return errors.Join(errs...)
+	failed := map[int]error{}
+	for i, err := range errs {
+		if err != nil {
+			failed[i] = err
+		}
+	}
+	if len(failed) > 0 {
+		return &quorum.CommitError{Failed: failed}
+	}
+	return nil
 }
 
 // newest reads every replica's journal and decodes the newest record, or
 // an empty one for a volume that never had a record.
-func (j *journal) newest() (record, error) {
+func (j *journal) newest(ctx context.Context) (record, error) {
 	var best replica.JournalEntry
 	found := false
 	for _, r := range j.replicas {
-		e, ok, err := r.ReadJournal(j.slotSize)
+		e, ok, err := r.readJournal(ctx, j.slotSize)
 		if err != nil {
 			return record{}, err
 		}

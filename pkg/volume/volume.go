@@ -1,7 +1,8 @@
-// Package volume assembles replica images into a quorum engine: it checks
-// that the replicas belong together, refuses stale ones, and keeps their
-// metadata (generation, clean state, stale replicas) in step with the
-// engine's life.
+// Package volume assembles replicas into a quorum engine: local replica
+// images and replicas behind replica servers (NBD, see remote.go). It
+// checks that the replicas belong together, finds the ones that missed
+// writes, and keeps their metadata (generation, clean state) and the
+// journal in step with the engine's life.
 package volume
 
 import (
@@ -9,9 +10,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"time"
 
+	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 	"github.com/quorum-csi/quorum-csi/pkg/replica"
 )
@@ -27,6 +30,16 @@ type Options struct {
 	// exists, every request to the replica fails with EIO. For testing
 	// failure handling on a running volume.
 	FaultFiles map[string]string
+	// Epoch is presented to replica servers for remote replicas whose
+	// URI carries no epoch of its own; it must be newer than (or equal to)
+	// the last attach's, and taking the replicas over fences that attach.
+	Epoch uint64
+	// RequestTimeout bounds each request to a remote replica (default
+	// 30s); one that takes longer fails, and the replica is left out
+	// until it answers again.
+	RequestTimeout time.Duration
+	// Logger receives the NBD clients' connection losses and reconnects.
+	Logger *slog.Logger
 	// WithoutJournal runs the engine with no journal, to measure what the
 	// journal costs (bench only): no write intent, so a crash leaves the
 	// replicas unreconciled, and faults are not persisted.
@@ -42,7 +55,7 @@ type Options struct {
 // Volume is an open, assembled volume.
 type Volume struct {
 	*quorum.Engine
-	replicas    []*replica.File
+	replicas    []member
 	stopWatches context.CancelFunc
 	// Unclean lists replicas whose last attach did not detach cleanly.
 	Unclean []string
@@ -53,12 +66,15 @@ type Volume struct {
 	scrub     scrubState
 }
 
-// Open opens and checks the replicas at paths, in fifo order, recovers
-// from a crash of the last attach (so that the in-sync replicas are
-// identical before any I/O), and starts resyncing replicas that missed
-// writes. Nothing is written unless every check passed.
+// Open opens and checks the replicas, in fifo order: paths of local
+// images, or NBD URIs of replicas on replica servers (nbd://, nbds://,
+// nbd+unix://). It recovers from a crash of the last attach (so that the
+// in-sync replicas are identical before any I/O) and starts resyncing
+// replicas that missed writes. Remote replicas are taken over first
+// (fencing the last attach); beyond that nothing is written unless every
+// check passed.
 func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err error) {
-	if err := replica.Distinct(paths); err != nil {
+	if err := distinct(paths); err != nil {
 		return nil, err
 	}
 	v := &Volume{}
@@ -70,12 +86,23 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 			v.closeFiles()
 		}
 	}()
+	log := cmp.Or(opts.Logger, slog.Default())
 	for _, p := range paths {
-		r, err := replica.Open(p)
-		if err != nil {
-			return nil, err
+		var m member
+		if nbd.IsURI(p) {
+			r, err := openRemote(ctx, p, opts.Epoch, opts.RequestTimeout, log)
+			if err != nil {
+				return nil, err
+			}
+			m = r
+		} else {
+			r, err := replica.Open(p)
+			if err != nil {
+				return nil, err
+			}
+			m = localReplica{r}
 		}
-		v.replicas = append(v.replicas, r)
+		v.replicas = append(v.replicas, m)
 	}
 	if err := checkSameVolume(v.replicas); err != nil {
 		return nil, err
@@ -85,7 +112,14 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 	activeExtents := cmp.Or(opts.activeExtents, quorum.DefaultActiveExtents)
 	size := v.replicas[0].Size()
 	j := &journal{replicas: v.replicas, slotSize: slotSize(size, region, activeExtents), region: region, extent: extent}
-	rec, err := j.newest()
+	for _, r := range v.replicas {
+		if rr, ok := r.(*remoteReplica); ok {
+			if err := rr.checkJournalArea(j.slotSize); err != nil {
+				return nil, err
+			}
+		}
+	}
+	rec, err := j.newest(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -114,13 +148,13 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 	for i, r := range v.replicas {
 		m := r.Meta()
 		var c quorum.Child = r
-		if control, ok := opts.FaultFiles[r.Path()]; ok {
+		if control, ok := opts.FaultFiles[r.name()]; ok {
 			c = watchFaults(watchCtx, c, control, 50*time.Millisecond)
 		}
 		if opts.wrapChild != nil {
 			c = opts.wrapChild(i, c)
 		}
-		member := quorum.Member{Name: r.Path(), Child: c}
+		member := quorum.Member{Name: r.name(), Child: c}
 		if words, ok := rec.dirty[m.ReplicaID]; ok {
 			member.Dirty = quorum.NewBitmap(size, region)
 			member.Dirty.Load(words)
@@ -131,10 +165,10 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 			member.Dirty.SetRange(0, size)
 		}
 		if member.Dirty != nil {
-			v.Stale = append(v.Stale, r.Path())
+			v.Stale = append(v.Stale, r.name())
 		}
 		if m.State != replica.StateClean {
-			v.Unclean = append(v.Unclean, r.Path())
+			v.Unclean = append(v.Unclean, r.name())
 		}
 		cfg.Children = append(cfg.Children, member)
 	}
@@ -148,7 +182,7 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 		return nil, err
 	}
 	for _, r := range v.replicas {
-		if err := r.UpdateMeta(func(m *replica.Meta) {
+		if err := r.updateMeta(ctx, func(m *replica.Meta) {
 			m.Generation = gen + 1
 			m.State = replica.StateOpen
 		}); err != nil {
@@ -166,21 +200,21 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 
 // checkSameVolume refuses replicas that are not distinct replicas of one
 // volume.
-func checkSameVolume(rs []*replica.File) error {
+func checkSameVolume(rs []member) error {
 	first := rs[0].Meta()
 	ids := map[string]string{}
 	for _, r := range rs {
 		m := r.Meta()
 		if m.VolumeID != first.VolumeID {
-			return fmt.Errorf("replica %s belongs to volume %s, but %s belongs to volume %s", r.Path(), m.VolumeID, rs[0].Path(), first.VolumeID)
+			return fmt.Errorf("replica %s belongs to volume %s, but %s belongs to volume %s", r.name(), m.VolumeID, rs[0].name(), first.VolumeID)
 		}
 		if m.Size != first.Size {
-			return fmt.Errorf("replicas differ in size: %s has %d bytes, %s has %d", rs[0].Path(), first.Size, r.Path(), m.Size)
+			return fmt.Errorf("replicas differ in size: %s has %d bytes, %s has %d", rs[0].name(), first.Size, r.name(), m.Size)
 		}
 		if other, ok := ids[m.ReplicaID]; ok {
-			return fmt.Errorf("replicas %s and %s are the same replica (a copied image?): both have replica id %s", other, r.Path(), m.ReplicaID)
+			return fmt.Errorf("replicas %s and %s are the same replica (a copied image?): both have replica id %s", other, r.name(), m.ReplicaID)
 		}
-		ids[m.ReplicaID] = r.Path()
+		ids[m.ReplicaID] = r.name()
 	}
 	return nil
 }
@@ -207,7 +241,7 @@ func (v *Volume) Close(ctx context.Context) error {
 			if v.Faulty(i) {
 				continue
 			}
-			if uerr := r.UpdateMeta(func(m *replica.Meta) { m.State = replica.StateClean }); uerr != nil {
+			if uerr := r.updateMeta(ctx, func(m *replica.Meta) { m.State = replica.StateClean }); uerr != nil {
 				err = errors.Join(err, uerr)
 			}
 		}
@@ -225,6 +259,30 @@ func (v *Volume) closeFiles() error {
 	}
 	v.replicas = nil
 	return errors.Join(errs...)
+}
+
+// distinct refuses a list that names one replica twice: local paths by
+// file, URIs by their text (the identity check at Open catches the rest).
+func distinct(specs []string) error {
+	if len(specs) == 0 {
+		return errors.New("no replicas given")
+	}
+	var paths []string
+	seen := map[string]bool{}
+	for _, s := range specs {
+		if !nbd.IsURI(s) {
+			paths = append(paths, s)
+			continue
+		}
+		if seen[s] {
+			return fmt.Errorf("replica %s given twice", s)
+		}
+		seen[s] = true
+	}
+	if len(paths) == 0 {
+		return nil
+	}
+	return replica.Distinct(paths)
 }
 
 // ID is the volume's id, shared by its replicas.
