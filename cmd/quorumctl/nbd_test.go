@@ -1,0 +1,328 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/quorum-csi/quorum-csi/internal/alignbuf"
+	"github.com/quorum-csi/quorum-csi/internal/testutil"
+)
+
+// server is a running `quorumctl serve`, possibly inside a network
+// namespace.
+type server struct {
+	t      *testing.T
+	cmd    *exec.Cmd
+	addr   string
+	out    *attached // its locked stderr buffer, for the logs
+	exited chan struct{}
+	err    error
+}
+
+func (s *server) logs() string { return s.out.logs() }
+
+// serve starts quorumctl serve (prefixed by wrap, e.g. ip netns exec)
+// and waits for the address it listens on.
+func serve(t *testing.T, wrap []string, args ...string) *server {
+	t.Helper()
+	argv := append(append(wrap, bin, "serve"), args...)
+	s := &server{t: t, out: &attached{}, exited: make(chan struct{})}
+	s.cmd = exec.Command(argv[0], argv[1:]...)
+	s.cmd.Stderr = lockedWriter{s.out}
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 1)
+	br := bufio.NewReader(stdout)
+	go func() {
+		l, _ := br.ReadString('\n')
+		lines <- strings.TrimSpace(l)
+		io.Copy(io.Discard, br)
+		s.err = s.cmd.Wait()
+		close(s.exited)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-s.exited:
+			return
+		default:
+		}
+		s.cmd.Process.Kill()
+		<-s.exited
+	})
+	select {
+	case s.addr = <-lines:
+		if s.addr == "" {
+			<-s.exited
+			t.Fatalf("serve exited: %v\n%s", s.err, s.logs())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("serve printed no address within 30s\n%s", s.logs())
+	}
+	return s
+}
+
+// stop ends the server with SIGTERM and expects a clean exit.
+func (s *server) stop() {
+	s.t.Helper()
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.exited:
+		if s.err != nil {
+			s.t.Fatalf("serve exited with %v\n%s", s.err, s.logs())
+		}
+	case <-time.After(60 * time.Second):
+		s.t.Fatalf("serve did not stop within 60s\n%s", s.logs())
+	}
+}
+
+// kill ends the server with SIGKILL, as a crash of its machine would.
+func (s *server) kill() {
+	s.cmd.Process.Kill()
+	<-s.exited
+}
+
+func (s *server) uri(name string) string { return "nbd://" + s.addr + "/" + name }
+
+// fioVerify starts fio writing and verifying through dev; wait returns
+// its terse result line and fails the test unless fio reports 0 errors.
+func fioVerify(t *testing.T, dev, size string) (wait func() string) {
+	t.Helper()
+	fio := exec.Command("fio", "--name=nbd", "--filename="+dev, "--ioengine=libaio", "--direct=1",
+		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size="+size, "--verify=crc32c", "--do_verify=1",
+		"--verify_fatal=1", "--output-format=terse", "--terse-version=3")
+	var out, errb bytes.Buffer
+	fio.Stdout, fio.Stderr = &out, &errb
+	if err := fio.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if fio.ProcessState == nil {
+			fio.Process.Kill()
+			fio.Wait()
+		}
+	})
+	return func() string {
+		t.Helper()
+		if err := fio.Wait(); err != nil {
+			t.Fatalf("fio: %v\n%s%s", err, out.String(), errb.String())
+		}
+		res := out.String()
+		if f := strings.Split(res, ";"); len(f) < 5 || f[4] != "0" {
+			t.Fatalf("fio reported errors: %s", res)
+		}
+		return res
+	}
+}
+
+// waitChild polls the attach's status until child i is in state.
+func waitChild(t *testing.T, dir, local string, i int, state string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		st := status(t, dir, local)
+		if st[i].State == state {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica %d did not become %s within %s: %+v", i, state, within, st)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestNBDReplicaServerKilled: a 3-replica device, one replica local and
+// two behind replica servers; fio writes and verifies while one server
+// is killed with SIGKILL and later restarted. fio sees no error, the
+// replica comes back and resyncs, and the replicas end identical.
+func TestNBDReplicaServerKilled(t *testing.T) {
+	dir := kernelTest(t, "fio")
+	ps := replicas(t, dir, "512M", "a.img", "b.img", "c.img")
+	sb := serve(t, nil, "--listen", "127.0.0.1:0", "--export", "b="+ps[1])
+	sc := serve(t, nil, "--listen", "127.0.0.1:0", "--export", "c="+ps[2])
+	a := attach(t, dir, "--epoch", "1", "--probe-interval", "200ms", "--nbd-timeout", "5s", ps[0], sb.uri("b"), sc.uri("c"))
+	wait := fioVerify(t, a.dev, "256M")
+	time.Sleep(time.Second)
+	sc.kill()
+	waitChild(t, dir, ps[0], 2, "faulty", 15*time.Second)
+	time.Sleep(time.Second)
+	sc = serve(t, nil, "--listen", sc.addr, "--export", "c="+ps[2])
+	wait()
+	waitChild(t, dir, ps[0], 2, "healthy", 60*time.Second)
+	if !strings.Contains(a.logs(), `"event":"REPORT_BAD"`) {
+		t.Errorf("no REPORT_BAD for the lost replica in the log")
+	}
+	a.stop(syscall.SIGTERM)
+	sb.stop()
+	sc.stop()
+	assertIdentical(t, ps...)
+}
+
+// netns is a network namespace joined to this one by a veth pair, for
+// a replica server on its own "machine".
+type netns struct {
+	name, hostIf, nsIf, hostIP, nsIP string
+}
+
+func newNetns(t *testing.T) *netns {
+	t.Helper()
+	testutil.RequireTools(t, "ip")
+	id := make([]byte, 3)
+	rand.Read(id)
+	suffix := hex.EncodeToString(id)
+	n := &netns{name: "qtest-" + suffix, hostIf: "qh" + suffix, nsIf: "qn" + suffix,
+		hostIP: fmt.Sprintf("10.%d.%d.1", 100+int(id[0])%100, id[1]), nsIP: fmt.Sprintf("10.%d.%d.2", 100+int(id[0])%100, id[1])}
+	t.Cleanup(func() {
+		// Processes in the namespace are the tests' own and ended by
+		// their own cleanups, which run first; deleting the namespace
+		// removes both ends of the veth pair.
+		exec.Command("ip", "netns", "del", n.name).Run()
+	})
+	for _, args := range [][]string{
+		{"netns", "add", n.name},
+		{"link", "add", n.hostIf, "type", "veth", "peer", "name", n.nsIf},
+		{"link", "set", n.nsIf, "netns", n.name},
+		{"addr", "add", n.hostIP + "/30", "dev", n.hostIf},
+		{"link", "set", n.hostIf, "up"},
+		{"-n", n.name, "addr", "add", n.nsIP + "/30", "dev", n.nsIf},
+		{"-n", n.name, "link", "set", n.nsIf, "up"},
+		{"-n", n.name, "link", "set", "lo", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	return n
+}
+
+// link takes the namespace's end of the veth pair down or up: packets
+// stop (or flow again) with no connection told.
+func (n *netns) link(t *testing.T, state string) {
+	t.Helper()
+	if out, err := exec.Command("ip", "-n", n.name, "link", "set", n.nsIf, state).CombinedOutput(); err != nil {
+		t.Fatalf("ip link set %s %s: %v\n%s", n.nsIf, state, err, out)
+	}
+}
+
+// TestNBDReplicaCutOff: as TestNBDReplicaServerKilled, but the replica
+// server runs in its own network namespace and its link is cut and
+// restored: requests in flight time out rather than fail.
+func TestNBDReplicaCutOff(t *testing.T) {
+	dir := kernelTest(t, "fio")
+	ps := replicas(t, dir, "512M", "a.img", "b.img", "c.img")
+	ns := newNetns(t)
+	sb := serve(t, nil, "--listen", "127.0.0.1:0", "--export", "b="+ps[1])
+	sc := serve(t, []string{"ip", "netns", "exec", ns.name}, "--listen", ns.nsIP+":10809", "--export", "c="+ps[2])
+	a := attach(t, dir, "--epoch", "1", "--probe-interval", "200ms", "--nbd-timeout", "2s", ps[0], sb.uri("b"), sc.uri("c"))
+	wait := fioVerify(t, a.dev, "256M")
+	time.Sleep(time.Second)
+	ns.link(t, "down")
+	waitChild(t, dir, ps[0], 2, "faulty", 15*time.Second)
+	time.Sleep(2 * time.Second)
+	ns.link(t, "up")
+	wait()
+	waitChild(t, dir, ps[0], 2, "healthy", 60*time.Second)
+	a.stop(syscall.SIGTERM)
+	sb.stop()
+	sc.stop()
+	assertIdentical(t, ps...)
+}
+
+// ddDirect writes count 4 KiB blocks of pattern b at block seek of dev,
+// bypassing the page cache; it returns dd's error.
+func ddDirect(dev string, b byte, seek, count int) error {
+	f, err := os.OpenFile(dev, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := alignbuf.Make(4096*count, 4096)
+	for i := range buf {
+		buf[i] = b
+	}
+	if _, err := f.WriteAt(buf, int64(seek)*4096); err != nil {
+		return err
+	}
+	return f.Sync()
+}
+
+// TestNBDFencing: a second attach of the same replicas with a newer
+// epoch takes them over: the first holder's writes fail from then on,
+// and what the new holder writes is intact on every replica.
+func TestNBDFencing(t *testing.T) {
+	dir := kernelTest(t)
+	ps := replicas(t, dir, "64M", "a.img", "b.img", "c.img")
+	s := serve(t, nil, "--listen", "127.0.0.1:0", "--export", "a="+ps[0], "--export", "b="+ps[1], "--export", "c="+ps[2])
+	uris := []string{s.uri("a"), s.uri("b"), s.uri("c")}
+	old := attach(t, filepath.Join(dir, "old"), append([]string{"--epoch", "1"}, uris...)...)
+	if err := ddDirect(old.dev, 1, 0, 16); err != nil {
+		t.Fatalf("write as the first holder: %v", err)
+	}
+	cur := attach(t, filepath.Join(dir, "new"), append([]string{"--epoch", "2"}, uris...)...)
+	if err := ddDirect(old.dev, 9, 16, 16); err == nil {
+		t.Fatal("the fenced holder could still write")
+	}
+	if err := ddDirect(cur.dev, 2, 16, 16); err != nil {
+		t.Fatalf("write as the new holder: %v", err)
+	}
+	if !strings.Contains(old.logs(), "fenced") {
+		t.Errorf("the old holder's log does not say it was fenced:\n%s", old.logs())
+	}
+	// The fenced holder cannot mark the replicas clean: it exits 1.
+	old.cmd.Process.Signal(syscall.SIGTERM)
+	<-old.exited
+	cur.stop(syscall.SIGTERM)
+	s.stop()
+	assertIdentical(t, ps...)
+	b, err := os.ReadFile(ps[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(b[:64<<10], bytes.Repeat([]byte{1}, 64<<10)) || !bytes.Equal(b[64<<10:128<<10], bytes.Repeat([]byte{2}, 64<<10)) {
+		t.Fatal("replicas do not hold the first holder's write before the takeover and the new holder's after it")
+	}
+	s = serve(t, nil, "--listen", "127.0.0.1:0", "--export", "a="+ps[0], "--export", "b="+ps[1], "--export", "c="+ps[2])
+	args := []string{"attach", "--state-dir", filepath.Join(dir, "late"), "--epoch", "1", s.uri("a"), s.uri("b"), s.uri("c")}
+	if _, e, code := quorumctl(t, args...); code != 1 || !strings.Contains(e, "fenced") {
+		t.Fatalf("attach with an old epoch after a restart of the server: exit %d, want 1 and fenced\n%s", code, e)
+	}
+	s.stop()
+}
+
+// TestNBDTLS: a replica server with --tls-dir serves nbds:// replicas
+// with client certificates and refuses plain NBD.
+func TestNBDTLS(t *testing.T) {
+	dir := kernelTest(t)
+	certs := filepath.Join(dir, "certs")
+	mustQuorumctl(t, "gen-certs", certs)
+	ps := replicas(t, dir, "64M", "a.img", "b.img", "c.img")
+	s := serve(t, nil, "--listen", "127.0.0.1:0", "--tls-dir", certs, "--export", "b="+ps[1], "--export", "c="+ps[2])
+	tlsURI := func(name string) string {
+		return "nbds://" + s.addr + "/" + name + "?tls-certificates=" + certs
+	}
+	if _, e, code := quorumctl(t, "attach", "--state-dir", filepath.Join(dir, "plain"), "--epoch", "1", ps[0], s.uri("b"), s.uri("c")); code == 0 || !strings.Contains(e, "TLS") {
+		t.Fatalf("plain NBD to a TLS server: exit %d, want a refusal that names TLS\n%s", code, e)
+	}
+	a := attach(t, dir, "--epoch", "1", ps[0], tlsURI("b"), tlsURI("c"))
+	if err := ddDirect(a.dev, 7, 0, 256); err != nil {
+		t.Fatal(err)
+	}
+	a.stop(syscall.SIGTERM)
+	s.stop()
+	assertIdentical(t, ps...)
+}
