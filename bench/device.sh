@@ -59,42 +59,6 @@ PATTERNS=(
 	"1M seq write QD8|write|1M|8"
 )
 
-# run_patterns TARGET DEV: every pattern on DEV, results into $RESULTS.
-run_patterns() {
-	local target=$1 dev=$2 p name rw bs qd out value
-	for p in "${PATTERNS[@]}"; do
-		IFS='|' read -r name rw bs qd <<<"$p"
-		out=$WORK/fio-${target// /_}-${name// /_}.json
-		if run_fg fio --name=bench --filename="$dev" --ioengine=libaio --direct=1 \
-			--rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
-			--time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
-			--norandommap --randrepeat=0 \
-			--output-format=json --output="$out" >/dev/null 2>"$out.err" &&
-			value=$(python3 - "$out" "$rw" "$bs" <<'EOF'
-import json, sys
-path, rw, bs = sys.argv[1:]
-j = json.load(open(path))["jobs"][0]
-if j["error"]:
-    sys.exit("fio job error %d" % j["error"])
-d = j["read" if "read" in rw else "write"]
-lat = d.get("clat_ns", {}).get("mean", 0) / 1000
-if bs == "1M":
-    print("%.1f\tMiB/s\t%.0f" % (d["bw_bytes"] / 2**20, lat))
-else:
-    print("%.0f\tIOPS\t%.0f" % (d["iops"], lat))
-EOF
-			); then
-			printf '%s\t%s\t%s\n' "$target" "$name" "$value" >>"$RESULTS"
-			log "[$target] $name: $(cut -f1,2 <<<"$value" | tr '\t' ' ') (mean clat $(cut -f3 <<<"$value") us)"
-		else
-			FAILED=1
-			printf '%s\t%s\tERR\t-\t-\n' "$target" "$name" >>"$RESULTS"
-			log "[$target] $name: fio FAILED ($(wc -l <"$out.err") lines on stderr, first 3 below)
-$(head -n 3 "$out.err")"
-		fi
-	done
-}
-
 # (a) raw: plain loop device with direct I/O over one raw file.
 truncate -s "$SIZE_BYTES" "$WORK/raw.img"
 loop_setup RAWDEV "$WORK/raw.img"

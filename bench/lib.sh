@@ -17,6 +17,7 @@ QUORUMCTL=""
 ATTACH_PIDS=()  # quorumctl attach processes still running
 LOOP_DEVS=()    # loop devices set up with losetup by this script
 ATTACH_SEQ=0
+SERVE_PIDS=()   # quorumctl serve processes still running
 declare -A ATTACH_LOG=() # attach pid -> its stderr log
 FG_PID=""                # the command run_fg is waiting for
 
@@ -134,6 +135,40 @@ $(cat "$err")"
 		sleep 0.1
 	done
 	die "quorumctl attach $* printed no device within 60s"
+}
+
+# serve_start VAR ARGS...: runs quorumctl serve ARGS in the background, in
+# its own session, waits for the address line and stores it in VAR.
+serve_start() {
+	local -n _addr=$1
+	shift
+	ATTACH_SEQ=$((ATTACH_SEQ + 1))
+	local out=$WORK/serve-$ATTACH_SEQ.out err=$WORK/serve-$ATTACH_SEQ.err pid i
+	setsid "$QUORUMCTL" serve "$@" >"$out" 2>"$err" </dev/null &
+	pid=$!
+	SERVE_PIDS+=("$pid")
+	for ((i = 0; i < 300; i++)); do
+		if [[ $(wc -l <"$out") -ge 1 ]]; then
+			_addr=$(head -n1 "$out")
+			log "serving $* on $_addr (pid $pid)"
+			return 0
+		fi
+		running "$pid" || die "quorumctl serve $* exited before printing its address; its log:
+$(cat "$err")"
+		sleep 0.1
+	done
+	die "quorumctl serve $* printed no address within 30s"
+}
+
+# serve_stop_all: SIGTERM every server (SIGKILL after 30s) and wait.
+serve_stop_all() {
+	local pid
+	for pid in "${SERVE_PIDS[@]}"; do
+		kill -TERM "$pid" 2>/dev/null || true
+		wait_exit "$pid" 30 || kill -KILL "$pid" 2>/dev/null || true
+		wait "$pid" 2>/dev/null || log "warning: quorumctl serve pid $pid exited with status $?"
+	done
+	SERVE_PIDS=()
 }
 
 attach_forget() {
@@ -272,6 +307,10 @@ bench_cleanup() {
 		log "cleanup: stopping quorumctl attach pid $pid"
 		attach_stop "$pid" || log "cleanup: quorumctl attach pid $pid exited with status $?"
 	done
+	if ((${#SERVE_PIDS[@]})); then
+		log "cleanup: stopping quorumctl serve pids ${SERVE_PIDS[*]}"
+		serve_stop_all
+	fi
 	for d in "${LOOP_DEVS[@]}"; do
 		log "cleanup: losetup -d $d"
 		losetup -d "$d" || true
@@ -294,6 +333,45 @@ bench_cleanup() {
 	fi
 	[[ -z $BINDIR ]] || rm -rf "$BINDIR"
 	exit "$rc"
+}
+
+# run_patterns TARGET DEV: every pattern of $PATTERNS ("name|rw|bs|iodepth")
+# on DEV with fio, for $RUNTIME seconds after $RAMP; appends "target,
+# pattern, value, unit, mean latency" lines to $RESULTS and sets FAILED=1
+# when fio fails.
+run_patterns() {
+	local target=$1 dev=$2 p name rw bs qd out value
+	for p in "${PATTERNS[@]}"; do
+		IFS='|' read -r name rw bs qd <<<"$p"
+		out=$WORK/fio-${target// /_}-${name// /_}.json
+		if run_fg fio --name=bench --filename="$dev" --ioengine=libaio --direct=1 \
+			--rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
+			--time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
+			--norandommap --randrepeat=0 \
+			--output-format=json --output="$out" >/dev/null 2>"$out.err" &&
+			value=$(python3 - "$out" "$rw" "$bs" <<'EOF'
+import json, sys
+path, rw, bs = sys.argv[1:]
+j = json.load(open(path))["jobs"][0]
+if j["error"]:
+    sys.exit("fio job error %d" % j["error"])
+d = j["read" if "read" in rw else "write"]
+lat = d.get("clat_ns", {}).get("mean", 0) / 1000
+if bs == "1M":
+    print("%.1f\tMiB/s\t%.0f" % (d["bw_bytes"] / 2**20, lat))
+else:
+    print("%.0f\tIOPS\t%.0f" % (d["iops"], lat))
+EOF
+			); then
+			printf '%s\t%s\t%s\n' "$target" "$name" "$value" >>"$RESULTS"
+			log "[$target] $name: $(cut -f1,2 <<<"$value" | tr '\t' ' ') (mean clat $(cut -f3 <<<"$value") us)"
+		else
+			FAILED=1
+			printf '%s\t%s\tERR\t-\t-\n' "$target" "$name" >>"$RESULTS"
+			log "[$target] $name: fio FAILED ($(wc -l <"$out.err") lines on stderr, first 3 below)
+$(head -n 3 "$out.err")"
+		fi
+	done
 }
 
 # fill_device DEV: writes the whole device once, sequentially with 1 MiB

@@ -60,6 +60,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	addr := fs.String("listen", ":"+nbd.DefaultPort, "address to listen on: HOST:PORT (port 0 picks one), or unix:PATH")
 	tlsDir := fs.String("tls-dir", "", "folder with ca-cert.pem, server-cert.pem and server-key.pem (quorumctl gen-certs writes one): TLS is then required and clients need a certificate from that CA")
 	plainRead := fs.Bool("allow-plain-read", false, "let clients that present no epoch (qemu-io, nbdinfo, ...) read the exports; they can never write")
+	cpuProfile := fs.String("cpu-profile", "", "write a Go CPU profile of the run to this file (for performance work)")
 	drain := fs.Duration("shutdown-timeout", 30*time.Second, "on SIGTERM, how long requests in flight may take to finish before connections are closed")
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -72,6 +73,11 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("%w: no --export NAME=PATH given", errUsage)
 	}
 	log := slog.New(slog.NewJSONHandler(&syncWriter{w: stderr}, nil))
+	stopProfile, err := profileCPU(*cpuProfile)
+	if err != nil {
+		return err
+	}
+	defer stopProfile()
 	cfg := nbd.ServerConfig{Logger: log}
 	if *tlsDir != "" {
 		if cfg.TLS, err = nbd.ServerTLSDir(*tlsDir); err != nil {

@@ -99,7 +99,9 @@
 //
 // Persisting the epoch is the caller's job, through EpochStore:
 // EpochFile keeps it in a small file replaced atomically, MemEpochs in
-// memory. The epoch is per export; quorum-csi exports one replica of a
-// volume under the volume's name on each replica server, so a new holder
-// takes over by writing to a quorum of them.
+// memory. The epoch is per export; exports may share one store.
+// quorum-csi serves each replica as two exports (the image and its
+// metadata and journal, see package volume) with one epoch file, and an
+// attach takes a replica over by flushing both with its epoch before it
+// reads anything from them.
 package nbd
