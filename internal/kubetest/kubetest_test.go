@@ -28,8 +28,8 @@ func TestStartAndStop(t *testing.T) {
 		if v.GitVersion != K8sVersion {
 			t.Errorf("server version %q, want %q", v.GitVersion, K8sVersion)
 		}
-		if out := s.Kubectl(t, "get", "--raw", "/readyz"); strings.TrimSpace(out) != "ok" {
-			t.Errorf("kubectl get --raw /readyz = %q, want ok", out)
+		if out, err := s.Kubectl(t, "get", "--raw", "/readyz"); err != nil || strings.TrimSpace(out) != "ok" {
+			t.Errorf("kubectl get --raw /readyz = %q, %v; want ok", out, err)
 		}
 	})
 	if dir == "" {

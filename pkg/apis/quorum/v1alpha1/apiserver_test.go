@@ -37,6 +37,7 @@ func TestAgainstAPIServer(t *testing.T) {
 	t.Run("update", func(t *testing.T) { testUpdate(t, c) })
 	t.Run("status", func(t *testing.T) { testStatus(t, c) })
 	t.Run("kubectl get qv", func(t *testing.T) { testPrinterColumns(t, c, srv) })
+	t.Run("kubectl apply", func(t *testing.T) { testKubectlApply(t, srv) })
 }
 
 // installCRD creates the CRD from config/crd, the file `make generate`
@@ -184,7 +185,7 @@ func testUpdate(t *testing.T, c client.Client) {
 		{"nodeSelector changes", func(qv *v1alpha1.QuorumVolume) { qv.Spec.Placement.NodeSelector = map[string]string{"a": "b"} }, ""},
 		{"voteThreshold set to the default it had", func(qv *v1alpha1.QuorumVolume) { qv.Spec.VoteThreshold = ptr(int32(2)) }, ""},
 		{"voteThreshold changes", func(qv *v1alpha1.QuorumVolume) { qv.Spec.VoteThreshold = ptr(int32(3)) }, "the effective voteThreshold is immutable"},
-		{"replicas change", func(qv *v1alpha1.QuorumVolume) { qv.Spec.Replicas = 5 }, "replicas is immutable"},
+		{"replicas change", func(qv *v1alpha1.QuorumVolume) { qv.Spec.Replicas = 5 }, "spec.replicas: Invalid value: 5: replicas is immutable"},
 		{"spreadKey changes", func(qv *v1alpha1.QuorumVolume) { qv.Spec.Placement.SpreadKey = "topology.kubernetes.io/zone" }, "placement.spreadKey is immutable"},
 	}
 	for i, tt := range tests {
@@ -272,7 +273,10 @@ func testPrinterColumns(t *testing.T, c client.Client, srv *kubetest.Server) {
 		t.Fatalf("status update: %v", err)
 	}
 
-	out := srv.Kubectl(t, "get", "qv", "printed")
+	out, err := srv.Kubectl(t, "get", "qv", "printed")
+	if err != nil {
+		t.Fatal(err)
+	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	if len(lines) != 2 {
 		t.Fatalf("kubectl get qv printed %d lines, want header and one row:\n%s", len(lines), out)
@@ -288,9 +292,46 @@ func testPrinterColumns(t *testing.T, c client.Client, srv *kubetest.Server) {
 	}
 	// The short name and the category both reach the resource.
 	for _, args := range [][]string{{"get", "quorumvolumes", "printed", "-o", "name"}, {"get", "quorum", "-o", "name"}} {
-		if out := srv.Kubectl(t, args...); !strings.Contains(out, "quorumvolume.quorum.csi.dev/printed") {
-			t.Errorf("kubectl %s printed %q", strings.Join(args, " "), out)
+		if out, err := srv.Kubectl(t, args...); err != nil || !strings.Contains(out, "quorumvolume.quorum.csi.dev/printed") {
+			t.Errorf("kubectl %s printed %q, %v", strings.Join(args, " "), out, err)
 		}
+	}
+}
+
+// testKubectlApply is the path a user takes: YAML through kubectl, where
+// the size may be a plain integer and a refusal must read clearly.
+func testKubectlApply(t *testing.T, srv *kubetest.Server) {
+	tests := []struct {
+		name   string
+		object string // applying to the same object again is an update
+		spec   string
+		want   string // "" when kubectl apply succeeds
+	}{
+		{"size as an integer", "applied", `{size: 1073741824, replicas: 3}`, ""},
+		{"size as an integer shrinks", "applied", `{size: 1073741823, replicas: 3}`, "size cannot shrink"},
+		{"size as an integer grows", "applied", `{size: 2147483648, replicas: 3}`, ""},
+		{"voteThreshold above replicas", "applied-bad-threshold", `{size: 1Gi, replicas: 1, voteThreshold: 2}`, "voteThreshold must not exceed replicas"},
+		{"missing size", "applied-no-size", `{replicas: 3}`, "spec.size: Required value"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			doc := fmt.Sprintf("apiVersion: quorum.csi.dev/v1alpha1\nkind: QuorumVolume\nmetadata: {name: %s}\nspec: %s\n", tt.object, tt.spec)
+			path := filepath.Join(t.TempDir(), "qv.yaml")
+			if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, err := srv.Kubectl(t, "apply", "-f", path)
+			switch {
+			case tt.want == "" && err != nil:
+				t.Fatalf("kubectl apply refused %s: %v", tt.spec, err)
+			case tt.want != "" && err == nil:
+				t.Fatalf("kubectl apply accepted %s; want %q", tt.spec, tt.want)
+			case tt.want != "" && !strings.Contains(err.Error(), tt.want):
+				t.Errorf("kubectl apply said %v; want %q", err, tt.want)
+			case err != nil:
+				t.Logf("refused as a user sees it: %v", err)
+			}
+		})
 	}
 }
 
@@ -307,4 +348,5 @@ func checkInvalid(t *testing.T, err error, want string) {
 	if !strings.Contains(err.Error(), want) {
 		t.Errorf("error %q does not say %q", err, want)
 	}
+	t.Logf("refused: %v", err)
 }

@@ -45,7 +45,7 @@ const (
 //
 // +kubebuilder:validation:XValidation:rule="!has(self.voteThreshold) || self.voteThreshold <= self.replicas",message="voteThreshold must not exceed replicas"
 // +kubebuilder:validation:XValidation:rule="!has(self.rewriteCorrupted) || !self.rewriteCorrupted || self.readPattern == 'quorum'",message="rewriteCorrupted needs readPattern quorum: fifo reads do not vote, so there is no winner to rewrite with"
-// +kubebuilder:validation:XValidation:rule="(has(self.voteThreshold) ? self.voteThreshold : self.replicas / 2 + 1) == (has(oldSelf.voteThreshold) ? oldSelf.voteThreshold : oldSelf.replicas / 2 + 1)",message="the effective voteThreshold is immutable"
+// +kubebuilder:validation:XValidation:rule="self.replicas != oldSelf.replicas || (has(self.voteThreshold) ? self.voteThreshold : self.replicas / 2 + 1) == (has(oldSelf.voteThreshold) ? oldSelf.voteThreshold : oldSelf.replicas / 2 + 1)",message="the effective voteThreshold is immutable"
 type QuorumVolumeSpec struct {
 	// Size is the volume's size in bytes; it can grow, never shrink.
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).isGreaterThan(quantity('0'))",message="size must be greater than zero"
