@@ -74,3 +74,15 @@ func processesUnder(t *testing.T, dir string) []string {
 	}
 	return found
 }
+
+// The build script and BinDir must agree on the version, which is also
+// part of the default folder.
+func TestVersionMatchesBuildScript(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "hack", "k8s-bins.sh"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "\nK8S_VERSION=" + K8sVersion + "\n"; !strings.Contains(string(b), want) {
+		t.Errorf("hack/k8s-bins.sh does not set K8S_VERSION=%s", K8sVersion)
+	}
+}
