@@ -1,7 +1,13 @@
 # quorum-csi developer targets. `make check` is what CI runs.
 GO ?= go
 
-.PHONY: build test check vet fmt-check bin
+# controller-gen is pinned here and run from the module proxy, so every
+# machine generates byte-identical files.
+CONTROLLER_GEN ?= $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.23.0
+# What `generate` writes; `verify-generated` compares exactly these.
+GENERATED := ':(glob)pkg/apis/**/zz_generated.*.go' config/crd
+
+.PHONY: build test check vet fmt-check bin generate verify-generated k8s-bins
 
 build:
 	$(GO) build ./...
@@ -15,9 +21,23 @@ vet:
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
+# Deepcopy functions beside the API types, and the CRD in config/crd/.
+generate:
+	$(CONTROLLER_GEN) object paths=./pkg/apis/...
+	$(CONTROLLER_GEN) crd paths=./pkg/apis/... output:crd:artifacts:config=config/crd
+
+verify-generated: generate
+	@if ! git diff --exit-code -- $(GENERATED) || [ -n "$$(git ls-files --others --exclude-standard -- $(GENERATED))" ]; then \
+		git ls-files --others --exclude-standard -- $(GENERATED); \
+		echo "generated files are stale: run 'make generate' and commit the result"; exit 1; fi
+
+# etcd, kube-apiserver and kubectl for the API-server tests (internal/kubetest).
+k8s-bins:
+	hack/k8s-bins.sh
+
 # Real-kernel tests need root (loop, FUSE); with QUORUM_CI=1 they fail
 # instead of skipping when something is missing.
 test:
 	$(GO) test -race -count=1 -timeout 30m ./...
 
-check: fmt-check vet test
+check: fmt-check vet verify-generated test
