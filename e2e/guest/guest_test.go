@@ -247,22 +247,27 @@ poweroff -f
 	}
 }
 
-// TestGuestFUSELoop runs quorumctl attach (FUSE+loop) inside the guest
-// kernel: filesystem and checksums across a remount, fio verify at QD32,
-// a corrupted replica outvoted, no device left after SIGTERM.
-func TestGuestFUSELoop(t *testing.T) {
-	ready(t)
-	scratch := filepath.Join(testutil.KernelDir(t), "scratch.img")
-	if err := os.WriteFile(scratch, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(scratch, 1<<30); err != nil {
-		t.Fatal(err)
-	}
-	console := boot(t, "fuseloop", "-drive", "file="+scratch+",format=raw,if=virtio,cache=none")
-	for _, want := range []string{"fio verify passed", "corrupted replica outvoted"} {
-		if !strings.Contains(console, want) {
-			t.Errorf("guest console lacks %q:\n%s", want, console)
-		}
+// TestGuestFrontends runs quorumctl attach inside the guest kernel, with
+// each frontend: a filesystem and checksums across a remount, fio verify
+// at QD32, a corrupted replica outvoted, no device left after SIGTERM.
+// The guest kernel has ublk; the test machines' does not.
+func TestGuestFrontends(t *testing.T) {
+	for _, frontend := range []string{"ublk", "fuseloop"} {
+		t.Run(frontend, func(t *testing.T) {
+			ready(t)
+			scratch := filepath.Join(testutil.KernelDir(t), "scratch.img")
+			if err := os.WriteFile(scratch, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Truncate(scratch, 1<<30); err != nil {
+				t.Fatal(err)
+			}
+			console := boot(t, frontend, "-drive", "file="+scratch+",format=raw,if=virtio,cache=none")
+			for _, want := range []string{"fio verify passed", "corrupted replica outvoted"} {
+				if !strings.Contains(console, want) {
+					t.Errorf("guest console lacks %q:\n%s", want, console)
+				}
+			}
+		})
 	}
 }

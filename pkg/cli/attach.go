@@ -81,6 +81,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&scrubRate, "scrub-rate", "bytes per second of the background scrub, which votes across replicas and repairs minorities (0: no background scrub)")
 	scrubInterval := fs.Duration("scrub-interval", 24*time.Hour, "time between background scrub passes; the first starts at attach")
 	epoch := fs.Uint64("epoch", 0, "epoch presented to replica servers for NBD replicas whose URI has no @epoch=N: it must not be older than the last attach's, and a newer one fences that attach")
+	frontend := fs.String("frontend", "auto", "how the volume becomes a block device: ublk (/dev/ublkbN), fuse-loop (/dev/loopN over a private FUSE file) or auto (ublk when /dev/ublk-control exists, else fuse-loop)")
 	nbdTimeout := fs.Duration("nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take before that replica is left out (it resyncs when it answers again)")
 	faults := faultFlag{}
 	fs.Var(faults, "fault-file", "REPLICA=FILE: while FILE exists, every request to REPLICA fails with EIO (for testing failure handling; repeatable)")
@@ -90,6 +91,16 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	if err := needArgs(pos, "replicas"); err != nil {
 		return err
+	}
+	switch *frontend {
+	case "auto":
+		*frontend = "fuse-loop"
+		if attach.UblkAvailable() {
+			*frontend = "ublk"
+		}
+	case "ublk", "fuse-loop":
+	default:
+		return fmt.Errorf("%w: --frontend %q: want auto, ublk or fuse-loop", errUsage, *frontend)
 	}
 	errw := &syncWriter{w: stderr}
 	log := slog.New(slog.NewJSONHandler(errw, nil))
@@ -123,11 +134,20 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	for _, p := range vol.Stale {
 		log.Warn("replica missed writes; resyncing it in the background (see quorumctl status)", "replica", p)
 	}
-	dev, err := attach.AttachFUSELoop(context.Background(), vol.Engine, attach.FUSELoopOptions{
-		StateDir:  *stateDir,
-		BlockSize: vol.BlockSize(),
-		Logf:      func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) },
-	})
+	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
+		return closeAfter(vol, fmt.Errorf("state folder: %w", err))
+	}
+	logf := func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
+	var dev attach.Device
+	if *frontend == "ublk" {
+		dev, err = attach.AttachUblk(context.Background(), vol.Engine, attach.UblkOptions{BlockSize: vol.BlockSize(), Logf: logf})
+	} else {
+		dev, err = attach.AttachFUSELoop(context.Background(), vol.Engine, attach.FUSELoopOptions{
+			StateDir:  *stateDir,
+			BlockSize: vol.BlockSize(),
+			Logf:      logf,
+		})
+	}
 	if err != nil {
 		return closeAfter(vol, err)
 	}
@@ -136,7 +156,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 		return closeAfter(vol, errors.Join(err, dev.ForceDetach()))
 	}
 	defer stopStatus()
-	log.Info("attached", "device", dev.Path(), "replicas", len(pos), "voteThreshold", vol.VoteThreshold(), "readPattern", vol.ReadPattern(), "frontend", "fuse-loop", "replicaIO", replica.IOMethod())
+	log.Info("attached", "device", dev.Path(), "replicas", len(pos), "voteThreshold", vol.VoteThreshold(), "readPattern", vol.ReadPattern(), "frontend", *frontend, "replicaIO", replica.IOMethod())
 	fmt.Fprintln(stdout, dev.Path())
 
 	// Faulty replicas that answer again start their resync; the

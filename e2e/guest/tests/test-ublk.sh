@@ -1,0 +1,2 @@
+#!/bin/sh
+FRONTEND=ublk exec /attach.sh

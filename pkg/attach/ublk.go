@@ -1,0 +1,475 @@
+package attach
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/bits"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// ublk (Linux 6.0+, ublk_drv) serves a block device from user space
+// through io_uring: /dev/ublkbN is the device, /dev/ublkcN its server
+// side. Each queue's server thread keeps a FETCH command outstanding per
+// tag; the kernel completes it with a request (its descriptor in a
+// shared, read-only array), we do the I/O and answer with
+// COMMIT_AND_FETCH, which also waits for the tag's next request.
+//
+// Why our own code, not github.com/semistrict/go-ublk (v0.2.0, the
+// only Go library): it calls the handler synchronously in the queue's
+// loop, one request at a time per queue, so a volume whose requests take
+// a network round trip would see a queue depth of one per queue; and it
+// has no user recovery commands. What the engine needs is small: five
+// control commands, two I/O commands and a loop that hands requests to
+// goroutines and takes completions back. The loop is the part to own:
+// requests run concurrently in goroutines, and their completions reach
+// the queue's thread through an eventfd read that sits in the queue's own
+// ring, so the thread sleeps in one io_uring_enter for both.
+//
+// User recovery (UBLK_F_USER_RECOVERY: a restarted server takes the
+// device back while its users wait) is not used yet: when quorumctl
+// exits, or dies, the device goes away and its users see I/O errors.
+
+const (
+	ublkControl = "/dev/ublk-control"
+
+	ublkCtrlCmdSize = 32
+	ublkIOCmdSize   = 16
+	ublkDescSize    = 24
+	ublkMaxDepth    = 4096 // UBLK_MAX_QUEUE_DEPTH: sizes each queue's descriptor area
+
+	ublkCmdAddDev    = 0x04
+	ublkCmdDelDev    = 0x05
+	ublkCmdStartDev  = 0x06
+	ublkCmdStopDev   = 0x07
+	ublkCmdSetParams = 0x08
+	ublkIOFetch      = 0x20
+	ublkIOCommit     = 0x21
+
+	ublkFlagIoctlEncode = 1 << 6
+
+	ublkParamBasic   = 1 << 0
+	ublkParamDiscard = 1 << 1
+	ublkAttrVolatile = 1 << 2
+	ublkAttrFUA      = 1 << 3
+
+	ublkOpRead        = 0
+	ublkOpWrite       = 1
+	ublkOpFlush       = 2
+	ublkOpDiscard     = 3
+	ublkOpWriteZeroes = 5
+	ublkFlagFUA       = 1 << 13
+
+	ublkQueueDepth = 128
+	ublkMaxIO      = 1 << 20
+
+	// eventUserData marks the completion of the eventfd read that wakes a
+	// queue's thread; tags are below it.
+	eventUserData = 1 << 32
+)
+
+// ublkIoctl encodes a command as _IOWR('u', nr, size), as ublk wants it
+// with UBLK_F_CMD_IOCTL_ENCODE.
+func ublkIoctl(nr, size uint32) uint32 { return 3<<30 | size<<16 | 'u'<<8 | nr }
+
+// UblkAvailable reports whether the kernel offers ublk.
+func UblkAvailable() bool {
+	_, err := os.Stat(ublkControl)
+	return err == nil
+}
+
+// UblkOptions configure AttachUblk.
+type UblkOptions struct {
+	// BlockSize is the device's logical block size (512 or 4096): the
+	// smallest request the volume takes.
+	BlockSize int64
+	// Queues is the number of hardware queues (default 1), each served
+	// by its own thread.
+	Queues int
+	Logf   func(format string, args ...any)
+}
+
+type ublkDevice struct {
+	vol    Volume
+	id     uint32
+	char   *os.File
+	queues []*ublkQueue
+	wg     sync.WaitGroup
+	logf   func(string, ...any)
+
+	ctrlMu   sync.Mutex // the control ring takes one command at a time
+	ctrl     *ublkRing
+	ctrlFile *os.File
+
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// AttachUblk serves vol as /dev/ublkbN.
+func AttachUblk(ctx context.Context, vol Volume, opts UblkOptions) (_ Device, err error) {
+	if opts.BlockSize == 0 {
+		opts.BlockSize = 512
+	}
+	if opts.BlockSize&(opts.BlockSize-1) != 0 || opts.BlockSize < 512 || opts.BlockSize > 4096 {
+		return nil, fmt.Errorf("ublk: block size %d: want a power of two from 512 to 4096", opts.BlockSize)
+	}
+	opts.Queues = max(opts.Queues, 1)
+	if opts.Logf == nil {
+		opts.Logf = func(string, ...any) {}
+	}
+	d := &ublkDevice{vol: vol, logf: opts.Logf}
+	if d.ctrlFile, err = os.OpenFile(ublkControl, os.O_RDWR, 0); err != nil {
+		return nil, fmt.Errorf("ublk: %w (is ublk_drv loaded?)", err)
+	}
+	if d.ctrl, err = newUblkRing(4, true); err != nil {
+		d.ctrlFile.Close()
+		return nil, fmt.Errorf("ublk: %w", err)
+	}
+
+	// ADD_DEV: struct ublksrv_ctrl_dev_info (64 bytes); the kernel picks
+	// the id and writes the info back.
+	info := make([]byte, 64)
+	putU16(info, 0, uint16(opts.Queues))
+	putU16(info, 2, ublkQueueDepth)
+	putU32(info, 8, ublkMaxIO)
+	putU32(info, 12, 0xffffffff)
+	putU64(info, 24, ublkFlagIoctlEncode)
+	if err := d.control(ublkCmdAddDev, 0xffffffff, info, 0); err != nil {
+		d.ctrl.close()
+		d.ctrlFile.Close()
+		return nil, fmt.Errorf("ublk: add device: %w", err)
+	}
+	d.id = *(*uint32)(unsafe.Pointer(&info[12]))
+	defer func() {
+		if err != nil {
+			d.stop()
+		}
+	}()
+
+	// SET_PARAMS: header, then struct ublk_param_basic and
+	// ublk_param_discard.
+	shift := uint8(bits.TrailingZeros64(uint64(opts.BlockSize)))
+	params := make([]byte, 8+32+20)
+	putU32(params, 0, uint32(len(params)))
+	putU32(params, 4, ublkParamBasic|ublkParamDiscard)
+	putU32(params, 8, ublkAttrVolatile|ublkAttrFUA)
+	params[12], params[13], params[14], params[15] = shift, 12, 12, shift
+	putU32(params, 16, ublkMaxIO>>9)
+	putU64(params, 24, uint64(vol.Size())>>9)
+	putU32(params, 44, 4096)  // discard granularity
+	putU32(params, 48, 1<<21) // max discard sectors (1 GiB)
+	putU32(params, 52, 1<<21) // max write-zeroes sectors
+	putU16(params, 56, 1)     // max discard segments
+	if err := d.control(ublkCmdSetParams, d.id, params, 0); err != nil {
+		return nil, fmt.Errorf("ublk: set parameters of device %d: %w", d.id, err)
+	}
+	charPath := fmt.Sprintf("/dev/ublkc%d", d.id)
+	if err := waitPresent(ctx, charPath); err != nil {
+		return nil, fmt.Errorf("ublk: %w", err)
+	}
+	if d.char, err = os.OpenFile(charPath, os.O_RDWR, 0); err != nil {
+		return nil, fmt.Errorf("ublk: %w", err)
+	}
+	for q := range opts.Queues {
+		uq, err := newUblkQueue(d, uint16(q))
+		if err != nil {
+			return nil, fmt.Errorf("ublk: queue %d: %w", q, err)
+		}
+		d.queues = append(d.queues, uq)
+		ready := make(chan error, 1)
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			uq.serve(ready)
+		}()
+		if err := <-ready; err != nil {
+			return nil, fmt.Errorf("ublk: queue %d: %w", q, err)
+		}
+	}
+	// START_DEV waits until every tag of every queue has a FETCH
+	// outstanding, then adds /dev/ublkbN.
+	if err := d.control(ublkCmdStartDev, d.id, nil, uint64(os.Getpid())); err != nil {
+		return nil, fmt.Errorf("ublk: start device %d: %w", d.id, err)
+	}
+	if err := waitPresent(ctx, d.Path()); err != nil {
+		return nil, fmt.Errorf("ublk: %w", err)
+	}
+	opts.Logf("ublk device %s: %d queue(s) of depth %d, block size %d", d.Path(), opts.Queues, ublkQueueDepth, opts.BlockSize)
+	return d, nil
+}
+
+// control runs one control command on the device and waits for it.
+func (d *ublkDevice) control(nr, id uint32, buf []byte, data uint64) error {
+	d.ctrlMu.Lock()
+	defer d.ctrlMu.Unlock()
+	c := make([]byte, ublkCtrlCmdSize)
+	putU32(c, 0, id)
+	putU16(c, 4, 0xffff) // queue_id: none
+	if buf != nil {
+		putU16(c, 6, uint16(len(buf)))
+		putU64(c, 8, uint64(uintptr(unsafe.Pointer(&buf[0]))))
+	}
+	putU64(c, 16, data)
+	uringCmd(d.ctrl.next(), int(d.ctrlFile.Fd()), ublkIoctl(nr, ublkCtrlCmdSize), 0, c)
+	if err := d.ctrl.enter(1); err != nil {
+		return err
+	}
+	var res int32
+	d.ctrl.reap(func(_ uint64, r int32) { res = r })
+	runtime.KeepAlive(buf)
+	if res < 0 {
+		return unix.Errno(-res)
+	}
+	return nil
+}
+
+// waitPresent waits for a device node that the kernel is adding
+// (devtmpfs makes it asynchronously).
+func waitPresent(ctx context.Context, path string) error {
+	for {
+		_, err := os.Stat(path)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s did not appear: %w", path, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+func (d *ublkDevice) Path() string { return fmt.Sprintf("/dev/ublkb%d", d.id) }
+
+// Detach waits until nobody holds the device (a mounted filesystem
+// opens it exclusively, and so does our probe), then stops and removes
+// it.
+func (d *ublkDevice) Detach(ctx context.Context) error {
+	for {
+		f, err := os.OpenFile(d.Path(), os.O_RDONLY|unix.O_EXCL, 0)
+		if err == nil {
+			f.Close()
+			break
+		}
+		if !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("ublk: detach %s: %w", d.Path(), err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("ublk: detach %s: %w", d.Path(), ErrBusy)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	return d.stop()
+}
+
+func (d *ublkDevice) ForceDetach() error { return d.stop() }
+
+// stop removes the disk (STOP_DEV: the kernel fails new requests and
+// aborts the outstanding FETCH commands, so the queue threads end once
+// the requests they hold are answered), then deletes the device, which
+// the kernel does once the server side is closed.
+func (d *ublkDevice) stop() error {
+	d.stopOnce.Do(func() {
+		var errs []error
+		if d.char != nil {
+			if err := d.control(ublkCmdStopDev, d.id, nil, 0); err != nil {
+				errs = append(errs, fmt.Errorf("stop device %d: %w", d.id, err))
+			}
+		}
+		d.wg.Wait()
+		for _, q := range d.queues {
+			q.close()
+		}
+		if d.char != nil {
+			d.char.Close()
+		}
+		if err := d.control(ublkCmdDelDev, d.id, nil, 0); err != nil {
+			errs = append(errs, fmt.Errorf("delete device %d: %w", d.id, err))
+		}
+		d.ctrl.close()
+		d.ctrlFile.Close()
+		if err := errors.Join(errs...); err != nil {
+			d.stopErr = fmt.Errorf("ublk: %w", err)
+		}
+	})
+	return d.stopErr
+}
+
+// ublkQueue is one hardware queue: a thread of its own (ublk takes a
+// queue's commands only from the task that fetched first), a ring, the
+// kernel's descriptor array and a buffer per tag.
+type ublkQueue struct {
+	d     *ublkDevice
+	id    uint16
+	descs []byte
+	bufs  []byte
+	efd   int
+	evbuf [8]byte
+
+	mu   sync.Mutex
+	done []ublkResult // answered requests, for the queue thread to commit
+}
+
+type ublkResult struct {
+	tag uint16
+	res int32
+}
+
+func newUblkQueue(d *ublkDevice, id uint16) (*ublkQueue, error) {
+	q := &ublkQueue{d: d, id: id, efd: -1}
+	descSize := (ublkQueueDepth*ublkDescSize + os.Getpagesize() - 1) &^ (os.Getpagesize() - 1)
+	descOff := int64(id) * int64(ublkMaxDepth*ublkDescSize)
+	var err error
+	if q.descs, err = unix.Mmap(int(d.char.Fd()), descOff, descSize, unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE); err != nil {
+		return nil, fmt.Errorf("map descriptors: %w", err)
+	}
+	if q.bufs, err = unix.Mmap(-1, 0, ublkQueueDepth*ublkMaxIO, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS); err != nil {
+		q.close()
+		return nil, fmt.Errorf("map buffers: %w", err)
+	}
+	if q.efd, err = unix.Eventfd(0, unix.EFD_CLOEXEC); err != nil {
+		q.close()
+		return nil, fmt.Errorf("eventfd: %w", err)
+	}
+	return q, nil
+}
+
+func (q *ublkQueue) close() {
+	if q.descs != nil {
+		unix.Munmap(q.descs)
+		q.descs = nil
+	}
+	if q.bufs != nil {
+		unix.Munmap(q.bufs)
+		q.bufs = nil
+	}
+	if q.efd >= 0 {
+		unix.Close(q.efd)
+		q.efd = -1
+	}
+}
+
+func (q *ublkQueue) buf(tag uint16) []byte {
+	return q.bufs[int(tag)*ublkMaxIO : int(tag+1)*ublkMaxIO]
+}
+
+// command queues FETCH or COMMIT_AND_FETCH for tag.
+func (q *ublkQueue) command(r *ublkRing, nr uint32, tag uint16, result int32) {
+	c := make([]byte, ublkIOCmdSize)
+	putU16(c, 0, q.id)
+	putU16(c, 2, tag)
+	putU32(c, 4, uint32(result))
+	putU64(c, 8, uint64(uintptr(unsafe.Pointer(&q.buf(tag)[0]))))
+	uringCmd(r.next(), int(q.d.char.Fd()), ublkIoctl(nr, ublkIOCmdSize), uint64(tag), c)
+}
+
+// armEvent queues a read of the eventfd, which completes when a request
+// goroutine has an answer for the queue thread.
+func (q *ublkQueue) armEvent(r *ublkRing) {
+	e := r.next()
+	e[0] = ringOpRead
+	putU32(e, 4, uint32(q.efd))
+	putU64(e, 8, ^uint64(0)) // no offset: the fd's own position
+	putU64(e, 16, uint64(uintptr(unsafe.Pointer(&q.evbuf[0]))))
+	putU32(e, 24, 8)
+	putU64(e, 32, eventUserData)
+}
+
+// serve is the queue's thread: it reports on ready once every tag has
+// its FETCH outstanding, then runs until the device stops.
+func (q *ublkQueue) serve(ready chan<- error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	r, err := newUblkRing(2*ublkQueueDepth, false)
+	if err != nil {
+		ready <- err
+		return
+	}
+	defer r.close()
+	for tag := range uint16(ublkQueueDepth) {
+		q.command(r, ublkIOFetch, tag, 0)
+	}
+	q.armEvent(r)
+	if err := r.enter(0); err != nil {
+		ready <- err
+		return
+	}
+	ready <- nil
+	live := ublkQueueDepth // tags with a command outstanding or a request in hand
+	for live > 0 {
+		if err := r.enter(1); err != nil {
+			q.d.logf("ublk queue %d: %v; the device stops serving", q.id, err)
+			return
+		}
+		r.reap(func(ud uint64, res int32) {
+			switch {
+			case ud == eventUserData:
+				q.mu.Lock()
+				done := q.done
+				q.done = nil
+				q.mu.Unlock()
+				for _, a := range done {
+					q.command(r, ublkIOCommit, a.tag, a.res)
+				}
+				q.armEvent(r)
+			case res == 0:
+				go q.handle(uint16(ud))
+			default:
+				// UBLK_IO_RES_ABORT (-ENODEV) once the device stops;
+				// anything else is a command the kernel refused.
+				if res != -int32(unix.ENODEV) {
+					q.d.logf("ublk queue %d tag %d: command failed: %v", q.id, ud, unix.Errno(-res))
+				}
+				live--
+			}
+		})
+	}
+}
+
+// handle serves one request and hands its result to the queue thread.
+func (q *ublkQueue) handle(tag uint16) {
+	desc := q.descs[int(tag)*ublkDescSize:]
+	opFlags := *(*uint32)(unsafe.Pointer(&desc[0]))
+	n := int64(*(*uint32)(unsafe.Pointer(&desc[4]))) << 9
+	off := int64(*(*uint64)(unsafe.Pointer(&desc[8]))) << 9
+	ctx := context.Background()
+	var err error
+	res := int32(0)
+	switch opFlags & 0xff {
+	case ublkOpRead:
+		err = q.d.vol.ReadAt(ctx, q.buf(tag)[:n], off)
+		res = int32(n)
+	case ublkOpWrite:
+		err = q.d.vol.WriteAt(ctx, q.buf(tag)[:n], off)
+		if err == nil && opFlags&ublkFlagFUA != 0 {
+			err = q.d.vol.Flush(ctx)
+		}
+		res = int32(n)
+	case ublkOpFlush:
+		err = q.d.vol.Flush(ctx)
+	case ublkOpDiscard:
+		err = q.d.vol.Discard(ctx, off, n)
+	case ublkOpWriteZeroes:
+		err = q.d.vol.WriteZeroes(ctx, off, n)
+	default:
+		res = -int32(unix.EOPNOTSUPP)
+	}
+	if err != nil {
+		res = -int32(unix.EIO)
+	}
+	q.mu.Lock()
+	q.done = append(q.done, ublkResult{tag, res})
+	q.mu.Unlock()
+	one := [8]byte{1}
+	unix.Write(q.efd, one[:])
+}
