@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/events"
+	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
@@ -180,12 +181,8 @@ func nodeChanged() predicate.Predicate {
 func leaseLivenessChanged() predicate.Predicate {
 	return predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
 		o, n := e.ObjectOld.(*coordinationv1.Lease), e.ObjectNew.(*coordinationv1.Lease)
-		return !LeaseCurrent(o, time.Now()) || !ptrEqual(o.Spec.HolderIdentity, n.Spec.HolderIdentity)
+		return !LeaseCurrent(o, time.Now()) || !ptr.Equal(o.Spec.HolderIdentity, n.Spec.HolderIdentity)
 	}}
-}
-
-func ptrEqual[T comparable](a, b *T) bool {
-	return (a == nil && b == nil) || (a != nil && b != nil && *a == *b)
 }
 
 // Reconcile does one step for one volume: add the finalizer, or finish a
@@ -260,18 +257,11 @@ func (cl *cluster) agentLive(node string) (bool, string) {
 	case !ok:
 		return false, fmt.Sprintf("has no agent lease %s (node agent not running)", LeaseName(node))
 	case l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != node:
-		return false, fmt.Sprintf("agent lease %s is held by %q, not the node", LeaseName(node), ptrDeref(l.Spec.HolderIdentity))
+		return false, fmt.Sprintf("agent lease %s is held by %q, not the node", LeaseName(node), ptr.Deref(l.Spec.HolderIdentity, ""))
 	case !LeaseCurrent(l, cl.now):
 		return false, fmt.Sprintf("agent lease %s expired (node agent not renewing)", LeaseName(node))
 	}
 	return true, ""
-}
-
-func ptrDeref(s *string) string {
-	if s == nil {
-		return ""
-	}
-	return *s
 }
 
 // pendingEvent is recorded once the status that it reports is stored.
