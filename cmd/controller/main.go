@@ -1,0 +1,89 @@
+// Command controller runs the quorum-csi QuorumVolume controller: replica
+// placement, replica health from the nodes, phase and conditions, and
+// the finalizer (package controller). It is wiring only.
+//
+// Flags:
+//
+//	--namespace NS                    driver namespace, where the node agents' Leases live (default quorum-csi)
+//	--metrics-bind-address ADDR       Prometheus endpoint, /metrics (default :8080; "0" disables it)
+//	--health-probe-bind-address ADDR  /healthz and /readyz (default :8081; "0" disables them)
+//	--leader-elect                    run one active controller per cluster through a Lease in --namespace (default true)
+//	--kubeconfig PATH                 a kubeconfig file; in a pod the service account is used
+//	--zap-log-level, --zap-encoder, --zap-devel, ...  logging (structured JSON by default)
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/controller"
+)
+
+func main() {
+	var (
+		namespace   = flag.String("namespace", controller.DefaultNamespace, "driver namespace, where the node agents' Leases live")
+		metricsAddr = flag.String("metrics-bind-address", ":8080", `address of the Prometheus endpoint; "0" disables it`)
+		probeAddr   = flag.String("health-probe-bind-address", ":8081", `address of /healthz and /readyz; "0" disables them`)
+		leaderElect = flag.Bool("leader-elect", true, "elect one active controller through a Lease in --namespace")
+	)
+	logOpts := zap.Options{}
+	logOpts.BindFlags(flag.CommandLine)
+	flag.Parse()
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&logOpts)))
+
+	if err := run(*namespace, *metricsAddr, *probeAddr, *leaderElect); err != nil {
+		fmt.Fprintln(os.Stderr, "controller:", err)
+		os.Exit(1)
+	}
+}
+
+func run(namespace, metricsAddr, probeAddr string, leaderElect bool) error {
+	scheme := runtime.NewScheme()
+	for _, add := range []func(*runtime.Scheme) error{clientgoscheme.AddToScheme, v1alpha1.AddToScheme} {
+		if err := add(scheme); err != nil {
+			return fmt.Errorf("build scheme: %w", err)
+		}
+	}
+	cfg, err := ctrl.GetConfig()
+	if err != nil {
+		return fmt.Errorf("find the API server: %w", err)
+	}
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		Scheme:                  scheme,
+		Metrics:                 metricsserver.Options{BindAddress: metricsAddr},
+		HealthProbeBindAddress:  probeAddr,
+		LeaderElection:          leaderElect,
+		LeaderElectionID:        "quorum-controller",
+		LeaderElectionNamespace: namespace,
+		Cache:                   controller.CacheOptions(namespace),
+	})
+	if err != nil {
+		return fmt.Errorf("create manager: %w", err)
+	}
+	r, err := controller.New(mgr.GetClient(), mgr.GetEventRecorder(controller.FieldManager), controller.Options{Namespace: namespace})
+	if err != nil {
+		return err
+	}
+	if err := r.SetupWithManager(mgr); err != nil {
+		return err
+	}
+	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
+		return fmt.Errorf("add health check: %w", err)
+	}
+	if err := mgr.AddReadyzCheck("readyz", healthz.Ping); err != nil {
+		return fmt.Errorf("add ready check: %w", err)
+	}
+	if err := mgr.Start(ctrl.SetupSignalHandler()); err != nil {
+		return fmt.Errorf("run manager: %w", err)
+	}
+	return nil
+}

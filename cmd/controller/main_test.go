@@ -1,0 +1,156 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/wait"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/quorum-csi/quorum-csi/internal/kubetest"
+	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/controller"
+)
+
+// TestBinary builds the controller and runs it against a real API server
+// with its default leader election: it must become ready, place a
+// volume, serve the phase gauge, and exit 0 on SIGTERM.
+func TestBinary(t *testing.T) {
+	srv := kubetest.Start(t)
+	if _, err := srv.Kubectl(t, "apply", "-f", filepath.Join("..", "..", "config", "crd")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Kubectl(t, "wait", "--for=condition=Established", "--timeout=30s", "crd/quorumvolumes.quorum.csi.dev"); err != nil {
+		t.Fatal(err)
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		t.Fatal(err)
+	}
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.New(srv.Config, client.Options{Scheme: scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	for _, o := range []client.Object{
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controller.DefaultNamespace}},
+		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{"kubernetes.io/hostname": "node-a"}}},
+	} {
+		if err := c.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := controller.RenewLease(ctx, c, controller.DefaultNamespace, "node-a", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+
+	bin := filepath.Join(t.TempDir(), "controller")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	metricsAddr, probeAddr := freeAddr(t), freeAddr(t)
+	logPath := filepath.Join(t.TempDir(), "controller.log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close()
+	cmd := exec.Command(bin, "--kubeconfig", srv.Kubeconfig,
+		"--metrics-bind-address", metricsAddr, "--health-probe-bind-address", probeAddr)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	// Dies with the test binary even when cleanups do not run.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+		if t.Failed() {
+			b, _ := os.ReadFile(logPath)
+			t.Logf("controller log:\n%s", b)
+		}
+	})
+
+	poll(t, "readyz", func() (bool, error) {
+		body, ok := get("http://" + probeAddr + "/readyz")
+		return ok && body == "ok", nil
+	})
+	qv := &v1alpha1.QuorumVolume{
+		ObjectMeta: metav1.ObjectMeta{Name: "vol"},
+		Spec:       v1alpha1.QuorumVolumeSpec{Size: resource.MustParse("1Mi"), Replicas: 1},
+	}
+	if err := c.Create(ctx, qv); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, "the replica placed on node-a", func() (bool, error) {
+		if err := c.Get(ctx, client.ObjectKeyFromObject(qv), qv); err != nil {
+			return false, err
+		}
+		return len(qv.Status.Replicas) == 1 && qv.Status.Replicas[0].Node == "node-a", nil
+	})
+	poll(t, `quorum_volumes{phase="Pending"} 1 on /metrics`, func() (bool, error) {
+		body, ok := get("http://" + metricsAddr + "/metrics")
+		return ok && strings.Contains(body, `quorum_volumes{phase="Pending"} 1`), nil
+	})
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		exited <- err // for the cleanup
+		if err != nil {
+			t.Errorf("controller exited with %v after SIGTERM, want 0", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Errorf("controller still running 30 s after SIGTERM")
+	}
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func get(url string) (string, bool) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return "", false
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err == nil && resp.StatusCode == http.StatusOK
+}
+
+func poll(t *testing.T, what string, ok func() (bool, error)) {
+	t.Helper()
+	err := wait.PollUntilContextTimeout(t.Context(), 100*time.Millisecond, 60*time.Second, true, func(context.Context) (bool, error) { return ok() })
+	if err != nil {
+		t.Fatal(fmt.Errorf("waiting for %s: %w", what, err))
+	}
+}

@@ -1,0 +1,153 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	eventsv1 "k8s.io/api/events/v1"
+	kerrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/util/retry"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+
+	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+)
+
+var (
+	// ErrAttachedElsewhere: a single-node volume is attached to another
+	// node. CSI ControllerPublish maps it to FAILED_PRECONDITION.
+	ErrAttachedElsewhere = errors.New("volume is attached to another node")
+	// ErrTooManyAttachments: a multi-node volume already has its two
+	// attachments (a live migration's source and target). Also
+	// FAILED_PRECONDITION.
+	ErrTooManyAttachments = errors.New("volume already has two attachments")
+)
+
+// maxAttachments bounds status.attachments, as the API schema does: a
+// live migration has one source and one target.
+const maxAttachments = 2
+
+// conflictBackoff retries resourceVersion conflicts for about 2.5 s: long
+// enough for a cached client to catch up with the write that won, short
+// enough to stay within a CSI call's deadline.
+var conflictBackoff = wait.Backoff{Steps: 8, Duration: 10 * time.Millisecond, Factor: 2, Jitter: 0.1}
+
+// Attach attaches volume to node and returns the epoch node presents to
+// the replica servers. It is idempotent: a node already attached gets its
+// epoch back. Otherwise the new attachment gets status.epoch+1, which
+// becomes status.epoch, so an epoch is never handed out twice and a new
+// holder fences every older one. A single-node volume attached elsewhere
+// fails with ErrAttachedElsewhere; a multiNode one (RWX block, live
+// migration) takes a second attachment and fails beyond that with
+// ErrTooManyAttachments.
+//
+// The status is updated with its resourceVersion and conflicts are
+// retried, so concurrent attaches and the reconciler never overwrite
+// each other. c's scheme must know QuorumVolumes and events.k8s.io/v1
+// (client-go's scheme has the latter); each attach records an Event.
+func Attach(ctx context.Context, c client.Client, volume, node string, multiNode bool) (int64, error) {
+	var epoch int64
+	var qv *v1alpha1.QuorumVolume
+	created := false
+	err := retry.OnError(conflictBackoff, kerrors.IsConflict, func() error {
+		qv = &v1alpha1.QuorumVolume{}
+		if err := c.Get(ctx, client.ObjectKey{Name: volume}, qv); err != nil {
+			return err
+		}
+		for _, a := range qv.Status.Attachments {
+			if a.Node == node {
+				epoch, created = a.Epoch, false
+				return nil
+			}
+		}
+		if n := len(qv.Status.Attachments); n > 0 && !multiNode {
+			return fmt.Errorf("%w: %s", ErrAttachedElsewhere, qv.Status.Attachments[0].Node)
+		} else if n >= maxAttachments {
+			return fmt.Errorf("%w: %s and %s", ErrTooManyAttachments, qv.Status.Attachments[0].Node, qv.Status.Attachments[1].Node)
+		}
+		epoch, created = qv.Status.Epoch+1, true
+		qv.Status.Epoch = epoch
+		qv.Status.Attachments = append(qv.Status.Attachments, v1alpha1.Attachment{Node: node, Epoch: epoch})
+		return c.Status().Update(ctx, qv, client.FieldOwner(FieldManager))
+	})
+	if err != nil {
+		return 0, fmt.Errorf("attach %s to %s: %w", volume, node, err)
+	}
+	if created {
+		recordEvent(ctx, c, qv, "Attached", "Attach", fmt.Sprintf("attached to %s with epoch %d", node, epoch))
+	}
+	return epoch, nil
+}
+
+// Detach removes node's attachment of volume. status.epoch stays, so the
+// next attach gets a newer epoch than any the detached node held.
+// Detaching a node that is not attached, or a volume that is gone,
+// succeeds: CSI retries unpublish until it does.
+func Detach(ctx context.Context, c client.Client, volume, node string) error {
+	var qv *v1alpha1.QuorumVolume
+	var held int64
+	err := retry.OnError(conflictBackoff, kerrors.IsConflict, func() error {
+		qv = &v1alpha1.QuorumVolume{}
+		held = 0
+		if err := c.Get(ctx, client.ObjectKey{Name: volume}, qv); err != nil {
+			return client.IgnoreNotFound(err)
+		}
+		kept := qv.Status.Attachments[:0]
+		for _, a := range qv.Status.Attachments {
+			if a.Node == node {
+				held = a.Epoch
+				continue
+			}
+			kept = append(kept, a)
+		}
+		if held == 0 {
+			return nil
+		}
+		qv.Status.Attachments = kept
+		return c.Status().Update(ctx, qv, client.FieldOwner(FieldManager))
+	})
+	if err != nil {
+		return fmt.Errorf("detach %s from %s: %w", volume, node, err)
+	}
+	if held != 0 {
+		recordEvent(ctx, c, qv, "Detached", "Detach", fmt.Sprintf("detached from %s (epoch %d); status.epoch stays %d", node, held, qv.Status.Epoch))
+	}
+	return nil
+}
+
+// recordEvent writes an events.k8s.io/v1 Event about qv directly:
+// Attach and Detach run in the CSI controller's gRPC handlers, which have
+// a client but no event broadcaster. A failure is logged, not returned:
+// the attachment is already stored.
+func recordEvent(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVolume, reason, action, note string) {
+	host, _ := os.Hostname()
+	now := time.Now()
+	ev := &eventsv1.Event{
+		ObjectMeta: metav1.ObjectMeta{
+			// Events of cluster-scoped objects live in "default", as
+			// client-go's recorders put them.
+			Namespace: metav1.NamespaceDefault,
+			Name:      fmt.Sprintf("%s.%x", qv.Name, now.UnixNano()),
+		},
+		EventTime:           metav1.NewMicroTime(now),
+		ReportingController: FieldManager,
+		ReportingInstance:   FieldManager + "-" + host,
+		Action:              action,
+		Reason:              reason,
+		Regarding: corev1.ObjectReference{
+			APIVersion: v1alpha1.GroupVersion.String(), Kind: "QuorumVolume",
+			Name: qv.Name, UID: qv.UID, ResourceVersion: qv.ResourceVersion,
+		},
+		Note: note,
+		Type: corev1.EventTypeNormal,
+	}
+	if err := c.Create(ctx, ev); err != nil {
+		log.FromContext(ctx).Error(err, "record event", "volume", qv.Name, "reason", reason)
+	}
+}

@@ -1,0 +1,106 @@
+package controller
+
+import (
+	"errors"
+	"slices"
+	"sync"
+	"testing"
+
+	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+)
+
+// TestAttachDetach runs Attach and Detach, as the CSI controller will,
+// against a real API server (no reconciler: they need none).
+func TestAttachDetach(t *testing.T) {
+	e, _ := startEnv(t)
+	ctx := t.Context()
+	e.createQV("vol", 3, v1alpha1.Placement{})
+
+	attach := func(node string, multi bool, want int64) {
+		t.Helper()
+		got, err := Attach(ctx, e.c, "vol", node, multi)
+		if err != nil || got != want {
+			t.Fatalf("Attach(%s, multiNode=%v) = %d, %v; want epoch %d", node, multi, got, err, want)
+		}
+	}
+	detach := func(node string) {
+		t.Helper()
+		if err := Detach(ctx, e.c, "vol", node); err != nil {
+			t.Fatalf("Detach(%s): %v", node, err)
+		}
+	}
+	check := func(epoch int64, want ...v1alpha1.Attachment) {
+		t.Helper()
+		qv := e.get("vol")
+		if qv.Status.Epoch != epoch || !slices.Equal(qv.Status.Attachments, want) {
+			t.Fatalf("status.epoch %d, attachments %v; want %d, %v", qv.Status.Epoch, qv.Status.Attachments, epoch, want)
+		}
+	}
+
+	attach("node-a", false, 1)
+	attach("node-a", false, 1) // idempotent
+	check(1, v1alpha1.Attachment{Node: "node-a", Epoch: 1})
+	e.waitEvent("vol", "Attached", "Normal", "attached to node-a with epoch 1")
+
+	_, err := Attach(ctx, e.c, "vol", "node-b", false)
+	if !errors.Is(err, ErrAttachedElsewhere) {
+		t.Fatalf("attach a single-node volume to a second node: %v, want ErrAttachedElsewhere", err)
+	}
+
+	detach("node-a")
+	detach("node-a") // idempotent
+	check(1)
+	e.waitEvent("vol", "Detached", "Normal", "detached from node-a (epoch 1)")
+
+	// A new attach never reuses the detached epoch.
+	attach("node-b", false, 2)
+	// Live migration: a second attachment with the next epoch.
+	attach("node-c", true, 3)
+	check(3, v1alpha1.Attachment{Node: "node-b", Epoch: 2}, v1alpha1.Attachment{Node: "node-c", Epoch: 3})
+	attach("node-b", true, 2)
+	if _, err := Attach(ctx, e.c, "vol", "node-d", true); !errors.Is(err, ErrTooManyAttachments) {
+		t.Fatalf("a third attachment: %v, want ErrTooManyAttachments", err)
+	}
+	// The source is unpublished: the target keeps its epoch.
+	detach("node-b")
+	check(3, v1alpha1.Attachment{Node: "node-c", Epoch: 3})
+	attach("node-b", true, 4)
+
+	if err := Detach(ctx, e.c, "missing", "node-a"); err != nil {
+		t.Errorf("detach a volume that does not exist: %v, want success", err)
+	}
+	if _, err := Attach(ctx, e.c, "missing", "node-a", false); err == nil {
+		t.Errorf("attach a volume that does not exist succeeded")
+	}
+
+	t.Run("concurrent", func(t *testing.T) {
+		e.t = t
+		e.createQV("race", 3, v1alpha1.Placement{})
+		const n = 6
+		var wg sync.WaitGroup
+		epochs := make([]int64, n)
+		errs := make([]error, n)
+		for i := range n {
+			wg.Go(func() {
+				epochs[i], errs[i] = Attach(t.Context(), e.c, "race", "node-"+string(rune('a'+i)), true)
+			})
+		}
+		wg.Wait()
+		var got []int64
+		for i, err := range errs {
+			switch {
+			case err == nil:
+				got = append(got, epochs[i])
+			case !errors.Is(err, ErrTooManyAttachments):
+				t.Errorf("attach node %d: %v, want success or ErrTooManyAttachments", i, err)
+			}
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, []int64{1, 2}) {
+			t.Errorf("epochs of the attaches that succeeded %v, want exactly [1 2]", got)
+		}
+		if qv := e.get("race"); qv.Status.Epoch != 2 || len(qv.Status.Attachments) != 2 {
+			t.Errorf("status.epoch %d with %d attachments, want 2 and 2", qv.Status.Epoch, len(qv.Status.Attachments))
+		}
+	})
+}
