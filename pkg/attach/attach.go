@@ -1,8 +1,10 @@
-// Package attach turns a volume into a kernel block device. FUSE+loop
-// works on every kernel with FUSE and loop: the volume is served as one
-// file in a private FUSE mount and a loop device with direct I/O sits on
-// that file, so every block request reaches the engine with no page cache
-// in between.
+// Package attach turns a volume into a kernel block device, behind one
+// interface (Device) with two frontends. ublk (ublk.go) is the fast path
+// on kernels with ublk_drv: the kernel hands block requests to us through
+// io_uring and /dev/ublkbN is the device. FUSE+loop works on every kernel
+// with FUSE and loop: the volume is served as one file in a private FUSE
+// mount and a loop device with direct I/O sits on that file. Either way
+// every block request reaches the engine with no page cache in between.
 package attach
 
 import (
