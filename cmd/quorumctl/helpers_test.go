@@ -76,9 +76,10 @@ func replicas(t *testing.T, dir, size string, names ...string) []string {
 
 // attached is a running `quorumctl attach`.
 type attached struct {
-	t      *testing.T
-	cmd    *exec.Cmd
-	dev    string
+	t        *testing.T
+	cmd      *exec.Cmd
+	dev      string
+	stateDir string
 	mu     sync.Mutex
 	stderr bytes.Buffer
 	exited chan struct{} // closed once the process is reaped; then err is set
@@ -104,8 +105,8 @@ func (a *attached) logs() string {
 // the device path on stdout.
 func attach(t *testing.T, dir string, args ...string) *attached {
 	t.Helper()
-	a := &attached{t: t, exited: make(chan struct{})}
-	a.cmd = exec.Command(bin, append([]string{"attach", "--state-dir", filepath.Join(dir, "state")}, args...)...)
+	a := &attached{t: t, exited: make(chan struct{}), stateDir: filepath.Join(dir, "state")}
+	a.cmd = exec.Command(bin, append([]string{"attach", "--state-dir", a.stateDir}, args...)...)
 	a.cmd.Stderr = lockedWriter{a}
 	stdout, err := a.cmd.StdoutPipe()
 	if err != nil {
@@ -169,10 +170,11 @@ func (a *attached) wait() {
 	case <-time.After(60 * time.Second):
 		a.t.Fatalf("attach did not exit within 60s\n%s", a.logs())
 	}
-	if _, err := os.Stat(a.dev); err == nil {
-		if b, err := os.ReadFile("/sys/block/" + filepath.Base(a.dev) + "/loop/backing_file"); err == nil {
-			a.t.Fatalf("%s still bound to %s after detach", a.dev, b)
-		}
+	// Tests of other packages run at the same time and may get the same
+	// loop device right after us: only a binding to our own FUSE file
+	// counts.
+	if b, err := os.ReadFile("/sys/block/" + filepath.Base(a.dev) + "/loop/backing_file"); err == nil && strings.HasPrefix(string(b), a.stateDir+"/") {
+		a.t.Fatalf("%s still bound to %s after detach", a.dev, b)
 	}
 }
 

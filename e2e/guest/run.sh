@@ -8,12 +8,13 @@
 #   BUILDDIR  what e2e/guest/build.sh wrote (vmlinuz, initramfs.cpio.gz)
 #   TEST      runs /test-TEST.sh in the guest; "boot-vda" boots the root
 #             filesystem on the first virtio disk instead
-# The console goes to stdout.
+# The console goes to stdout. $GUEST_APPEND is added to the kernel command
+# line (for parameters of the in-guest script).
 set -uo pipefail
 B=${1:?usage: $0 BUILDDIR TEST [QEMU ARGS...]}
 T=${2:?usage: $0 BUILDDIR TEST [QEMU ARGS...]}
 shift 2
-APPEND="console=ttyS0 quiet panic=-1 test=$T"
+APPEND="console=ttyS0 quiet panic=-1 test=$T ${GUEST_APPEND:-}"
 [[ $T == boot-vda ]] && APPEND="console=ttyS0 quiet panic=-1 rootvda"
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
