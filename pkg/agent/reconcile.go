@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -11,6 +12,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -166,7 +168,7 @@ func (r *reconciler) deleteVolume(ctx context.Context, log logr.Logger, qv *v1al
 	slices.Sort(reps)
 	reps = slices.Compact(reps)
 	var errs []error
-	var failed []outcome
+	var failed []outcome // entries whose image could not be deleted
 	for _, rep := range reps {
 		err := r.set.remove(vol, uid, rep)
 		switch {
@@ -180,15 +182,51 @@ func (r *reconciler) deleteVolume(ctx context.Context, log logr.Logger, qv *v1al
 			}
 		}
 	}
-	if len(failed) > 0 || r.ownsStatus(qv) {
-		if err := r.apply(ctx, qv, failed); err != nil {
-			errs = append(errs, err)
+	if len(errs) > 0 {
+		if len(failed) > 0 {
+			if err := r.apply(ctx, qv, failed); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		return errors.Join(errs...)
+	}
+	if err := r.withdraw(ctx, qv); err != nil {
+		return err
+	}
+	delete(r.reported, vol)
+	return nil
+}
+
+// withdraw removes the node's entries from a deleted volume's status.
+// Whole entries go, by a JSON patch guarded by the uid and each entry's
+// name: an apply without them would only drop this agent's fields, and
+// what the controller owns in them (name, node) would stay behind as an
+// entry without its required state. An apply with no entries then drops
+// whatever this field manager still owns (entries the controller already
+// let go of).
+func (r *reconciler) withdraw(ctx context.Context, qv *v1alpha1.QuorumVolume) error {
+	ops := []map[string]any{{"op": "test", "path": "/metadata/uid", "value": string(qv.UID)}}
+	for i := len(qv.Status.Replicas) - 1; i >= 0; i-- {
+		if e := qv.Status.Replicas[i]; e.Node == r.node {
+			path := fmt.Sprintf("/status/replicas/%d", i)
+			ops = append(ops, map[string]any{"op": "test", "path": path + "/name", "value": e.Name}, map[string]any{"op": "remove", "path": path})
 		}
 	}
-	if len(errs) == 0 {
-		delete(r.reported, vol)
+	if len(ops) > 1 {
+		b, err := json.Marshal(ops)
+		if err != nil {
+			return fmt.Errorf("withdraw replicas of %s: %w", qv.Name, err)
+		}
+		// A failed test (the status changed meanwhile) fails the patch;
+		// the reconcile is retried with the newer status.
+		if err := r.c.Status().Patch(ctx, qv, client.RawPatch(types.JSONPatchType, b), client.FieldOwner(r.manager)); err != nil {
+			return fmt.Errorf("withdraw replicas of %s from its status: %w", qv.Name, err)
+		}
 	}
-	return errors.Join(errs...)
+	if r.ownsStatus(qv) {
+		return r.apply(ctx, qv, nil)
+	}
+	return nil
 }
 
 // ownsStatus reports whether this agent's field manager owns anything in
