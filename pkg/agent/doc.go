@@ -60,9 +60,12 @@
 //     serving the node's replica of it, deletes image, .qmeta, .qjournal
 //     and .qepoch of every replica placed on N and of every image in the
 //     volume's folder whose metadata carries the volume's UID, then
-//     withdraws its entries (an apply with its field manager and no
-//     entries). The controller removes the finalizer once no entry is
-//     left.
+//     removes its entries: whole entries, by a JSON patch guarded by the
+//     volume's uid and each entry's name (an apply without them would
+//     drop only the agent's fields and leave the controller's name and
+//     node behind, an entry without its required state), then an apply
+//     with its field manager and no entries drops anything else it still
+//     owns. The controller removes the finalizer once no entry is left.
 //   - When an entry of node N leaves the status, or loses its node, while
 //     the volume lives (the controller removed a replaced replica), the
 //     agent deletes that image too, and stops reporting it.
