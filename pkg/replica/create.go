@@ -16,7 +16,19 @@ const SizeAlign = 4096
 // It is all or nothing: it refuses if any path is taken, and on failure
 // removes what it made.
 func Create(paths []string, size int64) error {
-	return create(paths, size, newID())
+	return create(paths, size, newID(), nil)
+}
+
+// CreateWithID makes one replica of a volume whose ids are chosen
+// elsewhere: the node agent names a replica by its QuorumVolume's UID and
+// the replica's name in the volume's status, so that the image on disk
+// can be matched to the entry that asked for it. It refuses, like
+// Create, if anything is in the way.
+func CreateWithID(path string, size int64, volumeID, replicaID string) error {
+	if volumeID == "" || replicaID == "" {
+		return fmt.Errorf("create replica %s: volume id and replica id must not be empty", path)
+	}
+	return create([]string{path}, size, volumeID, []string{replicaID})
 }
 
 // CreateReplacement makes new replica images for the volume of an
@@ -27,10 +39,12 @@ func CreateReplacement(paths []string, like string) error {
 	if err != nil {
 		return err
 	}
-	return create(paths, m.Size, m.VolumeID)
+	return create(paths, m.Size, m.VolumeID, nil)
 }
 
-func create(paths []string, size int64, volumeID string) error {
+// create makes the replicas at paths of volume volumeID; replicaIDs gives
+// their ids in order, or is nil for random ones.
+func create(paths []string, size int64, volumeID string, replicaIDs []string) error {
 	if size <= 0 || size%SizeAlign != 0 {
 		return fmt.Errorf("size %d: must be a positive multiple of %d bytes", size, SizeAlign)
 	}
@@ -53,7 +67,7 @@ func create(paths []string, size int64, volumeID string) error {
 			os.Remove(f)
 		}
 	}
-	for _, p := range paths {
+	for i, p := range paths {
 		f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 		if err != nil {
 			undo()
@@ -71,7 +85,11 @@ func create(paths []string, size int64, volumeID string) error {
 			undo()
 			return fmt.Errorf("create replica %s: %w", p, err)
 		}
-		m := Meta{Format: metaFormat, VolumeID: volumeID, ReplicaID: newID(), Size: size, State: StateClean, Created: now}
+		id := newID()
+		if replicaIDs != nil {
+			id = replicaIDs[i]
+		}
+		m := Meta{Format: metaFormat, VolumeID: volumeID, ReplicaID: id, Size: size, State: StateClean, Created: now}
 		made = append(made, MetaPath(p))
 		if err := writeMeta(p, m); err != nil {
 			undo()
