@@ -19,7 +19,7 @@ log() { printf '%s guest-build: %s\n' "$(date +%T)" "$*" >&2; }
 for t in busybox cpio gzip xz dpkg-deb apt-get go mke2fs; do
 	command -v "$t" >/dev/null || { log "$t not found (apt-get install busybox-static cpio xz-utils e2fsprogs)"; exit 1; }
 done
-[[ -x /bin/busybox ]] && busybox --list | grep -qx insmod || { log "/bin/busybox is not busybox-static"; exit 1; }
+[[ -x /bin/busybox ]] && busybox --list | grep -x insmod >/dev/null || { log "/bin/busybox is not busybox-static"; exit 1; }
 
 mkdir -p "$OUT" "$CACHE"
 exec 9>"$CACHE/.lock"

@@ -247,13 +247,23 @@ poweroff -f
 	}
 }
 
-// TestGuestFrontends runs quorumctl attach inside the guest kernel, with
-// each frontend: a filesystem and checksums across a remount, fio verify
-// at QD32, a corrupted replica outvoted, no device left after SIGTERM.
-// The guest kernel has ublk; the test machines' does not.
+// TestGuestFrontends runs quorumctl attach inside the guest kernel, which
+// has ublk (the test machines' kernel does not). With each frontend: a
+// filesystem and checksums across a remount, fio verify at QD32, a
+// corrupted replica outvoted, no device left after SIGTERM. And ublk's
+// user recovery: the attach is killed with SIGKILL while fio writes and
+// verifies through a filesystem, a new attach takes the device back, and
+// fio sees no error.
 func TestGuestFrontends(t *testing.T) {
-	for _, frontend := range []string{"ublk", "fuseloop"} {
-		t.Run(frontend, func(t *testing.T) {
+	for _, tc := range []struct {
+		test string
+		want []string
+	}{
+		{"ublk", []string{"fio verify passed", "corrupted replica outvoted"}},
+		{"fuseloop", []string{"fio verify passed", "corrupted replica outvoted"}},
+		{"ublkrecovery", []string{"recovered after SIGKILL with no error in fio"}},
+	} {
+		t.Run(tc.test, func(t *testing.T) {
 			ready(t)
 			scratch := filepath.Join(testutil.KernelDir(t), "scratch.img")
 			if err := os.WriteFile(scratch, nil, 0o600); err != nil {
@@ -262,8 +272,8 @@ func TestGuestFrontends(t *testing.T) {
 			if err := os.Truncate(scratch, 1<<30); err != nil {
 				t.Fatal(err)
 			}
-			console := boot(t, frontend, "-drive", "file="+scratch+",format=raw,if=virtio,cache=none")
-			for _, want := range []string{"fio verify passed", "corrupted replica outvoted"} {
+			console := boot(t, tc.test, "-drive", "file="+scratch+",format=raw,if=virtio,cache=none")
+			for _, want := range tc.want {
 				if !strings.Contains(console, want) {
 					t.Errorf("guest console lacks %q:\n%s", want, console)
 				}

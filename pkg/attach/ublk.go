@@ -32,9 +32,16 @@ import (
 // the queue's thread through an eventfd read that sits in the queue's own
 // ring, so the thread sleeps in one io_uring_enter for both.
 //
-// User recovery (UBLK_F_USER_RECOVERY: a restarted server takes the
-// device back while its users wait) is not used yet: when quorumctl
-// exits, or dies, the device goes away and its users see I/O errors.
+// User recovery: with UblkOptions.StateFile the device is made with
+// UBLK_F_USER_RECOVERY and UBLK_F_USER_RECOVERY_REISSUE, and its id is
+// kept in that file. If the serving process dies (a crash, SIGKILL, an
+// upgrade of the node plugin), the kernel quiesces the device instead of
+// removing it: its users' requests wait, and those the dead process had
+// taken are queued again. The next AttachUblk with the same state file
+// takes the device back (START_USER_RECOVERY, new queues,
+// END_USER_RECOVERY) and serves the waiting requests, so a filesystem on
+// it sees no error. A clean Detach removes the device and the file. Until
+// an attach comes back, the device's users wait.
 
 const (
 	ublkControl = "/dev/ublk-control"
@@ -44,15 +51,24 @@ const (
 	ublkDescSize    = 24
 	ublkMaxDepth    = 4096 // UBLK_MAX_QUEUE_DEPTH: sizes each queue's descriptor area
 
-	ublkCmdAddDev    = 0x04
-	ublkCmdDelDev    = 0x05
-	ublkCmdStartDev  = 0x06
-	ublkCmdStopDev   = 0x07
-	ublkCmdSetParams = 0x08
-	ublkIOFetch      = 0x20
-	ublkIOCommit     = 0x21
+	ublkCmdAddDev        = 0x04
+	ublkCmdDelDev        = 0x05
+	ublkCmdStartDev      = 0x06
+	ublkCmdStopDev       = 0x07
+	ublkCmdSetParams     = 0x08
+	ublkCmdGetInfo       = 0x02
+	ublkCmdStartRecovery = 0x10
+	ublkCmdEndRecovery   = 0x11
+	ublkIOFetch          = 0x20
+	ublkIOCommit         = 0x21
 
 	ublkFlagIoctlEncode = 1 << 6
+	ublkFlagRecovery    = 1 << 3
+	ublkFlagReissue     = 1 << 4
+
+	ublkStateDead     = 0
+	ublkStateLive     = 1
+	ublkStateQuiesced = 2
 
 	ublkParamBasic   = 1 << 0
 	ublkParamDiscard = 1 << 1
@@ -92,7 +108,12 @@ type UblkOptions struct {
 	// Queues is the number of hardware queues (default 1), each served
 	// by its own thread.
 	Queues int
-	Logf   func(format string, args ...any)
+	// StateFile, if set, keeps the device's id so that a later attach
+	// with the same file takes a device left by a dead process back
+	// (user recovery; see the package documentation). One file per
+	// volume.
+	StateFile string
+	Logf      func(format string, args ...any)
 }
 
 type ublkDevice struct {
@@ -106,6 +127,8 @@ type ublkDevice struct {
 	ctrlMu   sync.Mutex // the control ring takes one command at a time
 	ctrl     *ublkRing
 	ctrlFile *os.File
+
+	stateFile string
 
 	stopOnce sync.Once
 	stopErr  error
@@ -123,7 +146,7 @@ func AttachUblk(ctx context.Context, vol Volume, opts UblkOptions) (_ Device, er
 	if opts.Logf == nil {
 		opts.Logf = func(string, ...any) {}
 	}
-	d := &ublkDevice{vol: vol, logf: opts.Logf}
+	d := &ublkDevice{vol: vol, logf: opts.Logf, stateFile: opts.StateFile}
 	if d.ctrlFile, err = os.OpenFile(ublkControl, os.O_RDWR, 0); err != nil {
 		return nil, fmt.Errorf("ublk: %w (is ublk_drv loaded?)", err)
 	}
@@ -131,44 +154,33 @@ func AttachUblk(ctx context.Context, vol Volume, opts UblkOptions) (_ Device, er
 		d.ctrlFile.Close()
 		return nil, fmt.Errorf("ublk: %w", err)
 	}
-
-	// ADD_DEV: struct ublksrv_ctrl_dev_info (64 bytes); the kernel picks
-	// the id and writes the info back.
-	info := make([]byte, 64)
-	putU16(info, 0, uint16(opts.Queues))
-	putU16(info, 2, ublkQueueDepth)
-	putU32(info, 8, ublkMaxIO)
-	putU32(info, 12, 0xffffffff)
-	putU64(info, 24, ublkFlagIoctlEncode)
-	if err := d.control(ublkCmdAddDev, 0xffffffff, info, 0); err != nil {
-		d.ctrl.close()
-		d.ctrlFile.Close()
-		return nil, fmt.Errorf("ublk: add device: %w", err)
+	recovering := false
+	if d.stateFile != "" {
+		if d.id, recovering, err = d.takeBack(ctx); err != nil {
+			d.ctrl.close()
+			d.ctrlFile.Close()
+			return nil, fmt.Errorf("ublk: %w", err)
+		}
 	}
-	d.id = *(*uint32)(unsafe.Pointer(&info[12]))
+	if !recovering {
+		if err := d.add(opts); err != nil {
+			d.ctrl.close()
+			d.ctrlFile.Close()
+			return nil, err
+		}
+	}
 	defer func() {
-		if err != nil {
+		if err == nil {
+			return
+		}
+		if recovering {
+			// Leave the device quiesced, its users waiting, for another
+			// attempt: removing it would fail their requests.
+			d.release()
+		} else {
 			d.stop()
 		}
 	}()
-
-	// SET_PARAMS: header, then struct ublk_param_basic and
-	// ublk_param_discard.
-	shift := uint8(bits.TrailingZeros64(uint64(opts.BlockSize)))
-	params := make([]byte, 8+32+20)
-	putU32(params, 0, uint32(len(params)))
-	putU32(params, 4, ublkParamBasic|ublkParamDiscard)
-	putU32(params, 8, ublkAttrVolatile|ublkAttrFUA)
-	params[12], params[13], params[14], params[15] = shift, 12, 12, shift
-	putU32(params, 16, ublkMaxIO>>9)
-	putU64(params, 24, uint64(vol.Size())>>9)
-	putU32(params, 44, 4096)  // discard granularity
-	putU32(params, 48, 1<<21) // max discard sectors (1 GiB)
-	putU32(params, 52, 1<<21) // max write-zeroes sectors
-	putU16(params, 56, 1)     // max discard segments
-	if err := d.control(ublkCmdSetParams, d.id, params, 0); err != nil {
-		return nil, fmt.Errorf("ublk: set parameters of device %d: %w", d.id, err)
-	}
 	charPath := fmt.Sprintf("/dev/ublkc%d", d.id)
 	if err := waitPresent(ctx, charPath); err != nil {
 		return nil, fmt.Errorf("ublk: %w", err)
@@ -192,16 +204,141 @@ func AttachUblk(ctx context.Context, vol Volume, opts UblkOptions) (_ Device, er
 			return nil, fmt.Errorf("ublk: queue %d: %w", q, err)
 		}
 	}
-	// START_DEV waits until every tag of every queue has a FETCH
-	// outstanding, then adds /dev/ublkbN.
-	if err := d.control(ublkCmdStartDev, d.id, nil, uint64(os.Getpid())); err != nil {
+	// START_DEV (END_USER_RECOVERY) waits until every tag of every queue
+	// has a FETCH outstanding, then adds /dev/ublkbN (lets the waiting
+	// requests through).
+	if recovering {
+		if err := d.control(ublkCmdEndRecovery, d.id, nil, uint64(os.Getpid())); err != nil {
+			return nil, fmt.Errorf("ublk: end recovery of device %d: %w", d.id, err)
+		}
+		opts.Logf("took back ublk device %s from a process that died", d.Path())
+	} else if err := d.control(ublkCmdStartDev, d.id, nil, uint64(os.Getpid())); err != nil {
 		return nil, fmt.Errorf("ublk: start device %d: %w", d.id, err)
 	}
 	if err := waitPresent(ctx, d.Path()); err != nil {
 		return nil, fmt.Errorf("ublk: %w", err)
 	}
+	if d.stateFile != "" && !recovering {
+		if err := writeFileAtomic(d.stateFile, []byte(fmt.Sprintln(d.id))); err != nil {
+			return nil, fmt.Errorf("ublk: %w", err)
+		}
+	}
 	opts.Logf("ublk device %s: %d queue(s) of depth %d, block size %d", d.Path(), opts.Queues, ublkQueueDepth, opts.BlockSize)
 	return d, nil
+}
+
+// add makes a new device (ADD_DEV, SET_PARAMS).
+func (d *ublkDevice) add(opts UblkOptions) error {
+	// struct ublksrv_ctrl_dev_info (64 bytes); the kernel picks the id and
+	// writes the info back.
+	info := make([]byte, 64)
+	putU16(info, 0, uint16(opts.Queues))
+	putU16(info, 2, ublkQueueDepth)
+	putU32(info, 8, ublkMaxIO)
+	putU32(info, 12, 0xffffffff)
+	flags := uint64(ublkFlagIoctlEncode)
+	if d.stateFile != "" {
+		flags |= ublkFlagRecovery | ublkFlagReissue
+	}
+	putU64(info, 24, flags)
+	if err := d.control(ublkCmdAddDev, 0xffffffff, info, 0); err != nil {
+		return fmt.Errorf("ublk: add device: %w", err)
+	}
+	d.id = *(*uint32)(unsafe.Pointer(&info[12]))
+
+	// SET_PARAMS: header, then struct ublk_param_basic and
+	// ublk_param_discard.
+	shift := uint8(bits.TrailingZeros64(uint64(opts.BlockSize)))
+	params := make([]byte, 8+32+20)
+	putU32(params, 0, uint32(len(params)))
+	putU32(params, 4, ublkParamBasic|ublkParamDiscard)
+	putU32(params, 8, ublkAttrVolatile|ublkAttrFUA)
+	params[12], params[13], params[14], params[15] = shift, 12, 12, shift
+	putU32(params, 16, ublkMaxIO>>9)
+	putU64(params, 24, uint64(d.vol.Size())>>9)
+	putU32(params, 44, 4096)  // discard granularity
+	putU32(params, 48, 1<<21) // max discard sectors (1 GiB)
+	putU32(params, 52, 1<<21) // max write-zeroes sectors
+	putU16(params, 56, 1)     // max discard segments
+	if err := d.control(ublkCmdSetParams, d.id, params, 0); err != nil {
+		d.control(ublkCmdDelDev, d.id, nil, 0)
+		return fmt.Errorf("ublk: set parameters of device %d: %w", d.id, err)
+	}
+	return nil
+}
+
+// takeBack looks for the device named by the state file. One whose
+// server died is quiesced: START_USER_RECOVERY readies it for new queues
+// (recovering true). A device that is gone, or that cannot be recovered,
+// is forgotten (deleted if it still exists), and a new one is made. One
+// still served by a live process is an error.
+func (d *ublkDevice) takeBack(ctx context.Context) (id uint32, recovering bool, err error) {
+	b, err := os.ReadFile(d.stateFile)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	if _, err := fmt.Sscan(string(b), &id); err != nil {
+		return 0, false, fmt.Errorf("state file %s: %w", d.stateFile, err)
+	}
+	forget := func() error {
+		if err := os.Remove(d.stateFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	// A process killed a moment ago still holds the device until the
+	// kernel notices (it checks every few seconds).
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		info := make([]byte, 64)
+		err := d.control(ublkCmdGetInfo, id, info, 0)
+		if errors.Is(err, unix.ENODEV) {
+			return 0, false, forget()
+		}
+		if err != nil {
+			return 0, false, fmt.Errorf("device %d: %w", id, err)
+		}
+		state := *(*uint16)(unsafe.Pointer(&info[4]))
+		pid := *(*int32)(unsafe.Pointer(&info[16]))
+		flags := *(*uint64)(unsafe.Pointer(&info[24]))
+		switch {
+		case flags&ublkFlagRecovery == 0 || state == ublkStateDead:
+			if err := d.control(ublkCmdDelDev, id, nil, 0); err != nil && !errors.Is(err, unix.ENODEV) {
+				return 0, false, fmt.Errorf("delete stale device %d: %w", id, err)
+			}
+			return 0, false, forget()
+		case state == ublkStateLive && pid > 0 && unix.Kill(int(pid), 0) != unix.ESRCH:
+			return 0, false, fmt.Errorf("/dev/ublkb%d of this volume is served by process %d", id, pid)
+		case state == ublkStateQuiesced:
+			err := d.control(ublkCmdStartRecovery, id, nil, 0)
+			if err == nil {
+				return id, true, nil
+			}
+			if !errors.Is(err, unix.EBUSY) {
+				return 0, false, fmt.Errorf("start recovery of device %d: %w", id, err)
+			}
+		}
+		if time.Now().After(deadline) {
+			return 0, false, fmt.Errorf("/dev/ublkb%d (state %d) did not become recoverable within 30s", id, state)
+		}
+		select {
+		case <-ctx.Done():
+			return 0, false, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// writeFileAtomic replaces path with data (temporary file, rename).
+func writeFileAtomic(path string, data []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }
 
 // control runs one control command on the device and waits for it.
@@ -296,6 +433,11 @@ func (d *ublkDevice) stop() error {
 		if err := d.control(ublkCmdDelDev, d.id, nil, 0); err != nil {
 			errs = append(errs, fmt.Errorf("delete device %d: %w", d.id, err))
 		}
+		if d.stateFile != "" && len(errs) == 0 {
+			if err := os.Remove(d.stateFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
 		d.ctrl.close()
 		d.ctrlFile.Close()
 		if err := errors.Join(errs...); err != nil {
@@ -303,6 +445,17 @@ func (d *ublkDevice) stop() error {
 		}
 	})
 	return d.stopErr
+}
+
+// release lets go of a device whose recovery failed without removing
+// it, for the caller to exit: the kernel takes the queues back when the
+// process ends (waiting here for their threads could wait forever, as
+// nothing completes their commands).
+func (d *ublkDevice) release() {
+	d.stopOnce.Do(func() {
+		d.ctrl.close()
+		d.ctrlFile.Close()
+	})
 }
 
 // ublkQueue is one hardware queue: a thread of its own (ublk takes a

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -140,7 +141,11 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	logf := func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
 	var dev attach.Device
 	if *frontend == "ublk" {
-		dev, err = attach.AttachUblk(context.Background(), vol.Engine, attach.UblkOptions{BlockSize: vol.BlockSize(), Logf: logf})
+		dev, err = attach.AttachUblk(context.Background(), vol.Engine, attach.UblkOptions{
+			BlockSize: vol.BlockSize(),
+			StateFile: filepath.Join(*stateDir, "ublk-"+vol.ID()),
+			Logf:      logf,
+		})
 	} else {
 		dev, err = attach.AttachFUSELoop(context.Background(), vol.Engine, attach.FUSELoopOptions{
 			StateDir:  *stateDir,
