@@ -80,10 +80,10 @@ type attached struct {
 	cmd      *exec.Cmd
 	dev      string
 	stateDir string
-	mu     sync.Mutex
-	stderr bytes.Buffer
-	exited chan struct{} // closed once the process is reaped; then err is set
-	err    error
+	mu       sync.Mutex
+	stderr   bytes.Buffer
+	exited   chan struct{} // closed once the process is reaped; then err is set
+	err      error
 }
 
 // lockedWriter lets the test read stderr while the process writes it.
