@@ -396,12 +396,14 @@ func (cl *cluster) waitEvent(volume, eventType, reason, text string) {
 	}
 }
 
-// leaseCurrent reports whether node's agent Lease is current, as the
-// controller judges it.
-func (cl *cluster) leaseCurrent(node string) bool {
+// lease is node's agent Lease.
+func (cl *cluster) lease(node string) *coordinationv1.Lease {
+	cl.t.Helper()
 	l := &coordinationv1.Lease{}
-	err := cl.c.Get(cl.t.Context(), client.ObjectKey{Namespace: controller.DefaultNamespace, Name: controller.LeaseName(node)}, l)
-	return err == nil && controller.LeaseCurrent(l, time.Now())
+	if err := cl.c.Get(cl.t.Context(), client.ObjectKey{Namespace: controller.DefaultNamespace, Name: controller.LeaseName(node)}, l); err != nil {
+		cl.t.Fatalf("lease of %s: %v", node, err)
+	}
+	return l
 }
 
 // files lists every file left in a's data folder.
@@ -570,9 +572,11 @@ func TestControlPlane(t *testing.T) {
 		t.Errorf("engine's child for n3 after writes without it: %+v, want faulty with dirty regions", st)
 	}
 
-	// 5. Agent 3 comes back on the same folder and address: it serves the
-	// same image, reports it Healthy, the engine resyncs it, and the
-	// volume is Ready again.
+	// 5. Agent 3 comes back on the same folder and address: it takes its
+	// expired Lease over as controller.RenewLease does, serves the same
+	// image, reports it Healthy, the engine resyncs it, and the volume is
+	// Ready again.
+	expired := cl.lease(a3.node)
 	cl.start(a3)
 	cl.poll("n3's replica back in the engine", func() bool {
 		v.Probe(ctx)
@@ -580,6 +584,10 @@ func TestControlPlane(t *testing.T) {
 		return st.State == quorum.ChildHealthy && st.DirtyBytes == 0
 	})
 	cl.waitFor("vol1", "phase Ready again", ready)
+	if l := cl.lease(a3.node); ptr.Deref(l.Spec.HolderIdentity, "") != a3.node || !l.Spec.AcquireTime.After(expired.Spec.RenewTime.Time) ||
+		ptr.Deref(l.Spec.LeaseTransitions, 0) != ptr.Deref(expired.Spec.LeaseTransitions, 0)+1 {
+		t.Errorf("n3's Lease after the restart: %+v; want it taken over after its expiry (renewed %v): acquired anew, one more transition", l.Spec, expired.Spec.RenewTime)
+	}
 	if m, err := replica.ReadMeta(image(a3, qv)); err != nil || !m.SameReplica(metas[a3.node]) {
 		t.Errorf("n3's image after the restart: %+v, %v; want the same replica as %+v", m, err, metas[a3.node])
 	}

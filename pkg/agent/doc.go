@@ -11,7 +11,8 @@
 // DefaultNamespace "quorum-csi"), holderIdentity N, leaseDurationSeconds
 // 30, renewed every 10 s (DefaultLeaseDuration, DefaultRenewInterval;
 // configurable for tests). It creates the Lease if missing and takes it
-// over (acquireTime, leaseTransitions) if another holder is named. On
+// over (acquireTime, leaseTransitions) if another holder is named or it
+// expired, as controller.RenewLease does. On
 // shutdown it stops renewing, so the Lease expires 30 s after the last
 // renewal. The controller places replicas only on nodes with a current
 // Lease and marks the replicas of a node whose Lease expired Faulty.
