@@ -756,3 +756,72 @@ func TestStaleEpochRefused(t *testing.T) {
 		checkStopped(t, ag)
 	}
 }
+
+// TestNodeGone: a Node deleted while its agent still runs (a node being
+// decommissioned) makes its replica Stale, and the agent leaves that
+// verdict alone instead of reporting the replica Healthy over it again
+// and again.
+func TestNodeGone(t *testing.T) {
+	cl := startCluster(t)
+	ctx := t.Context()
+	qv := &v1alpha1.QuorumVolume{
+		ObjectMeta: metav1.ObjectMeta{Name: "gone"},
+		Spec:       v1alpha1.QuorumVolumeSpec{Size: resource.MustParse("16Mi"), Replicas: 3},
+	}
+	if err := cl.c.Create(ctx, qv); err != nil {
+		t.Fatal(err)
+	}
+	qv = cl.waitFor("gone", "phase Ready", ready)
+	a3 := cl.agents[2]
+	img := image(a3, qv)
+	if err := cl.c.Delete(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: a3.node}}); err != nil {
+		t.Fatal(err)
+	}
+	qv = cl.waitFor("gone", "n3's replica Stale", func(qv *v1alpha1.QuorumVolume) bool {
+		return replicaOn(qv, a3.node).State == v1alpha1.ReplicaStale
+	})
+	// Steady: the object does not change any more while n3's agent runs
+	// (it renews its Lease several times meanwhile).
+	time.Sleep(4 * renewInterval)
+	last := qv.ResourceVersion
+	steady := cl.waitFor("gone", "a steady status", func(now *v1alpha1.QuorumVolume) bool {
+		same := now.ResourceVersion == last
+		last = now.ResourceVersion
+		return same
+	})
+	time.Sleep(2 * time.Second)
+	if now := cl.get("gone"); now.ResourceVersion != steady.ResourceVersion {
+		b, _ := yaml.Marshal(now.Status)
+		t.Errorf("the status keeps changing after n3's Node was deleted (resourceVersion %s, then %s):\n%s", steady.ResourceVersion, now.ResourceVersion, b)
+	}
+	if r := replicaOn(steady, a3.node); r.State != v1alpha1.ReplicaStale || r.Message != "node n3 is gone" || r.Endpoint != "" {
+		t.Errorf("n3's replica: %+v; want Stale, the controller's message and no endpoint", r)
+	}
+	if steady.Status.Phase != v1alpha1.VolumeDegraded {
+		t.Errorf("phase %s, want Degraded", steady.Status.Phase)
+	}
+	if n := cl.countEvents("gone", "ReplicaStale"); n != 1 {
+		t.Errorf("%d ReplicaStale Events, want 1", n)
+	}
+	// Without a fourth node nothing replaces it, so its image is kept.
+	if _, err := replica.ReadMeta(img); err != nil {
+		t.Errorf("n3's image of the Stale replica: %v", err)
+	}
+}
+
+// countEvents counts the Events about volume with reason; a series (the
+// recorder folds repeats of one Event into it) counts as its count.
+func (cl *cluster) countEvents(volume, reason string) int {
+	cl.t.Helper()
+	var list eventsv1.EventList
+	if err := cl.c.List(cl.t.Context(), &list); err != nil {
+		cl.t.Fatal(err)
+	}
+	n := 0
+	for _, ev := range list.Items {
+		if ev.Regarding.Kind == "QuorumVolume" && ev.Regarding.Name == volume && ev.Reason == reason {
+			n += max(1, int(ptr.Deref(ev.Series, eventsv1.EventSeries{}).Count))
+		}
+	}
+	return n
+}

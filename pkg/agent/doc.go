@@ -44,6 +44,11 @@
 //     image in the way) makes the entry Faulty with the error as message,
 //     and the reconcile is retried with exponential backoff.
 //
+// An entry the controller marked Stale (its Node is gone) is not
+// reported any more: the agent's fields (the endpoint) leave it, its
+// state stays the controller's, and the image is kept until the entry
+// leaves the status.
+//
 // Healthy means the image exists and is served. Whether it holds every
 // write is known to the attached node's engine, not to the agent.
 //

@@ -44,14 +44,20 @@
 // # What the agent writes
 //
 // The agent owns the entries of replicas on its node from Creating on: it
-// creates the image and sets state (Healthy, Faulty, Resyncing with
-// resyncPercent, Stale), outOfSyncBytes, endpoint, message and
-// lastTransitionTime, with its own field manager. Both sides write the
-// status by read-modify-write with the object's resourceVersion
-// (Status().Update) and retry on conflict, touching only their own
-// fields, so neither ever overwrites the other's newer state. The agent
-// deletes images of replicas on its node that no longer appear in the
-// status.
+// creates the image and sets state (Healthy, Faulty), endpoint, message
+// and lastTransitionTime by server-side apply of only its own entries,
+// with its own field manager and forced ownership (this controller wrote
+// Creating or Faulty into state); the entries are a map keyed by name,
+// so its apply leaves the controller's fields and other agents' entries
+// alone. The controller writes by read-modify-write with the object's
+// resourceVersion (Status().Update) and retries on conflict. An entry
+// the controller marked Stale is left to it: the agent stops reporting
+// it rather than force Healthy over it. Resyncing, resyncPercent and
+// outOfSyncBytes are known to the attached node's engine, not to the
+// agent, which never sets them; Ready therefore means every replica is
+// served, not that an attached engine finished resyncing them. The
+// agent deletes images of replicas on its node that no longer appear in
+// the status.
 //
 // # What the controller does to replicas
 //
