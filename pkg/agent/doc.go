@@ -11,7 +11,8 @@
 // DefaultNamespace "quorum-csi"), holderIdentity N, leaseDurationSeconds
 // 30, renewed every 10 s (DefaultLeaseDuration, DefaultRenewInterval;
 // configurable for tests). It creates the Lease if missing and takes it
-// over (acquireTime, leaseTransitions) if another holder is named. On
+// over (acquireTime, leaseTransitions) if another holder is named or it
+// expired, as controller.RenewLease does. On
 // shutdown it stops renewing, so the Lease expires 30 s after the last
 // renewal. The controller places replicas only on nodes with a current
 // Lease and marks the replicas of a node whose Lease expired Faulty.
@@ -42,6 +43,11 @@
 //   - a failure (disk full, a size that is not a multiple of 4096, an
 //     image in the way) makes the entry Faulty with the error as message,
 //     and the reconcile is retried with exponential backoff.
+//
+// An entry the controller marked Stale (its Node is gone) is not
+// reported any more: the agent's fields (the endpoint) leave it, its
+// state stays the controller's, and the image is kept until the entry
+// leaves the status.
 //
 // Healthy means the image exists and is served. Whether it holds every
 // write is known to the attached node's engine, not to the agent.

@@ -9,7 +9,10 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/quorum-csi/quorum-csi/pkg/controller"
 )
 
 // LeasePrefix and the node's name make the name of the node's Lease.
@@ -81,12 +84,13 @@ func (k *leaseKeeper) renew(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("get lease %s/%s: %w", k.namespace, LeaseName(k.node), err)
 	}
-	if l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != k.node {
-		transitions := int32(0)
-		if l.Spec.LeaseTransitions != nil {
-			transitions = *l.Spec.LeaseTransitions + 1
-		}
-		l.Spec.HolderIdentity, l.Spec.AcquireTime, l.Spec.LeaseTransitions = &k.node, &now, &transitions
+	// Taking over an expired Lease (this agent restarted, or its node
+	// came back) is a new acquisition, as for another holder's: the
+	// bookkeeping controller.RenewLease defines, judged by the
+	// controller's own LeaseCurrent.
+	if !controller.LeaseCurrent(l, now.Time) || l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != k.node {
+		l.Spec.HolderIdentity, l.Spec.AcquireTime = &k.node, &now
+		l.Spec.LeaseTransitions = ptr.To(ptr.Deref(l.Spec.LeaseTransitions, 0) + 1)
 	}
 	l.Spec.LeaseDurationSeconds, l.Spec.RenewTime = &seconds, &now
 	if err := k.c.Update(ctx, l); err != nil {

@@ -91,6 +91,15 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	size := qv.Spec.Size.Value()
 	var outs []outcome
 	for _, rep := range mine {
+		// Stale is the controller's final word on a replica whose Node is
+		// gone: forcing Healthy over it would flip the entry back and
+		// forth with the controller for as long as this agent runs. The
+		// entry is left out of the report, which drops this agent's
+		// fields (the endpoint) from it, and its image stays until the
+		// controller removes the entry.
+		if entryState(qv, rep) == v1alpha1.ReplicaStale {
+			continue
+		}
 		out := outcome{name: rep, state: v1alpha1.ReplicaHealthy}
 		if err := r.set.ensure(vol, uid, rep, size); err != nil {
 			r.set.m.failures.WithLabelValues(vol, "serve").Inc()
@@ -126,6 +135,16 @@ func (r *reconciler) entries(qv *v1alpha1.QuorumVolume) []string {
 	}
 	slices.Sort(names)
 	return names
+}
+
+// entryState is the state of the volume's entry named rep.
+func entryState(qv *v1alpha1.QuorumVolume, rep string) v1alpha1.ReplicaState {
+	for _, e := range qv.Status.Replicas {
+		if e.Name == rep {
+			return e.State
+		}
+	}
+	return ""
 }
 
 // removed lists the replicas this node served or reported for vol that

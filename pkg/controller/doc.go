@@ -11,8 +11,12 @@
 // LeaseName(node) ("quorum-agent-<node>") in the driver namespace
 // (DefaultNamespace, "quorum-csi", unless configured), with
 // holderIdentity the node name and leaseDurationSeconds 30
-// (DefaultLeaseDuration), renewed every 10 s (DefaultRenewInterval) by
-// calling RenewLease. A node runs the node plugin while its Lease is
+// (DefaultLeaseDuration), renewed every 10 s (DefaultRenewInterval) the
+// way RenewLease does it: created if missing, taken over (acquireTime,
+// leaseTransitions) when it expired or names another holder, updated
+// with its resourceVersion. The agent has its own copy of that renewal
+// (pkg/agent), which reads the Lease from the API server rather than
+// through a cache. A node runs the node plugin while its Lease is
 // current: renewTime + leaseDurationSeconds is in the future and the
 // holder is the node.
 //
@@ -40,14 +44,20 @@
 // # What the agent writes
 //
 // The agent owns the entries of replicas on its node from Creating on: it
-// creates the image and sets state (Healthy, Faulty, Resyncing with
-// resyncPercent, Stale), outOfSyncBytes, endpoint, message and
-// lastTransitionTime, with its own field manager. Both sides write the
-// status by read-modify-write with the object's resourceVersion
-// (Status().Update) and retry on conflict, touching only their own
-// fields, so neither ever overwrites the other's newer state. The agent
-// deletes images of replicas on its node that no longer appear in the
-// status.
+// creates the image and sets state (Healthy, Faulty), endpoint, message
+// and lastTransitionTime by server-side apply of only its own entries,
+// with its own field manager and forced ownership (this controller wrote
+// Creating or Faulty into state); the entries are a map keyed by name,
+// so its apply leaves the controller's fields and other agents' entries
+// alone. The controller writes by read-modify-write with the object's
+// resourceVersion (Status().Update) and retries on conflict. An entry
+// the controller marked Stale is left to it: the agent stops reporting
+// it rather than force Healthy over it. Resyncing, resyncPercent and
+// outOfSyncBytes are known to the attached node's engine, not to the
+// agent, which never sets them; Ready therefore means every replica is
+// served, not that an attached engine finished resyncing them. The
+// agent deletes images of replicas on its node that no longer appear in
+// the status.
 //
 // # What the controller does to replicas
 //

@@ -29,11 +29,12 @@ const (
 func LeaseName(node string) string { return "quorum-agent-" + node }
 
 // RenewLease creates or renews node's agent Lease in namespace with the
-// given duration (whole seconds, at least one). The node agent calls it
-// every DefaultRenewInterval. Renewing is an update with the Lease's
-// resourceVersion, so two agents claiming one node cannot silently
-// overwrite each other; a conflict is returned and the next renewal
-// retries.
+// given duration (whole seconds, at least one). The node agent renews
+// every DefaultRenewInterval the same way, with its own copy of this
+// that reads the Lease uncached (pkg/agent); the two must agree.
+// Renewing is an update with the Lease's resourceVersion, so two agents
+// claiming one node cannot silently overwrite each other; a conflict is
+// returned and the next renewal retries.
 func RenewLease(ctx context.Context, c client.Client, namespace, node string, duration time.Duration) error {
 	secs := int32(duration / time.Second)
 	if secs < 1 {
