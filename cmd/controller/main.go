@@ -1,9 +1,11 @@
 // Command controller runs the quorum-csi QuorumVolume controller: replica
 // placement, replica health from the nodes, phase and conditions, and
-// the finalizer (package controller). It is wiring only.
+// the finalizer (package controller); and the CSI Identity and Controller
+// services (package csi) for the sidecars beside it. It is wiring only.
 //
 // Flags:
 //
+//	--csi-endpoint URL                CSI gRPC endpoint (default unix:///csi/csi.sock)
 //	--namespace NS                    driver namespace, where the node agents' Leases live (default quorum-csi)
 //	--metrics-bind-address ADDR       Prometheus endpoint, /metrics (default :8080; "0" disables it)
 //	--health-probe-bind-address ADDR  /healthz and /readyz (default :8081; "0" disables them)
@@ -20,12 +22,14 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/csi"
 )
 
 func main() {
@@ -34,19 +38,20 @@ func main() {
 		metricsAddr = flag.String("metrics-bind-address", ":8080", `address of the Prometheus endpoint; "0" disables it`)
 		probeAddr   = flag.String("health-probe-bind-address", ":8081", `address of /healthz and /readyz; "0" disables them`)
 		leaderElect = flag.Bool("leader-elect", true, "elect one active controller through a Lease in --namespace")
+		csiEndpoint = flag.String("csi-endpoint", "unix:///csi/csi.sock", "CSI gRPC endpoint the sidecars call: unix:///path or tcp://host:port")
 	)
 	logOpts := zap.Options{}
 	logOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&logOpts)))
 
-	if err := run(*namespace, *metricsAddr, *probeAddr, *leaderElect); err != nil {
+	if err := run(*namespace, *metricsAddr, *probeAddr, *csiEndpoint, *leaderElect); err != nil {
 		fmt.Fprintln(os.Stderr, "controller:", err)
 		os.Exit(1)
 	}
 }
 
-func run(namespace, metricsAddr, probeAddr string, leaderElect bool) error {
+func run(namespace, metricsAddr, probeAddr, csiEndpoint string, leaderElect bool) error {
 	scheme := runtime.NewScheme()
 	for _, add := range []func(*runtime.Scheme) error{clientgoscheme.AddToScheme, v1alpha1.AddToScheme} {
 		if err := add(scheme); err != nil {
@@ -75,6 +80,22 @@ func run(namespace, metricsAddr, probeAddr string, leaderElect bool) error {
 	}
 	if err := r.SetupWithManager(mgr); err != nil {
 		return err
+	}
+	// The CSI services read and write through a client without the
+	// manager's cache (csi.NewController says why), and serve on every
+	// replica, leader or not (csi.Server.NeedLeaderElection).
+	direct, err := client.New(cfg, client.Options{Scheme: scheme, Mapper: mgr.GetRESTMapper()})
+	if err != nil {
+		return fmt.Errorf("create CSI client: %w", err)
+	}
+	err = mgr.Add(&csi.Server{
+		Endpoint:   csiEndpoint,
+		Identity:   csi.NewIdentity(csi.APIProber{Client: direct}),
+		Controller: csi.NewController(direct),
+		Log:        ctrl.Log.WithName("csi"),
+	})
+	if err != nil {
+		return fmt.Errorf("add CSI server: %w", err)
 	}
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
 		return fmt.Errorf("add health check: %w", err)

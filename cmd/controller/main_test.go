@@ -14,8 +14,10 @@ import (
 	"testing"
 	"time"
 
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
@@ -28,8 +30,9 @@ import (
 )
 
 // TestBinary builds the controller and runs it against a real API server
-// with its default leader election: it must become ready, place a
-// volume, serve the phase gauge, and exit 0 on SIGTERM.
+// with its default leader election: it must become ready, answer CSI
+// calls on its endpoint, place the volume CreateVolume made, serve the
+// phase gauge, and exit 0 on SIGTERM.
 func TestBinary(t *testing.T) {
 	srv := kubetest.Start(t)
 	if _, err := srv.Kubectl(t, "apply", "-f", filepath.Join("..", "..", "config", "crd")); err != nil {
@@ -73,7 +76,8 @@ func TestBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer logFile.Close()
-	cmd := exec.Command(bin, "--kubeconfig", srv.Kubeconfig,
+	sock := filepath.Join(t.TempDir(), "csi.sock")
+	cmd := exec.Command(bin, "--kubeconfig", srv.Kubeconfig, "--csi-endpoint", "unix://"+sock,
 		"--metrics-bind-address", metricsAddr, "--health-probe-bind-address", probeAddr)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Dies with the test binary even when cleanups do not run.
@@ -96,13 +100,28 @@ func TestBinary(t *testing.T) {
 		body, ok := get("http://" + probeAddr + "/readyz")
 		return ok && body == "ok", nil
 	})
-	qv := &v1alpha1.QuorumVolume{
-		ObjectMeta: metav1.ObjectMeta{Name: "vol"},
-		Spec:       v1alpha1.QuorumVolumeSpec{Size: resource.MustParse("1Mi"), Replicas: 1},
-	}
-	if err := c.Create(ctx, qv); err != nil {
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
 		t.Fatal(err)
 	}
+	defer conn.Close()
+	poll(t, "CSI Probe ready", func() (bool, error) {
+		resp, err := csipb.NewIdentityClient(conn).Probe(ctx, &csipb.ProbeRequest{})
+		return err == nil && resp.GetReady().GetValue(), nil
+	})
+	created, err := csipb.NewControllerClient(conn).CreateVolume(ctx, &csipb.CreateVolumeRequest{
+		Name:          "vol",
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: 1 << 20},
+		VolumeCapabilities: []*csipb.VolumeCapability{{
+			AccessType: &csipb.VolumeCapability_Block{Block: &csipb.VolumeCapability_BlockVolume{}},
+			AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+		}},
+		Parameters: map[string]string{"replicas": "1"},
+	})
+	if err != nil {
+		t.Fatalf("CreateVolume: %v", err)
+	}
+	qv := &v1alpha1.QuorumVolume{ObjectMeta: metav1.ObjectMeta{Name: created.GetVolume().GetVolumeId()}}
 	poll(t, "the replica placed on node-a", func() (bool, error) {
 		if err := c.Get(ctx, client.ObjectKeyFromObject(qv), qv); err != nil {
 			return false, err

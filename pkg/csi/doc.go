@@ -1,0 +1,31 @@
+// Package csi holds the CSI services of the quorum.csi.dev driver:
+// Identity (identity.go), Controller (controller.go), and the Node
+// service beside them (node.go, served by the node binary), all served
+// by Server (server.go) on one gRPC endpoint per binary.
+//
+// The Controller service holds no state: a volume is a QuorumVolume
+// named by its CSI volume ID. CreateVolume writes its spec from the
+// StorageClass parameters (params.go) and returns at once; the
+// reconciler (package controller) places the replicas and the node
+// agents create them. ControllerPublishVolume and
+// ControllerUnpublishVolume are controller.Attach and controller.Detach,
+// which hand out the epoch the node presents to the replica servers.
+//
+// Contract with the Node service:
+//   - node IDs are Kubernetes Node names (ControllerPublishVolume checks
+//     that the Node exists), and NodeGetInfo reports the topology
+//     segment TopologyKeyNode with the node's name;
+//   - publish_context[PublishContextEpoch] is the attachment's epoch;
+//   - volume_context[VolumeContextFSType], when set, is the filesystem
+//     to make on a Filesystem volume (ext4 or xfs);
+//   - a volume may still be Pending when it is published: NodeStage
+//     waits for (or fails retryably until) its replicas are Healthy;
+//   - ControllerExpandVolume always asks for node expansion, since the
+//     node's assembled device has to grow in Block mode too.
+//
+// Every call validates its request first (INVALID_ARGUMENT naming the
+// field or parameter), admits one call per volume at a time (ABORTED
+// for a second one), and is idempotent. Handlers return wrapped errors;
+// toStatus (errors.go), applied by the server's interceptor, is the one
+// place where they become gRPC codes.
+package csi

@@ -1,0 +1,83 @@
+package csi
+
+import (
+	"context"
+	"fmt"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+)
+
+// DriverName is the CSI driver name, as in the CSIDriver object and the
+// StorageClasses' provisioner.
+const DriverName = "quorum.csi.dev"
+
+// Version is the driver's vendor version, set at build time with
+// -ldflags "-X github.com/quorum-csi/quorum-csi/pkg/csi.Version=...".
+var Version = "dev"
+
+// Prober says whether the plugin can serve calls; a non-nil error says
+// what it is missing.
+type Prober interface {
+	Probe(ctx context.Context) error
+}
+
+// Identity is the CSI Identity service. The controller and the node
+// binaries each serve one, with their own Prober.
+type Identity struct {
+	csipb.UnimplementedIdentityServer
+	prober Prober
+}
+
+// NewIdentity returns the Identity service; Probe asks prober.
+func NewIdentity(prober Prober) *Identity {
+	return &Identity{prober: prober}
+}
+
+func (*Identity) GetPluginInfo(context.Context, *csipb.GetPluginInfoRequest) (*csipb.GetPluginInfoResponse, error) {
+	return &csipb.GetPluginInfoResponse{Name: DriverName, VendorVersion: Version}, nil
+}
+
+// GetPluginCapabilities: the controller service; topology, because a
+// WaitForFirstConsumer volume puts a replica on the consumer's node
+// (though any node can reach the volume); and online expansion, since the
+// node grows an attached volume in place.
+func (*Identity) GetPluginCapabilities(context.Context, *csipb.GetPluginCapabilitiesRequest) (*csipb.GetPluginCapabilitiesResponse, error) {
+	service := func(t csipb.PluginCapability_Service_Type) *csipb.PluginCapability {
+		return &csipb.PluginCapability{Type: &csipb.PluginCapability_Service_{Service: &csipb.PluginCapability_Service{Type: t}}}
+	}
+	return &csipb.GetPluginCapabilitiesResponse{Capabilities: []*csipb.PluginCapability{
+		service(csipb.PluginCapability_Service_CONTROLLER_SERVICE),
+		service(csipb.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS),
+		{Type: &csipb.PluginCapability_VolumeExpansion_{VolumeExpansion: &csipb.PluginCapability_VolumeExpansion{
+			Type: csipb.PluginCapability_VolumeExpansion_ONLINE,
+		}}},
+	}}, nil
+}
+
+// Probe answers ready when the Prober finds nothing missing; otherwise
+// the call fails (FAILED_PRECONDITION, or what the cause maps to) with
+// the reason, which the livenessprobe sidecar logs.
+func (s *Identity) Probe(ctx context.Context, _ *csipb.ProbeRequest) (*csipb.ProbeResponse, error) {
+	if err := s.prober.Probe(ctx); err != nil {
+		return nil, err
+	}
+	return &csipb.ProbeResponse{Ready: wrapperspb.Bool(true)}, nil
+}
+
+// APIProber is the controller's Prober: ready when the API server answers
+// and serves QuorumVolumes (the CRD is installed and established).
+type APIProber struct {
+	Client client.Reader
+}
+
+// Probe lists at most one QuorumVolume.
+func (p APIProber) Probe(ctx context.Context) error {
+	if err := p.Client.List(ctx, &v1alpha1.QuorumVolumeList{}, client.Limit(1)); err != nil {
+		return fmt.Errorf("%w: list QuorumVolumes from the API server: %w", errFailedPrecondition, err)
+	}
+	return nil
+}
