@@ -5,9 +5,10 @@ GO ?= go
 # machine generates byte-identical files.
 CONTROLLER_GEN ?= $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.23.0
 # What `generate` writes; `verify-generated` compares exactly these.
-GENERATED := ':(glob)pkg/apis/**/zz_generated.*.go' config/crd
+GENERATED := ':(glob)pkg/apis/**/zz_generated.*.go' config/crd charts/quorum-csi/crds
+TOOLS_BIN ?= $(or $(QUORUM_TOOLS_BIN),/var/cache/quorum-csi/tools)
 
-.PHONY: build test check vet fmt-check bin generate verify-generated k8s-bins
+.PHONY: build test check vet fmt-check bin generate verify-generated k8s-bins tools chart-check
 
 build:
 	$(GO) build ./...
@@ -25,11 +26,21 @@ fmt-check:
 generate:
 	$(CONTROLLER_GEN) object paths=./pkg/apis/...
 	$(CONTROLLER_GEN) crd paths=./pkg/apis/... output:crd:artifacts:config=config/crd
+	cp config/crd/*.yaml charts/quorum-csi/crds/
 
 verify-generated: generate
 	@if ! git diff --exit-code -- $(GENERATED) || [ -n "$$(git ls-files --others --exclude-standard -- $(GENERATED))" ]; then \
 		git ls-files --others --exclude-standard -- $(GENERATED); \
 		echo "generated files are stale: run 'make generate' and commit the result"; exit 1; fi
+
+# helm, built from the Go module proxy (hack/tools.sh).
+tools:
+	hack/tools.sh
+
+# The chart lints and renders; e2e/chart applies it to a real API server.
+chart-check: tools
+	$(TOOLS_BIN)/helm lint --strict charts/quorum-csi
+	$(TOOLS_BIN)/helm template quorum-csi charts/quorum-csi --namespace quorum-csi --kube-version v1.37.2 >/dev/null
 
 # etcd, kube-apiserver and kubectl for the API-server tests (internal/kubetest).
 k8s-bins:
@@ -44,4 +55,4 @@ test:
 	$(GO) test -race -count=1 -timeout 30m $$($(GO) list ./... | grep -v /e2e/)
 	$(GO) test -race -count=1 -timeout 30m ./e2e/...
 
-check: fmt-check vet verify-generated test
+check: fmt-check vet verify-generated chart-check test

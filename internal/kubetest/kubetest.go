@@ -139,6 +139,8 @@ func (s *Server) start(bin string) error {
 		// Without it the API server refuses to advertise 127.0.0.1 as the
 		// kubernetes service endpoint.
 		"--endpoint-reconciler-type=none",
+		// A CSI node plugin is privileged: the chart test applies one.
+		"--allow-privileged=true",
 		"--cert-dir="+filepath.Join(s.dir, "apiserver-certs"),
 	)
 	if err != nil {
