@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"crypto/rand"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quorum-csi/quorum-csi/internal/alignbuf"
 	"github.com/quorum-csi/quorum-csi/internal/testutil"
 )
 
@@ -276,5 +280,46 @@ func TestDetachWaitsForUsers(t *testing.T) {
 		t.Fatalf("file written after SIGTERM lost: %v", err)
 	}
 	testutil.Run(t, "umount", mnt)
+	a.stop(syscall.SIGTERM)
+}
+
+// TestMetrics: attach --metrics-address serves the volume's requests,
+// events and replica states to Prometheus.
+func TestMetrics(t *testing.T) {
+	dir := kernelTest(t)
+	ps := replicas(t, dir, "64M", "a.img", "b.img", "c.img")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	a := attach(t, dir, "--metrics-address", addr, ps[0], ps[1], ps[2])
+	f, err := os.OpenFile(a.dev, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := alignbuf.Make(1<<20, 1<<20)
+	if _, err := f.WriteAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`quorum_volume_requests_total{op="write",volume=`,
+		`quorum_volume_request_seconds_bucket{op="write"`,
+		`quorum_replica_state{replica="` + ps[1] + `",state="healthy"`,
+		`quorum_replica_out_of_sync_bytes{replica="` + ps[2] + `"`,
+		"go_goroutines",
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
 	a.stop(syscall.SIGTERM)
 }

@@ -8,15 +8,23 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/quorum-csi/quorum-csi/pkg/attach"
+	"github.com/quorum-csi/quorum-csi/pkg/metrics"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 	"github.com/quorum-csi/quorum-csi/pkg/replica"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
@@ -83,6 +91,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	scrubInterval := fs.Duration("scrub-interval", 24*time.Hour, "time between background scrub passes; the first starts at attach")
 	epoch := fs.Uint64("epoch", 0, "epoch presented to replica servers for NBD replicas whose URI has no @epoch=N: it must not be older than the last attach's, and a newer one fences that attach")
 	frontend := fs.String("frontend", "auto", "how the volume becomes a block device: ublk (/dev/ublkbN), fuse-loop (/dev/loopN over a private FUSE file) or auto (ublk when /dev/ublk-control exists, else fuse-loop)")
+	metricsAddr := fs.String("metrics-address", "", "serve Prometheus metrics of the volume (requests, latency, events, replica states) at http://ADDR/metrics; empty: off")
 	nbdTimeout := fs.Duration("nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take before that replica is left out (it resyncs when it answers again)")
 	faults := faultFlag{}
 	fs.Var(faults, "fault-file", "REPLICA=FILE: while FILE exists, every request to REPLICA fails with EIO (for testing failure handling; repeatable)")
@@ -105,7 +114,15 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	errw := &syncWriter{w: stderr}
 	log := slog.New(slog.NewJSONHandler(errw, nil))
-	opts, err := ef.options(eventPrinter(errw))
+	// Events reach the metrics once they exist (after Open).
+	var volMetrics atomic.Pointer[metrics.Volume]
+	printEvent := eventPrinter(errw)
+	opts, err := ef.options(func(e quorum.Event) {
+		printEvent(e)
+		if m := volMetrics.Load(); m != nil {
+			m.Event(e)
+		}
+	})
 	if err != nil {
 		return err
 	}
@@ -138,16 +155,27 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
 		return closeAfter(vol, fmt.Errorf("state folder: %w", err))
 	}
+	var served attach.Volume = vol.Engine
+	if *metricsAddr != "" {
+		m, addr, stop, err := serveMetrics(*metricsAddr, vol)
+		if err != nil {
+			return closeAfter(vol, err)
+		}
+		defer stop()
+		volMetrics.Store(m)
+		served = m.Instrument(vol.Engine)
+		log.Info("serving metrics", "address", addr)
+	}
 	logf := func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
 	var dev attach.Device
 	if *frontend == "ublk" {
-		dev, err = attach.AttachUblk(context.Background(), vol.Engine, attach.UblkOptions{
+		dev, err = attach.AttachUblk(context.Background(), served, attach.UblkOptions{
 			BlockSize: vol.BlockSize(),
 			StateFile: filepath.Join(*stateDir, "ublk-"+vol.ID()),
 			Logf:      logf,
 		})
 	} else {
-		dev, err = attach.AttachFUSELoop(context.Background(), vol.Engine, attach.FUSELoopOptions{
+		dev, err = attach.AttachFUSELoop(context.Background(), served, attach.FUSELoopOptions{
 			StateDir:  *stateDir,
 			BlockSize: vol.BlockSize(),
 			Logf:      logf,
@@ -206,6 +234,27 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	log.Info("detached", "device", dev.Path())
 	return nil
+}
+
+// serveMetrics serves the volume's metrics, and the process's, over
+// HTTP at addr until stop.
+func serveMetrics(addr string, vol *volume.Volume) (_ *metrics.Volume, listening string, stop func(), _ error) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	set, err := metrics.NewSet(reg)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, "", nil, fmt.Errorf("metrics: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(l)
+	m := set.AddVolume(vol.ID(), vol.Status)
+	return m, l.Addr().String(), func() { srv.Close() }, nil
 }
 
 func closeAfter(vol *volume.Volume, err error) error {
