@@ -145,10 +145,10 @@ func (s *Node) NodeGetInfo(context.Context, *csipb.NodeGetInfoRequest) (*csipb.N
 }
 
 // NodeGetCapabilities: staging (the device is assembled once per node),
-// volume stats, and SINGLE_NODE_MULTI_WRITER. CSI v1.13 has no node
-// VOLUME_CONDITION capability any more; volume health is the
-// controller's (ControllerGetVolume). EXPAND_VOLUME is not claimed: the
-// engine cannot grow an assembled volume (see NodeExpandVolume).
+// volume stats, expansion (of the filesystem; see NodeExpandVolume) and
+// SINGLE_NODE_MULTI_WRITER. CSI v1.13 has no node VOLUME_CONDITION
+// capability any more; volume health is the controller's
+// (ControllerGetVolumeHealth).
 func (*Node) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilitiesRequest) (*csipb.NodeGetCapabilitiesResponse, error) {
 	rpc := func(t csipb.NodeServiceCapability_RPC_Type) *csipb.NodeServiceCapability {
 		return &csipb.NodeServiceCapability{Type: &csipb.NodeServiceCapability_Rpc{Rpc: &csipb.NodeServiceCapability_RPC{Type: t}}}
@@ -156,6 +156,7 @@ func (*Node) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilitiesRequ
 	return &csipb.NodeGetCapabilitiesResponse{Capabilities: []*csipb.NodeServiceCapability{
 		rpc(csipb.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME),
 		rpc(csipb.NodeServiceCapability_RPC_GET_VOLUME_STATS),
+		rpc(csipb.NodeServiceCapability_RPC_EXPAND_VOLUME),
 		rpc(csipb.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER),
 	}}, nil
 }
@@ -576,11 +577,13 @@ func deviceSize(path string) (int64, error) {
 	return int64(size), nil
 }
 
-// NodeExpandVolume: the engine cannot grow an assembled volume, so a
-// staged volume is refused with FAILED_PRECONDITION. The agents grow the
-// replica images when the QuorumVolume's size grows, and the volume has
-// its new size from its next NodeStageVolume (offline expansion); the
-// filesystem is grown then by the CO's next expansion call.
+// NodeExpandVolume grows the filesystem of a staged volume to its
+// device. The engine cannot grow an assembled volume yet: the agents
+// grow the replica images when the QuorumVolume's size grows, and the
+// device has the new size from the volume's next NodeStageVolume. So a
+// staged volume whose device is still smaller than required_bytes is
+// FAILED_PRECONDITION (the CO retries; the expansion completes after the
+// pod restarts), and one staged since is grown in place.
 func (s *Node) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolumeRequest) (*csipb.NodeExpandVolumeResponse, error) {
 	id := req.GetVolumeId()
 	switch {
@@ -589,10 +592,28 @@ func (s *Node) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolume
 	case req.GetVolumePath() == "":
 		return nil, fmt.Errorf("%w: volume_path missing", errInvalidArgument)
 	}
-	if s.lookup(id) == nil {
+	release, err := s.locks.acquire(id, "NodeExpandVolume")
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	sv := s.lookup(id)
+	if sv == nil {
 		return nil, fmt.Errorf("%w: volume %s is not staged on node %s", errNotFound, id, s.cfg.NodeName)
 	}
-	return nil, fmt.Errorf("%w: volume %s is staged: an assembled volume cannot grow yet; it has its new size from its next stage", errFailedPrecondition, id)
+	size, err := deviceSize(sv.dev.Path())
+	if err != nil {
+		return nil, fmt.Errorf("expand volume %s: %w", id, err)
+	}
+	if need := req.GetCapacityRange().GetRequiredBytes(); need > size {
+		return nil, fmt.Errorf("%w: volume %s is assembled with %d bytes and cannot grow to %d while staged; it has its new size from its next stage", errFailedPrecondition, id, size, need)
+	}
+	if !sv.block {
+		if _, err := mount.NewResizeFs(utilexec.New()).Resize(sv.dev.Path(), sv.stagingPath); err != nil {
+			return nil, fmt.Errorf("expand the filesystem of volume %s: %w", id, err)
+		}
+	}
+	return &csipb.NodeExpandVolumeResponse{CapacityBytes: size}, nil
 }
 
 // Close detaches every staged volume (forcibly: the node plugin is going

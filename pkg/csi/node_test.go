@@ -280,9 +280,17 @@ func TestNodeStageFilesystem(t *testing.T) {
 	if status.Code(err) != codes.NotFound {
 		t.Errorf("NodeGetVolumeStats of a missing path: %v, want NotFound", err)
 	}
-	_, err = e.nodes["n1"].NodeExpandVolume(t.Context(), &csipb.NodeExpandVolumeRequest{VolumeId: vol.VolumeId, VolumePath: p1.target})
+	_, err = e.nodes["n1"].NodeExpandVolume(t.Context(), &csipb.NodeExpandVolumeRequest{
+		VolumeId: vol.VolumeId, VolumePath: p1.target, CapacityRange: &csipb.CapacityRange{RequiredBytes: 128 << 20},
+	})
 	if status.Code(err) != codes.FailedPrecondition {
-		t.Errorf("NodeExpandVolume of a staged volume: %v, want FailedPrecondition", err)
+		t.Errorf("NodeExpandVolume of a staged volume beyond its device: %v, want FailedPrecondition", err)
+	}
+	exp, err := e.nodes["n1"].NodeExpandVolume(t.Context(), &csipb.NodeExpandVolumeRequest{
+		VolumeId: vol.VolumeId, VolumePath: p1.target, CapacityRange: &csipb.CapacityRange{RequiredBytes: 64 << 20},
+	})
+	if err != nil || exp.CapacityBytes != 64<<20 {
+		t.Errorf("NodeExpandVolume within the device: %v, %v; want 64 MiB", exp, err)
 	}
 	e.unstage(vol, "n1", p1)
 
