@@ -58,6 +58,7 @@ type env struct {
 	ctl   csipb.ControllerClient
 	agent string // field manager of the simulated node agents
 	rc    *rest.Config
+	sock  string // the Controller and Identity services' socket
 }
 
 func startEnv(t *testing.T) *env {
@@ -98,6 +99,7 @@ func startEnv(t *testing.T) *env {
 	// The CSI server runs as the controller binary runs it: a Runnable of
 	// the manager, with a client that reads from the API server.
 	sock := filepath.Join(t.TempDir(), "csi.sock")
+	e.sock = sock
 	if err := mgr.Add(&Server{
 		Endpoint:   "unix://" + sock,
 		Identity:   NewIdentity(APIProber{Client: c}),

@@ -103,6 +103,10 @@ type stagedVolume struct {
 	vol         *volume.Volume
 	dev         attach.Device
 	stopProbe   context.CancelFunc
+	// targets are the paths the volume is published at, with whether
+	// that publish asked for SINGLE_NODE_SINGLE_WRITER, which allows no
+	// second one.
+	targets map[string]bool
 }
 
 // NewNode returns the Node service. It mounts with the host's mount and
@@ -215,7 +219,7 @@ func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 	if err != nil {
 		return nil, fmt.Errorf("volume %s: readPattern: %w", id, err)
 	}
-	sv := &stagedVolume{stagingPath: staging, block: block}
+	sv := &stagedVolume{stagingPath: staging, block: block, targets: map[string]bool{}}
 	// The engine and the device outlive this call: they are detached by
 	// NodeUnstageVolume, not when the CO's call ends.
 	bg := context.WithoutCancel(ctx)
@@ -445,11 +449,20 @@ func (s *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 		return nil, fmt.Errorf("volume_capability: %w", err)
 	}
 	block := isBlock(req.GetVolumeCapability())
+	single := req.GetVolumeCapability().GetAccessMode().GetMode() == csipb.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER
 	release, err := s.locks.acquire(id, "NodePublishVolume")
 	if err != nil {
 		return nil, err
 	}
 	defer release()
+	sv := s.lookup(id)
+	if sv != nil {
+		for t, exclusive := range sv.targets {
+			if t != target && (single || exclusive) {
+				return nil, fmt.Errorf("%w: volume %s is already published at %s and SINGLE_NODE_SINGLE_WRITER allows one", errFailedPrecondition, id, t)
+			}
+		}
+	}
 	source := staging
 	if block {
 		dev, err := os.ReadFile(filepath.Join(staging, deviceFile))
@@ -473,6 +486,7 @@ func (s *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 		return nil, fmt.Errorf("publish volume %s: check mount %s: %w", id, target, err)
 	}
 	if mounted {
+		s.published(sv, target, single)
 		return &csipb.NodePublishVolumeResponse{}, nil
 	}
 	opts := []string{"bind"}
@@ -485,7 +499,18 @@ func (s *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 	if err := s.mounter.Mount(source, target, "", opts); err != nil {
 		return nil, fmt.Errorf("publish volume %s: %w", id, err)
 	}
+	s.published(sv, target, single)
 	return &csipb.NodePublishVolumeResponse{}, nil
+}
+
+// published records a target of sv, a volume this process staged.
+func (s *Node) published(sv *stagedVolume, target string, single bool) {
+	if sv == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sv.targets[target] = single
 }
 
 // makeFile creates the target of a Block bind mount, a regular file,
@@ -520,6 +545,11 @@ func (s *Node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublish
 	}
 	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("unpublish volume %s: %w", id, err)
+	}
+	if sv := s.lookup(id); sv != nil {
+		s.mu.Lock()
+		delete(sv.targets, target)
+		s.mu.Unlock()
 	}
 	return &csipb.NodeUnpublishVolumeResponse{}, nil
 }

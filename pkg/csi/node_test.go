@@ -37,12 +37,13 @@ type nodeEnv struct {
 	*env
 	tlsDir string
 	nodes  map[string]csipb.NodeClient
+	socks  map[string]string // each node's CSI socket
 }
 
 func startNodeEnv(t *testing.T) *nodeEnv {
 	testutil.RequireKernel(t)
 	testutil.RequireTools(t, "mkfs.ext4", "blkid", "mount", "umount")
-	e := &nodeEnv{env: startEnv(t), tlsDir: t.TempDir(), nodes: map[string]csipb.NodeClient{}}
+	e := &nodeEnv{env: startEnv(t), tlsDir: t.TempDir(), nodes: map[string]csipb.NodeClient{}, socks: map[string]string{}}
 	ips := []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}
 	if err := nbd.GenerateDevCA(e.tlsDir, ips); err != nil {
 		t.Fatal(err)
@@ -132,6 +133,7 @@ func (e *nodeEnv) startNode(name, localSocket string) {
 		return err == nil
 	})
 	e.nodes[name] = csipb.NewNodeClient(conn)
+	e.socks[name] = sock
 }
 
 // unmountAll lazily unmounts paths still mounted when the test ends,
