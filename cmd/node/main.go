@@ -41,6 +41,8 @@ type options struct {
 	agent       agent.Config
 	csi         csi.NodeConfig
 	csiEndpoint string
+	kubeletDir  string
+	regPath     string
 	tlsDir      string
 	kubeconfig  string
 }
@@ -61,6 +63,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.agent.ShutdownTimeout, "shutdown-timeout", agent.DefaultShutdownTimeout, "on SIGTERM, how long NBD requests in flight may take to finish")
 	fs.StringVar(&o.agent.LocalSocket, "local-socket", "/run/quorum-csi/nbd.sock", "Unix socket the NBD server also listens on; the CSI Node service reaches this node's replicas through it")
 	fs.StringVar(&o.csiEndpoint, "csi-endpoint", "unix:///csi/csi.sock", "where the CSI Node and Identity services listen, unix:///path; empty: no CSI services")
+	fs.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "the kubelet's folder: the plugin registers with the kubelet through DIR/plugins_registry/quorum.csi.dev-reg.sock; empty: no registration")
+	fs.StringVar(&o.regPath, "kubelet-registration-path", "", "the CSI socket's path on the host, as the kubelet dials it (default: the --csi-endpoint path, when the container sees it at the same path)")
 	fs.StringVar(&o.csi.TLSHostname, "tls-hostname", "localhost", "a name in the server certificate of --tls-dir, checked on the local socket")
 	fs.StringVar(&o.csi.StateDir, "state-dir", "/run/quorum-csi/state", "folder for staged volumes' FUSE mount points and ublk state, DIR/<volume>")
 	fs.StringVar(&o.csi.Frontend, "frontend", csi.FrontendAuto, "how staged volumes become block devices: ublk, fuse-loop, or auto (ublk when /dev/ublk-control exists)")
@@ -131,15 +135,27 @@ func run(args []string, stderr io.Writer) int {
 		return 1
 	}
 	srv := &csi.Server{Endpoint: o.csiEndpoint, Identity: csi.NewIdentity(csi.APIProber{Client: o.csi.Client}), Node: node, Log: log.WithName("csi")}
-	// The agent and the CSI services live and die together: neither is of
-	// use without the other.
+	// The agent, the CSI services and the kubelet registration live and
+	// die together: none is of use without the others.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	errs := make(chan error, 2)
-	go func() { errs <- agent.Run(ctx, rc, o.agent); cancel() }()
-	go func() { errs <- srv.Start(ctx); cancel() }()
+	runs := []func(context.Context) error{
+		func(ctx context.Context) error { return agent.Run(ctx, rc, o.agent) },
+		srv.Start,
+	}
+	if o.kubeletDir != "" {
+		reg := &csi.Registration{KubeletDir: o.kubeletDir, CSIEndpoint: o.csiEndpoint, Log: log.WithName("registration")}
+		if o.regPath != "" {
+			reg.CSIEndpoint = "unix://" + o.regPath
+		}
+		runs = append(runs, reg.Start)
+	}
+	errs := make(chan error, len(runs))
+	for _, run := range runs {
+		go func() { errs <- run(ctx); cancel() }()
+	}
 	code := 0
-	for range 2 {
+	for range runs {
 		if err := <-errs; err != nil {
 			log.Error(err, "node plugin failed")
 			code = 1

@@ -26,7 +26,7 @@ func TestParseFlags(t *testing.T) {
 				}
 				c := o.csi
 				if o.csiEndpoint != "unix:///csi/csi.sock" || c.NodeName != "n1" || c.TLSDir != "/tls" || c.LocalSocket != a.LocalSocket ||
-					c.TLSHostname != "localhost" || c.StateDir != "/run/quorum-csi/state" || c.Frontend != "auto" || c.RequestTimeout != 10*time.Second {
+					o.kubeletDir != "/var/lib/kubelet" || o.regPath != "" || c.TLSHostname != "localhost" || c.StateDir != "/run/quorum-csi/state" || c.Frontend != "auto" || c.RequestTimeout != 10*time.Second {
 					t.Errorf("CSI defaults: endpoint %q, %+v", o.csiEndpoint, c)
 				}
 			},
