@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -28,6 +29,7 @@ import (
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
+	"github.com/quorum-csi/quorum-csi/pkg/volume"
 )
 
 // nodeEnv is env plus three real node agents n1..n3 (NBD with mutual TLS
@@ -38,12 +40,13 @@ type nodeEnv struct {
 	tlsDir string
 	nodes  map[string]csipb.NodeClient
 	socks  map[string]string // each node's CSI socket
+	local  map[string]string // each agent's local NBD socket
 }
 
 func startNodeEnv(t *testing.T) *nodeEnv {
 	testutil.RequireKernel(t)
 	testutil.RequireTools(t, "mkfs.ext4", "blkid", "mount", "umount")
-	e := &nodeEnv{env: startEnv(t), tlsDir: t.TempDir(), nodes: map[string]csipb.NodeClient{}, socks: map[string]string{}}
+	e := &nodeEnv{env: startEnv(t), tlsDir: t.TempDir(), nodes: map[string]csipb.NodeClient{}, socks: map[string]string{}, local: map[string]string{}}
 	ips := []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}
 	if err := nbd.GenerateDevCA(e.tlsDir, ips); err != nil {
 		t.Fatal(err)
@@ -55,6 +58,7 @@ func startNodeEnv(t *testing.T) *nodeEnv {
 			t.Fatalf("create node %s: %v", name, err)
 		}
 		sock := e.startAgent(name, ip)
+		e.local[name] = sock
 		if i < 2 {
 			e.startNode(name, sock)
 		}
@@ -299,6 +303,13 @@ func TestNodeStageFilesystem(t *testing.T) {
 	p2 := newPaths(t)
 	if epoch := e.stage(vol, "n2", c, p2); epoch != 2 {
 		t.Errorf("epoch on n2 = %d, want 2", epoch)
+	}
+	// n1 lost the attachment: even its own replica, through its agent's
+	// local socket, refuses the old epoch.
+	local := fmt.Sprintf("nbds+unix:///%s?socket=%s&tls-certificates=%s&tls-hostname=localhost", vol.VolumeId, e.local["n1"], e.tlsDir)
+	_, err = volume.Open(t.Context(), []string{local}, volume.Options{VoteThreshold: 1, Epoch: 1, Logger: slog.New(slog.DiscardHandler)})
+	if !errors.Is(err, nbd.ErrFenced) {
+		t.Errorf("open of n1's replica through its local socket with epoch 1 after epoch 2 took over: %v, want %v", err, nbd.ErrFenced)
 	}
 	got, err := os.ReadFile(filepath.Join(p2.target, "data"))
 	if err != nil {
