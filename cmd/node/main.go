@@ -1,7 +1,9 @@
 // Command node is quorum-csi's node plugin, run on every node by a
-// DaemonSet. For now it runs the replica agent (package agent): it
-// creates, serves over NBD and deletes the replica images the controller
-// places on the node, and reports them in the QuorumVolume status.
+// DaemonSet. It runs the replica agent (package agent), which creates,
+// serves over NBD and deletes the replica images the controller places
+// on the node, and beside it the CSI Node and Identity services (package
+// csi), which assemble published volumes from their replicas, the local
+// one through the agent's Unix socket.
 package main
 
 import (
@@ -14,13 +16,18 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/go-logr/logr"
+	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
+	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/csi"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 )
 
@@ -31,9 +38,13 @@ func main() {
 // options are the command line: the agent's Config and how to reach the
 // API server.
 type options struct {
-	agent      agent.Config
-	tlsDir     string
-	kubeconfig string
+	agent       agent.Config
+	csi         csi.NodeConfig
+	csiEndpoint string
+	kubeletDir  string
+	regPath     string
+	tlsDir      string
+	kubeconfig  string
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -50,6 +61,14 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.agent.LeaseDuration, "lease-duration", agent.DefaultLeaseDuration, "the node Lease's duration: the controller gives up on the node this long after the last renewal")
 	fs.DurationVar(&o.agent.RenewInterval, "renew-interval", agent.DefaultRenewInterval, "how often the node Lease is renewed")
 	fs.DurationVar(&o.agent.ShutdownTimeout, "shutdown-timeout", agent.DefaultShutdownTimeout, "on SIGTERM, how long NBD requests in flight may take to finish")
+	fs.StringVar(&o.agent.LocalSocket, "local-socket", "/run/quorum-csi/nbd.sock", "Unix socket the NBD server also listens on; the CSI Node service reaches this node's replicas through it")
+	fs.StringVar(&o.csiEndpoint, "csi-endpoint", "unix:///csi/csi.sock", "where the CSI Node and Identity services listen, unix:///path; empty: no CSI services")
+	fs.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "the kubelet's folder: the plugin registers with the kubelet through DIR/plugins_registry/quorum.csi.dev-reg.sock; empty: no registration")
+	fs.StringVar(&o.regPath, "kubelet-registration-path", "", "the CSI socket's path on the host, as the kubelet dials it (default: the --csi-endpoint path, when the container sees it at the same path)")
+	fs.StringVar(&o.csi.TLSHostname, "tls-hostname", "localhost", "a name in the server certificate of --tls-dir, checked on the local socket")
+	fs.StringVar(&o.csi.StateDir, "state-dir", "/run/quorum-csi/state", "folder for staged volumes' FUSE mount points and ublk state, DIR/<volume>")
+	fs.StringVar(&o.csi.Frontend, "frontend", csi.FrontendAuto, "how staged volumes become block devices: ublk, fuse-loop, or auto (ublk when /dev/ublk-control exists)")
+	fs.DurationVar(&o.csi.RequestTimeout, "nbd-timeout", 10*time.Second, "how long a request to a replica server may take before that replica is left out (it resyncs when it answers again)")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; default: in-cluster config, or $KUBECONFIG")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -60,6 +79,11 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if o.agent.Node == "" {
 		return o, errors.New("no node name: give --node-name or set NODE_NAME")
 	}
+	if o.csiEndpoint != "" && (o.tlsDir == "" || o.agent.LocalSocket == "") {
+		// Replicas are only reached over TLS, the local one too.
+		return o, errors.New("the CSI services need --tls-dir and --local-socket (or give --csi-endpoint= to run the agent alone)")
+	}
+	o.csi.NodeName, o.csi.TLSDir, o.csi.LocalSocket = o.agent.Node, o.tlsDir, o.agent.LocalSocket
 	return o, nil
 }
 
@@ -93,9 +117,69 @@ func run(args []string, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if err := agent.Run(ctx, rc, o.agent); err != nil {
-		log.Error(err, "node agent failed")
+	if o.csiEndpoint == "" {
+		if err := agent.Run(ctx, rc, o.agent); err != nil {
+			log.Error(err, "node agent failed")
+			return 1
+		}
+		return 0
+	}
+	if o.csi.Client, err = newClient(rc); err != nil {
+		log.Error(err, "CSI node service")
 		return 1
 	}
-	return 0
+	o.csi.Logger = slog.New(logr.ToSlogHandler(log.WithName("volume")))
+	node, err := csi.NewNode(o.csi)
+	if err != nil {
+		log.Error(err, "CSI node service")
+		return 1
+	}
+	srv := &csi.Server{Endpoint: o.csiEndpoint, Identity: csi.NewIdentity(csi.APIProber{Client: o.csi.Client}), Node: node, Log: log.WithName("csi")}
+	// The agent, the CSI services and the kubelet registration live and
+	// die together: none is of use without the others.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	runs := []func(context.Context) error{
+		func(ctx context.Context) error { return agent.Run(ctx, rc, o.agent) },
+		srv.Start,
+	}
+	if o.kubeletDir != "" {
+		reg := &csi.Registration{KubeletDir: o.kubeletDir, CSIEndpoint: o.csiEndpoint, Log: log.WithName("registration")}
+		if o.regPath != "" {
+			reg.CSIEndpoint = "unix://" + o.regPath
+		}
+		runs = append(runs, reg.Start)
+	}
+	errs := make(chan error, len(runs))
+	for _, run := range runs {
+		go func() { errs <- run(ctx); cancel() }()
+	}
+	code := 0
+	for range runs {
+		if err := <-errs; err != nil {
+			log.Error(err, "node plugin failed")
+			code = 1
+		}
+	}
+	// Volumes still staged are torn down before the process goes: a FUSE
+	// device would not outlive it anyway.
+	if err := node.Close(); err != nil {
+		log.Error(err, "detach staged volumes")
+		code = 1
+	}
+	return code
+}
+
+// newClient reads QuorumVolumes from the API server, not through a
+// cache: NodeStageVolume needs the replicas' current endpoints.
+func newClient(rc *rest.Config) (client.Client, error) {
+	scheme := kruntime.NewScheme()
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("scheme: %w", err)
+	}
+	c, err := client.New(rc, client.Options{Scheme: scheme})
+	if err != nil {
+		return nil, fmt.Errorf("API client: %w", err)
+	}
+	return c, nil
 }

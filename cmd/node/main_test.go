@@ -16,15 +16,30 @@ func TestParseFlags(t *testing.T) {
 		check   func(t *testing.T, o options)
 	}{
 		{
-			name: "defaults", env: "n1",
+			name: "defaults", env: "n1", args: []string{"--tls-dir", "/tls"},
 			check: func(t *testing.T, o options) {
 				a := o.agent
 				if a.Node != "n1" || a.Namespace != "quorum-csi" || a.Listen != ":10809" || a.MetricsAddress != ":9809" ||
-					a.LeaseDuration != 30*time.Second || a.RenewInterval != 10*time.Second || a.TLS != nil {
+					a.LeaseDuration != 30*time.Second || a.RenewInterval != 10*time.Second || a.TLS != nil ||
+					a.LocalSocket != "/run/quorum-csi/nbd.sock" {
 					t.Errorf("defaults: %+v", a)
+				}
+				c := o.csi
+				if o.csiEndpoint != "unix:///csi/csi.sock" || c.NodeName != "n1" || c.TLSDir != "/tls" || c.LocalSocket != a.LocalSocket ||
+					o.kubeletDir != "/var/lib/kubelet" || o.regPath != "" || c.TLSHostname != "localhost" || c.StateDir != "/run/quorum-csi/state" || c.Frontend != "auto" || c.RequestTimeout != 10*time.Second {
+					t.Errorf("CSI defaults: endpoint %q, %+v", o.csiEndpoint, c)
 				}
 			},
 		},
+		{
+			name: "agent alone", env: "n1", args: []string{"--csi-endpoint="},
+			check: func(t *testing.T, o options) {
+				if o.csiEndpoint != "" || o.tlsDir != "" {
+					t.Errorf("agent alone: endpoint %q, tls dir %q", o.csiEndpoint, o.tlsDir)
+				}
+			},
+		},
+		{name: "CSI without TLS", env: "n1", wantErr: "need --tls-dir"},
 		{
 			name: "flags",
 			args: []string{"--node-name", "n2", "--namespace", "ns", "--data-dir", "/d", "--listen", "127.0.0.2:0",

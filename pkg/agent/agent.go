@@ -5,9 +5,11 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"time"
 
@@ -49,6 +51,11 @@ type Config struct {
 	// nodes dial; the endpoint reported is it with the listener's port.
 	// Empty: the listen address's host, if it names one.
 	AdvertiseAddress string
+	// LocalSocket, when set, is a Unix socket the same NBD server also
+	// listens on. The node's CSI service reaches the local replica
+	// through it, so that local writes are epoch-fenced like remote ones
+	// and the agent alone holds the images open.
+	LocalSocket string
 	// TLS, when set, makes the NBD server require mutual TLS
 	// (nbd.ServerTLSDir).
 	TLS *tls.Config
@@ -147,6 +154,13 @@ func Run(ctx context.Context, rc *rest.Config, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
+	var ul net.Listener
+	if cfg.LocalSocket != "" {
+		if ul, err = listenUnix(cfg.LocalSocket); err != nil {
+			return err
+		}
+		undo = append(undo, ul.Close)
+	}
 	srv, err := nbd.NewServer(nbd.ServerConfig{TLS: cfg.TLS, Logger: slog.New(logr.ToSlogHandler(log.WithName("nbd")))})
 	if err != nil {
 		return err
@@ -197,15 +211,21 @@ func Run(ctx context.Context, rc *rest.Config, cfg Config) (err error) {
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	serveErr := make(chan error, 1)
-	go func() {
-		err := srv.Serve(l)
-		if !errors.Is(err, nbd.ErrServerClosed) {
-			cancel() // the agent is useless without its server
-		}
-		serveErr <- err
-	}()
-	log.Info("node agent running", "nbd", l.Addr().String(), "endpoint", ep, "tls", cfg.TLS != nil, "dataDir", cfg.DataDir, "namespace", cfg.Namespace)
+	listeners := []net.Listener{l}
+	if ul != nil {
+		listeners = append(listeners, ul)
+	}
+	serveErr := make(chan error, len(listeners))
+	for _, l := range listeners {
+		go func() {
+			err := srv.Serve(l)
+			if !errors.Is(err, nbd.ErrServerClosed) {
+				cancel() // the agent is useless without its server
+			}
+			serveErr <- err
+		}()
+	}
+	log.Info("node agent running", "nbd", l.Addr().String(), "localSocket", cfg.LocalSocket, "endpoint", ep, "tls", cfg.TLS != nil, "dataDir", cfg.DataDir, "namespace", cfg.Namespace)
 	if cfg.TLS == nil {
 		log.Info("WARNING: serving replicas without TLS: anyone who can reach the address and present a current epoch can write (give --tls-dir)")
 	}
@@ -216,8 +236,10 @@ func Run(ctx context.Context, rc *rest.Config, cfg Config) (err error) {
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Error(err, "closed NBD connections with requests still in flight")
 	}
-	if err := <-serveErr; !errors.Is(err, nbd.ErrServerClosed) {
-		mgrErr = errors.Join(mgrErr, fmt.Errorf("node agent: NBD server: %w", err))
+	for range listeners {
+		if err := <-serveErr; !errors.Is(err, nbd.ErrServerClosed) {
+			mgrErr = errors.Join(mgrErr, fmt.Errorf("node agent: NBD server: %w", err))
+		}
 	}
 	if err := set.stopAll(); err != nil {
 		mgrErr = errors.Join(mgrErr, err)
@@ -284,4 +306,24 @@ func logOrphans(ctx context.Context, c client.Reader, set *replicaSet, node stri
 			}
 		}
 	}
+}
+
+// listenUnix listens on the local socket path, making its folder. A
+// socket left by an earlier run is removed first: nothing listens on it
+// any more, or this listen would fail anyway. Any other file there is an
+// error.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("node agent: local socket folder: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil && fi.Mode().Type() == fs.ModeSocket {
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("node agent: remove stale local socket: %w", err)
+		}
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("node agent: local NBD socket: %w", err)
+	}
+	return l, nil
 }

@@ -17,6 +17,7 @@ import (
 	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -56,6 +57,8 @@ type env struct {
 	ids   csipb.IdentityClient
 	ctl   csipb.ControllerClient
 	agent string // field manager of the simulated node agents
+	rc    *rest.Config
+	sock  string // the Controller and Identity services' socket
 }
 
 func startEnv(t *testing.T) *env {
@@ -70,7 +73,7 @@ func startEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatalf("client: %v", err)
 	}
-	e := &env{t: t, c: c, agent: "quorum-agent"}
+	e := &env{t: t, c: c, agent: "quorum-agent", rc: srv.Config}
 	e.installCRD()
 	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controller.DefaultNamespace}}); err != nil {
 		t.Fatalf("create namespace: %v", err)
@@ -96,6 +99,7 @@ func startEnv(t *testing.T) *env {
 	// The CSI server runs as the controller binary runs it: a Runnable of
 	// the manager, with a client that reads from the API server.
 	sock := filepath.Join(t.TempDir(), "csi.sock")
+	e.sock = sock
 	if err := mgr.Add(&Server{
 		Endpoint:   "unix://" + sock,
 		Identity:   NewIdentity(APIProber{Client: c}),

@@ -1,0 +1,361 @@
+package csi
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+
+	"github.com/quorum-csi/quorum-csi/internal/alignbuf"
+	"github.com/quorum-csi/quorum-csi/internal/testutil"
+	"github.com/quorum-csi/quorum-csi/pkg/agent"
+	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/nbd"
+	"github.com/quorum-csi/quorum-csi/pkg/volume"
+)
+
+// nodeEnv is env plus three real node agents n1..n3 (NBD with mutual TLS
+// on 127.0.0.2..4, each with its local socket) and the Node services of
+// n1 and n2, each served on its own socket as the node binary serves it.
+type nodeEnv struct {
+	*env
+	tlsDir string
+	nodes  map[string]csipb.NodeClient
+	socks  map[string]string // each node's CSI socket
+	local  map[string]string // each agent's local NBD socket
+}
+
+func startNodeEnv(t *testing.T) *nodeEnv {
+	testutil.RequireKernel(t)
+	testutil.RequireTools(t, "mkfs.ext4", "blkid", "mount", "umount")
+	e := &nodeEnv{env: startEnv(t), tlsDir: t.TempDir(), nodes: map[string]csipb.NodeClient{}, socks: map[string]string{}, local: map[string]string{}}
+	ips := []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}
+	if err := nbd.GenerateDevCA(e.tlsDir, ips); err != nil {
+		t.Fatal(err)
+	}
+	for i, ip := range ips {
+		name := fmt.Sprintf("n%d", i+1)
+		n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{corev1.LabelHostname: name}}}
+		if err := e.c.Create(t.Context(), n); err != nil {
+			t.Fatalf("create node %s: %v", name, err)
+		}
+		sock := e.startAgent(name, ip)
+		e.local[name] = sock
+		if i < 2 {
+			e.startNode(name, sock)
+		}
+	}
+	return e
+}
+
+// startAgent runs name's agent until the test ends and returns its local
+// socket.
+func (e *nodeEnv) startAgent(name, ip string) string {
+	t := e.t
+	tlsCfg, err := nbd.ServerTLSDir(e.tlsDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", ip+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	cfg := agent.Config{
+		Node: name, DataDir: t.TempDir(), Listen: addr, AdvertiseAddress: ip, TLS: tlsCfg, LocalSocket: sock,
+		MetricsAddress: "0", LeaseDuration: 3 * time.Second, RenewInterval: 300 * time.Millisecond,
+		ShutdownTimeout: 5 * time.Second, Logger: log.Log.WithName(name),
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- agent.Run(ctx, e.rc, cfg) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("agent %s: %v", name, err)
+		}
+	})
+	return sock
+}
+
+// startNode serves name's Node and Identity services on a socket, as
+// cmd/node does, and connects a client to it.
+func (e *nodeEnv) startNode(name, localSocket string) {
+	t := e.t
+	n, err := NewNode(NodeConfig{
+		NodeName: name, Client: e.c, TLSDir: e.tlsDir, LocalSocket: localSocket,
+		StateDir: t.TempDir(), RequestTimeout: 5 * time.Second,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, nil)).With("node", name),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "csi.sock")
+	srv := &Server{Endpoint: "unix://" + sock, Identity: NewIdentity(APIProber{Client: e.c}), Node: n, Log: log.Log.WithName("csi-" + name)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Start(ctx) }()
+	// Runs before the agents stop (cleanups run last first), so staged
+	// volumes are detached while their replica servers still answer.
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("CSI server of %s: %v", name, err)
+		}
+		if err := n.Close(); err != nil {
+			t.Errorf("close node %s: %v", name, err)
+		}
+	})
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ids := csipb.NewIdentityClient(conn)
+	e.poll("the node's CSI socket answering", func(ctx context.Context) bool {
+		_, err := ids.GetPluginInfo(ctx, &csipb.GetPluginInfoRequest{})
+		return err == nil
+	})
+	e.nodes[name] = csipb.NewNodeClient(conn)
+	e.socks[name] = sock
+}
+
+// unmountAll lazily unmounts paths still mounted when the test ends,
+// so that a failing test leaves the machine clean.
+func unmountAll(t *testing.T, paths ...string) {
+	t.Cleanup(func() {
+		for _, p := range paths {
+			if unix.Unmount(p, 0) == nil {
+				t.Errorf("%s was still mounted at the end", p)
+			}
+		}
+	})
+}
+
+func ready3(qv *v1alpha1.QuorumVolume) bool {
+	healthy := 0
+	for _, r := range qv.Status.Replicas {
+		if r.State == v1alpha1.ReplicaHealthy && r.Endpoint != "" {
+			healthy++
+		}
+	}
+	return qv.Status.Phase == v1alpha1.VolumeReady && healthy == 3
+}
+
+// paths of one node's use of a volume.
+type nodePaths struct{ staging, target string }
+
+func newPaths(t *testing.T) nodePaths {
+	dir := t.TempDir()
+	p := nodePaths{staging: filepath.Join(dir, "staging"), target: filepath.Join(dir, "pods", "target")}
+	if err := os.MkdirAll(p.staging, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	// Reverse order: the target is unmounted before its source.
+	unmountAll(t, p.target, p.staging)
+	return p
+}
+
+// stage publishes vol to node (ControllerPublishVolume), then stages and
+// publishes it there, each node call twice (idempotency), and returns
+// the epoch.
+func (e *nodeEnv) stage(vol *csipb.Volume, node string, c *csipb.VolumeCapability, p nodePaths) int64 {
+	t := e.t
+	t.Helper()
+	pub, err := e.ctl.ControllerPublishVolume(t.Context(), &csipb.ControllerPublishVolumeRequest{
+		VolumeId: vol.VolumeId, NodeId: node, VolumeCapability: c, VolumeContext: vol.VolumeContext,
+	})
+	if err != nil {
+		t.Fatalf("ControllerPublishVolume to %s: %v", node, err)
+	}
+	epoch, err := strconv.ParseInt(pub.PublishContext[PublishContextEpoch], 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := e.nodes[node]
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	for i := range 2 {
+		if _, err := n.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{
+			VolumeId: vol.VolumeId, PublishContext: pub.PublishContext, StagingTargetPath: p.staging,
+			VolumeCapability: c, VolumeContext: vol.VolumeContext,
+		}); err != nil {
+			t.Fatalf("NodeStageVolume #%d on %s: %v", i+1, node, err)
+		}
+	}
+	for i := range 2 {
+		if _, err := n.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{
+			VolumeId: vol.VolumeId, PublishContext: pub.PublishContext, StagingTargetPath: p.staging,
+			TargetPath: p.target, VolumeCapability: c, VolumeContext: vol.VolumeContext,
+		}); err != nil {
+			t.Fatalf("NodePublishVolume #%d on %s: %v", i+1, node, err)
+		}
+	}
+	return epoch
+}
+
+// unstage undoes stage, each call twice.
+func (e *nodeEnv) unstage(vol *csipb.Volume, node string, p nodePaths) {
+	t := e.t
+	t.Helper()
+	n := e.nodes[node]
+	for i := range 2 {
+		if _, err := n.NodeUnpublishVolume(t.Context(), &csipb.NodeUnpublishVolumeRequest{VolumeId: vol.VolumeId, TargetPath: p.target}); err != nil {
+			t.Fatalf("NodeUnpublishVolume #%d on %s: %v", i+1, node, err)
+		}
+	}
+	if _, err := os.Stat(p.target); !os.IsNotExist(err) {
+		t.Errorf("target %s still there after NodeUnpublishVolume: %v", p.target, err)
+	}
+	for i := range 2 {
+		if _, err := n.NodeUnstageVolume(t.Context(), &csipb.NodeUnstageVolumeRequest{VolumeId: vol.VolumeId, StagingTargetPath: p.staging}); err != nil {
+			t.Fatalf("NodeUnstageVolume #%d on %s: %v", i+1, node, err)
+		}
+	}
+	if _, err := e.ctl.ControllerUnpublishVolume(t.Context(), &csipb.ControllerUnpublishVolumeRequest{VolumeId: vol.VolumeId, NodeId: node}); err != nil {
+		t.Fatalf("ControllerUnpublishVolume from %s: %v", node, err)
+	}
+}
+
+func (e *nodeEnv) create(name string, c *csipb.VolumeCapability) *csipb.Volume {
+	t := e.t
+	t.Helper()
+	resp, err := e.ctl.CreateVolume(t.Context(), &csipb.CreateVolumeRequest{
+		Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: 64 << 20},
+		VolumeCapabilities: []*csipb.VolumeCapability{c}, Parameters: map[string]string{ParamReplicas: "3"},
+	})
+	if err != nil {
+		t.Fatalf("CreateVolume %s: %v", name, err)
+	}
+	e.waitFor(resp.Volume.VolumeId, "three Healthy replicas", ready3)
+	return resp.Volume
+}
+
+// TestNodeStageFilesystem: a file written through n1's mount reads back
+// through n2's after the attachment moved, with every node call
+// idempotent and the stats of the mounted volume reported.
+func TestNodeStageFilesystem(t *testing.T) {
+	e := startNodeEnv(t)
+	info, err := e.nodes["n1"].NodeGetInfo(t.Context(), &csipb.NodeGetInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.NodeId != "n1" || info.AccessibleTopology.GetSegments()[TopologyKeyNode] != "n1" {
+		t.Errorf("NodeGetInfo = %v, want node n1 with topology %s=n1", info, TopologyKeyNode)
+	}
+	c := mountCap(csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, "ext4")
+	vol := e.create("pvc-fs", c)
+
+	p1 := newPaths(t)
+	if epoch := e.stage(vol, "n1", c, p1); epoch != 1 {
+		t.Errorf("epoch on n1 = %d, want 1", epoch)
+	}
+	data := bytes.Repeat([]byte("quorum-csi node test\n"), 50000)
+	want := sha256.Sum256(data)
+	if err := os.WriteFile(filepath.Join(p1.target, "data"), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stats, err := e.nodes["n1"].NodeGetVolumeStats(t.Context(), &csipb.NodeGetVolumeStatsRequest{VolumeId: vol.VolumeId, VolumePath: p1.target})
+	if err != nil {
+		t.Fatalf("NodeGetVolumeStats: %v", err)
+	}
+	if u := stats.Usage; len(u) != 2 || u[0].Total <= 0 || u[0].Used < int64(len(data)) || u[1].Unit != csipb.VolumeUsage_INODES || u[1].Total <= 0 {
+		t.Errorf("NodeGetVolumeStats = %v, want bytes with at least %d used and inodes", u, len(data))
+	}
+	_, err = e.nodes["n1"].NodeGetVolumeStats(t.Context(), &csipb.NodeGetVolumeStatsRequest{VolumeId: vol.VolumeId, VolumePath: filepath.Join(t.TempDir(), "nothing")})
+	if status.Code(err) != codes.NotFound {
+		t.Errorf("NodeGetVolumeStats of a missing path: %v, want NotFound", err)
+	}
+	_, err = e.nodes["n1"].NodeExpandVolume(t.Context(), &csipb.NodeExpandVolumeRequest{
+		VolumeId: vol.VolumeId, VolumePath: p1.target, CapacityRange: &csipb.CapacityRange{RequiredBytes: 128 << 20},
+	})
+	if status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("NodeExpandVolume of a staged volume beyond its device: %v, want FailedPrecondition", err)
+	}
+	exp, err := e.nodes["n1"].NodeExpandVolume(t.Context(), &csipb.NodeExpandVolumeRequest{
+		VolumeId: vol.VolumeId, VolumePath: p1.target, CapacityRange: &csipb.CapacityRange{RequiredBytes: 64 << 20},
+	})
+	if err != nil || exp.CapacityBytes != 64<<20 {
+		t.Errorf("NodeExpandVolume within the device: %v, %v; want 64 MiB", exp, err)
+	}
+	e.unstage(vol, "n1", p1)
+
+	p2 := newPaths(t)
+	if epoch := e.stage(vol, "n2", c, p2); epoch != 2 {
+		t.Errorf("epoch on n2 = %d, want 2", epoch)
+	}
+	// n1 lost the attachment: even its own replica, through its agent's
+	// local socket, refuses the old epoch.
+	local := fmt.Sprintf("nbds+unix:///%s?socket=%s&tls-certificates=%s&tls-hostname=localhost", vol.VolumeId, e.local["n1"], e.tlsDir)
+	_, err = volume.Open(t.Context(), []string{local}, volume.Options{VoteThreshold: 1, Epoch: 1, Logger: slog.New(slog.DiscardHandler)})
+	if !errors.Is(err, nbd.ErrFenced) {
+		t.Errorf("open of n1's replica through its local socket with epoch 1 after epoch 2 took over: %v, want %v", err, nbd.ErrFenced)
+	}
+	got, err := os.ReadFile(filepath.Join(p2.target, "data"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sha256.Sum256(got) != want {
+		t.Errorf("the file read on n2 differs from what n1 wrote (%d bytes, want %d)", len(got), len(data))
+	}
+	e.unstage(vol, "n2", p2)
+}
+
+// TestNodeStageBlock: the published block file is the volume's device;
+// a pattern written with O_DIRECT reads back.
+func TestNodeStageBlock(t *testing.T) {
+	e := startNodeEnv(t)
+	c := blockCap(csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER)
+	vol := e.create("pvc-block", c)
+	p := newPaths(t)
+	e.stage(vol, "n1", c, p)
+
+	const off, size = 1 << 20, 64 << 10
+	buf := alignbuf.Make(size, size)
+	for i := range buf {
+		buf[i] = byte(i*7 + i/4096)
+	}
+	f, err := os.OpenFile(p.target, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(buf, off); err != nil {
+		t.Fatalf("write the block file: %v", err)
+	}
+	got := alignbuf.Make(size, size)
+	if _, err := f.ReadAt(got, off); err != nil {
+		t.Fatalf("read the block file: %v", err)
+	}
+	f.Close()
+	if !bytes.Equal(got, buf) {
+		t.Error("the block file read back differs from what was written")
+	}
+	stats, err := e.nodes["n1"].NodeGetVolumeStats(t.Context(), &csipb.NodeGetVolumeStatsRequest{VolumeId: vol.VolumeId, VolumePath: p.target})
+	if err != nil {
+		t.Fatalf("NodeGetVolumeStats: %v", err)
+	}
+	if u := stats.Usage; len(u) != 1 || u[0].Total != 64<<20 {
+		t.Errorf("NodeGetVolumeStats of the block file = %v, want a total of 64 MiB", u)
+	}
+	e.unstage(vol, "n1", p)
+}
