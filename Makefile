@@ -39,8 +39,8 @@ tools:
 
 # The chart lints and renders; e2e/chart applies it to a real API server.
 chart-check: tools
-	$(TOOLS_BIN)/helm lint --strict charts/quorum-csi
-	$(TOOLS_BIN)/helm template quorum-csi charts/quorum-csi --namespace quorum-csi --kube-version v1.37.2 >/dev/null
+	$(TOOLS_BIN)/helm lint --strict charts/quorum-csi --set tls.secretName=quorum-tls
+	$(TOOLS_BIN)/helm template quorum-csi charts/quorum-csi --namespace quorum-csi --kube-version v1.37.2 --set tls.secretName=quorum-tls >/dev/null
 
 # etcd, kube-apiserver and kubectl for the API-server tests (internal/kubetest).
 k8s-bins:

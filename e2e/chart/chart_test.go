@@ -27,7 +27,7 @@ func helm(t *testing.T) string {
 }
 
 // TestChartAppliesToAPIServer renders the chart with its defaults and
-// with TLS and custom classes, and applies the result with a
+// with custom classes, and applies the result with a
 // server-side dry run: the API server validates each object (schemas,
 // RBAC rules, the CRD) as it would on install.
 func TestChartAppliesToAPIServer(t *testing.T) {
@@ -41,8 +41,8 @@ func TestChartAppliesToAPIServer(t *testing.T) {
 		set  []string
 		want []string
 	}{
-		{"defaults", nil, []string{"csidriver.storage.k8s.io/quorum.csi.dev", "storageclass.storage.k8s.io/quorum-fifo", "daemonset.apps/quorum-csi-node", "deployment.apps/quorum-csi-controller", "customresourcedefinition.apiextensions.k8s.io/quorumvolumes.quorum.csi.dev"}},
-		{"tls", []string{"--set", "tls.secretName=quorum-tls"}, []string{"daemonset.apps/quorum-csi-node"}},
+		{"defaults", []string{"--set", "tls.secretName=quorum-tls"}, []string{"csidriver.storage.k8s.io/quorum.csi.dev", "storageclass.storage.k8s.io/quorum-fifo", "daemonset.apps/quorum-csi-node", "deployment.apps/quorum-csi-controller", "customresourcedefinition.apiextensions.k8s.io/quorumvolumes.quorum.csi.dev"}},
+		{"one class", []string{"--set", "tls.secretName=quorum-tls", "--set", "storageClasses[0].name=only", "--set", "storageClasses[0].default=true"}, []string{"storageclass.storage.k8s.io/only"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			args := append([]string{"template", "quorum-csi", "../../charts/quorum-csi", "--namespace", "quorum-csi", "--kube-version", "v1.37.2", "--include-crds"}, tc.set...)
@@ -63,9 +63,18 @@ func TestChartAppliesToAPIServer(t *testing.T) {
 					t.Errorf("dry run lacks %s:\n%s", w, applied)
 				}
 			}
-			if strings.Contains(tc.name, "tls") && !strings.Contains(string(out), "--tls-dir=/tls") {
-				t.Errorf("tls.secretName does not give the node --tls-dir")
+			if !strings.Contains(string(out), "secretName: quorum-tls") {
+				t.Errorf("the node DaemonSet does not mount the TLS Secret")
 			}
 		})
+	}
+}
+
+// TestChartNeedsTLS: without a TLS Secret the chart refuses to render,
+// saying what to give.
+func TestChartNeedsTLS(t *testing.T) {
+	out, err := exec.Command(helm(t), "template", "quorum-csi", "../../charts/quorum-csi", "--kube-version", "v1.37.2").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "tls.secretName") {
+		t.Fatalf("helm template without tls.secretName: err %v, output:\n%s", err, out)
 	}
 }
