@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	eventsv1 "k8s.io/api/events/v1"
 	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -124,10 +125,12 @@ func run(args []string, stderr io.Writer) int {
 		}
 		return 0
 	}
-	if o.csi.Client, err = newClient(rc); err != nil {
+	c, err := newClient(rc)
+	if err != nil {
 		log.Error(err, "CSI node service")
 		return 1
 	}
+	o.csi.Client, o.csi.Events = c, c
 	o.csi.Logger = slog.New(logr.ToSlogHandler(log.WithName("volume")))
 	node, err := csi.NewNode(o.csi)
 	if err != nil {
@@ -171,10 +174,14 @@ func run(args []string, stderr io.Writer) int {
 }
 
 // newClient reads QuorumVolumes from the API server, not through a
-// cache: NodeStageVolume needs the replicas' current endpoints.
+// cache (NodeStageVolume needs the replicas' current endpoints), and
+// writes the engine's Events.
 func newClient(rc *rest.Config) (client.Client, error) {
 	scheme := kruntime.NewScheme()
 	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("scheme: %w", err)
+	}
+	if err := eventsv1.AddToScheme(scheme); err != nil {
 		return nil, fmt.Errorf("scheme: %w", err)
 	}
 	c, err := client.New(rc, client.Options{Scheme: scheme})

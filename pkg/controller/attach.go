@@ -127,6 +127,14 @@ func Detach(ctx context.Context, c client.Client, volume, node string) error {
 // the attachment is already stored.
 func recordEvent(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVolume, reason, action, note string) {
 	host, _ := os.Hostname()
+	RecordEvent(ctx, c, qv, corev1.EventTypeNormal, FieldManager, FieldManager+"-"+host, reason, action, note)
+}
+
+// RecordEvent writes an events.k8s.io/v1 Event of eventType (Normal or
+// Warning) about qv, reported by controller and instance (the node
+// plugin reports the engine's events with it). A failure is logged, not
+// returned: events are for people, never part of a decision.
+func RecordEvent(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVolume, eventType, controller, instance, reason, action, note string) {
 	now := time.Now()
 	ev := &eventsv1.Event{
 		ObjectMeta: metav1.ObjectMeta{
@@ -136,8 +144,8 @@ func recordEvent(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVolume
 			Name:      fmt.Sprintf("%s.%x", qv.Name, now.UnixNano()),
 		},
 		EventTime:           metav1.NewMicroTime(now),
-		ReportingController: FieldManager,
-		ReportingInstance:   FieldManager + "-" + host,
+		ReportingController: controller,
+		ReportingInstance:   instance,
 		Action:              action,
 		Reason:              reason,
 		Regarding: corev1.ObjectReference{
@@ -145,7 +153,7 @@ func recordEvent(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVolume
 			Name: qv.Name, UID: qv.UID, ResourceVersion: qv.ResourceVersion,
 		},
 		Note: note,
-		Type: corev1.EventTypeNormal,
+		Type: eventType,
 	}
 	if err := c.Create(ctx, ev); err != nil {
 		log.FromContext(ctx).Error(err, "record event", "volume", qv.Name, "reason", reason)

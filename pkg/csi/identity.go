@@ -43,8 +43,10 @@ func (*Identity) GetPluginInfo(context.Context, *csipb.GetPluginInfoRequest) (*c
 
 // GetPluginCapabilities: the controller service; topology, because a
 // WaitForFirstConsumer volume puts a replica on the consumer's node
-// (though any node can reach the volume); and online expansion, since the
-// node grows an attached volume in place.
+// (though any node can reach the volume); and offline expansion: the
+// agents grow the replicas at once, but the engine cannot grow a staged
+// volume, so the new size reaches the pod when the volume is staged
+// again (claiming online expansion would promise more).
 func (*Identity) GetPluginCapabilities(context.Context, *csipb.GetPluginCapabilitiesRequest) (*csipb.GetPluginCapabilitiesResponse, error) {
 	service := func(t csipb.PluginCapability_Service_Type) *csipb.PluginCapability {
 		return &csipb.PluginCapability{Type: &csipb.PluginCapability_Service_{Service: &csipb.PluginCapability_Service{Type: t}}}
@@ -53,7 +55,7 @@ func (*Identity) GetPluginCapabilities(context.Context, *csipb.GetPluginCapabili
 		service(csipb.PluginCapability_Service_CONTROLLER_SERVICE),
 		service(csipb.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS),
 		{Type: &csipb.PluginCapability_VolumeExpansion_{VolumeExpansion: &csipb.PluginCapability_VolumeExpansion{
-			Type: csipb.PluginCapability_VolumeExpansion_ONLINE,
+			Type: csipb.PluginCapability_VolumeExpansion_OFFLINE,
 		}}},
 	}}, nil
 }

@@ -16,6 +16,7 @@ import (
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/go-logr/logr"
 	"golang.org/x/sys/unix"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/attach"
+	"github.com/quorum-csi/quorum-csi/pkg/controller"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
 )
@@ -81,6 +83,9 @@ type NodeConfig struct {
 	RequestTimeout time.Duration
 	// Logger receives the engine's and NBD clients' logs.
 	Logger *slog.Logger
+	// Events, if set, records the engine's QUORUM_FAILURE and REPORT_BAD
+	// events as Warning Events on the QuorumVolume.
+	Events client.Client
 }
 
 // Node is the CSI Node service: it assembles a volume's replicas into a
@@ -230,6 +235,7 @@ func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 		Epoch:            epoch,
 		RequestTimeout:   s.cfg.RequestTimeout,
 		Logger:           s.cfg.Logger.With("volume", id),
+		OnEvent:          s.eventSink(qv),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("assemble volume %s with epoch %d: %w", id, epoch, err)
@@ -661,4 +667,41 @@ func (s *Node) Close() error {
 		delete(s.staged, id)
 	}
 	return errors.Join(errs...)
+}
+
+// eventInterval is the least time between two Kubernetes Events of one
+// kind about one replica: a replica failing under load fails every
+// request in flight, and each is an engine event.
+const eventInterval = 10 * time.Second
+
+// eventSink turns the engine's events into Warning Events on the volume,
+// at most one per kind and replica every eventInterval; the engine's own
+// log keeps every one.
+func (s *Node) eventSink(qv *v1alpha1.QuorumVolume) func(quorum.Event) {
+	if s.cfg.Events == nil {
+		return nil
+	}
+	var mu sync.Mutex
+	last := map[string]time.Time{}
+	return func(e quorum.Event) {
+		key := string(e.Type) + "/" + e.Child
+		mu.Lock()
+		if time.Since(last[key]) < eventInterval {
+			mu.Unlock()
+			return
+		}
+		last[key] = time.Now()
+		mu.Unlock()
+		note := fmt.Sprintf("%s of %d bytes at %d", e.Op, e.Length, e.Offset)
+		if e.Child != "" {
+			note += " on replica " + e.Child
+		}
+		if e.Error != "" {
+			note += ": " + e.Error
+		}
+		// The engine calls this on its request path: never wait there
+		// for the API server.
+		go controller.RecordEvent(context.Background(), s.cfg.Events, qv, corev1.EventTypeWarning,
+			"quorum-node", "quorum-node-"+s.cfg.NodeName, string(e.Type), string(e.Op), note)
+	}
 }

@@ -116,7 +116,7 @@ func testIdentity(e *env) {
 			got = append(got, "expansion "+x.GetType().String())
 		}
 	}
-	if want := []string{"CONTROLLER_SERVICE", "VOLUME_ACCESSIBILITY_CONSTRAINTS", "expansion ONLINE"}; !slices.Equal(got, want) {
+	if want := []string{"CONTROLLER_SERVICE", "VOLUME_ACCESSIBILITY_CONSTRAINTS", "expansion OFFLINE"}; !slices.Equal(got, want) {
 		t.Errorf("plugin capabilities %v, want %v", got, want)
 	}
 	probe, err := e.ids.Probe(ctx, &csipb.ProbeRequest{})
