@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -155,9 +156,9 @@ func (s *Node) NodeGetInfo(context.Context, *csipb.NodeGetInfoRequest) (*csipb.N
 
 // NodeGetCapabilities: staging (the device is assembled once per node),
 // volume stats, expansion (of the filesystem; see NodeExpandVolume) and
-// SINGLE_NODE_MULTI_WRITER. CSI v1.13 has no node VOLUME_CONDITION
-// capability any more; volume health is the controller's
-// (ControllerGetVolumeHealth).
+// SINGLE_NODE_MULTI_WRITER, and volume health (CSI v1.13's successor of
+// VOLUME_CONDITION): what the engine on this node sees of the replicas,
+// which can be newer than the controller's view.
 func (*Node) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilitiesRequest) (*csipb.NodeGetCapabilitiesResponse, error) {
 	rpc := func(t csipb.NodeServiceCapability_RPC_Type) *csipb.NodeServiceCapability {
 		return &csipb.NodeServiceCapability{Type: &csipb.NodeServiceCapability_Rpc{Rpc: &csipb.NodeServiceCapability_RPC{Type: t}}}
@@ -167,7 +168,49 @@ func (*Node) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilitiesRequ
 		rpc(csipb.NodeServiceCapability_RPC_GET_VOLUME_STATS),
 		rpc(csipb.NodeServiceCapability_RPC_EXPAND_VOLUME),
 		rpc(csipb.NodeServiceCapability_RPC_SINGLE_NODE_MULTI_WRITER),
+		rpc(csipb.NodeServiceCapability_RPC_GET_VOLUME_HEALTH),
 	}}, nil
+}
+
+// NodeGetVolumeHealth reports the staged volume's replicas as the engine
+// sees them: DEGRADED while some replica is faulty or resyncing but
+// writes still reach the vote threshold, INACCESSIBLE when fewer
+// replicas are healthy than the threshold; the message says replica by
+// replica what is wrong.
+func (s *Node) NodeGetVolumeHealth(ctx context.Context, req *csipb.NodeGetVolumeHealthRequest) (*csipb.NodeGetVolumeHealthResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
+	}
+	sv := s.lookup(id)
+	if sv == nil {
+		return nil, fmt.Errorf("volume %s is not staged on this node: %w", id, errNotFound)
+	}
+	h := &csipb.VolumeHealth{VolumeId: id}
+	var bad []string
+	healthy := 0
+	for _, c := range sv.vol.Status() {
+		switch c.State {
+		case quorum.ChildHealthy:
+			healthy++
+		case quorum.ChildResyncing:
+			bad = append(bad, fmt.Sprintf("replica %s resyncing, %d of %d bytes copied", c.Name, c.ResyncDone, c.ResyncTotal))
+		default:
+			bad = append(bad, fmt.Sprintf("replica %s %s, %d bytes out of sync: %s", c.Name, c.State, c.DirtyBytes, c.Error))
+		}
+	}
+	switch {
+	case healthy < sv.vol.VoteThreshold():
+		h.HealthStatuses = []*csipb.VolumeHealth_VolumeHealthEntry{{
+			Status: csipb.VolumeHealthErrorType_INACCESSIBLE, Reason: "BelowVoteThreshold",
+			Message: fmt.Sprintf("%d healthy replicas, vote threshold %d: %s", healthy, sv.vol.VoteThreshold(), strings.Join(bad, "; ")),
+		}}
+	case len(bad) > 0:
+		h.HealthStatuses = []*csipb.VolumeHealth_VolumeHealthEntry{{
+			Status: csipb.VolumeHealthErrorType_DEGRADED, Reason: "ReplicasNotHealthy", Message: strings.Join(bad, "; "),
+		}}
+	}
+	return &csipb.NodeGetVolumeHealthResponse{VolumeHealth: h}, nil
 }
 
 // NodeStageVolume assembles the volume from its replicas with the

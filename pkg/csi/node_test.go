@@ -298,6 +298,13 @@ func TestNodeStageFilesystem(t *testing.T) {
 	if err != nil || exp.CapacityBytes != 64<<20 {
 		t.Errorf("NodeExpandVolume within the device: %v, %v; want 64 MiB", exp, err)
 	}
+	health, err := e.nodes["n1"].NodeGetVolumeHealth(t.Context(), &csipb.NodeGetVolumeHealthRequest{VolumeId: vol.VolumeId, VolumePublishPath: p1.target})
+	if err != nil || len(health.GetVolumeHealth().GetHealthStatuses()) != 0 {
+		t.Errorf("NodeGetVolumeHealth of a volume with three healthy replicas: %v, %v; want no adverse status", health, err)
+	}
+	if _, err := e.nodes["n2"].NodeGetVolumeHealth(t.Context(), &csipb.NodeGetVolumeHealthRequest{VolumeId: vol.VolumeId}); status.Code(err) != codes.NotFound {
+		t.Errorf("NodeGetVolumeHealth on a node that did not stage the volume: %v, want NotFound", err)
+	}
 	e.unstage(vol, "n1", p1)
 
 	p2 := newPaths(t)
