@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
 	"os"
 	"os/exec"
@@ -41,16 +40,7 @@ func TestReplicaFailsAndResyncs(t *testing.T) {
 	ps := replicas(t, dir, "512M", "a.img", "b.img", "c.img")
 	control := filepath.Join(dir, "fail-c")
 	a := attach(t, dir, "--fault-file", ps[2]+"="+control, "--probe-interval", "200ms", ps[0], ps[1], ps[2])
-	fio := exec.Command("fio", "--name=degraded", "--filename="+a.dev, "--ioengine=libaio", "--direct=1",
-		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=256M", "--verify=crc32c", "--do_verify=1",
-		"--verify_fatal=1", "--output-format=terse", "--terse-version=3")
-	out, err := fio.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := fio.Start(); err != nil {
-		t.Fatal(err)
-	}
+	wait := fioVerify(t, a.dev, "256M")
 	time.Sleep(time.Second)
 	os.WriteFile(control, nil, 0o600)
 	sawFaulty := false
@@ -63,22 +53,8 @@ func TestReplicaFailsAndResyncs(t *testing.T) {
 	}
 	time.Sleep(time.Second)
 	os.Remove(control)
-	res, _ := bufio.NewReader(out).ReadString('\n')
-	if err := fio.Wait(); err != nil {
-		t.Fatalf("fio: %v\n%s", err, res)
-	}
-	if f := strings.Split(res, ";"); len(f) < 5 || f[4] != "0" {
-		t.Fatalf("fio reported errors: %s", res)
-	}
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		st := status(t, dir, ps[0])
-		if st[2].State == "healthy" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("replica c did not come back: %+v", st)
-		}
-	}
+	wait()
+	waitChild(t, dir, ps[0], 2, "healthy", 30*time.Second)
 	if !strings.Contains(a.logs(), `"event":"REPORT_BAD","op":"write"`) {
 		t.Errorf("no REPORT_BAD for the failed writes in the log")
 	}

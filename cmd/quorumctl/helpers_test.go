@@ -74,45 +74,44 @@ func replicas(t *testing.T, dir, size string, names ...string) []string {
 	return ps
 }
 
-// attached is a running `quorumctl attach`.
-type attached struct {
-	t        *testing.T
-	cmd      *exec.Cmd
-	dev      string
-	stateDir string
-	mu       sync.Mutex
-	stderr   bytes.Buffer
-	exited   chan struct{} // closed once the process is reaped; then err is set
-	err      error
+// daemon is a long-running quorumctl (attach, serve) that reports on the
+// first line of its stdout (a device, an address) once it is ready.
+type daemon struct {
+	t      *testing.T
+	cmd    *exec.Cmd
+	mu     sync.Mutex
+	stderr bytes.Buffer
+	exited chan struct{} // closed once the process is reaped; then err is set
+	err    error
 }
 
-// lockedWriter lets the test read stderr while the process writes it.
-type lockedWriter struct{ a *attached }
-
-func (w lockedWriter) Write(p []byte) (int, error) {
-	w.a.mu.Lock()
-	defer w.a.mu.Unlock()
-	return w.a.stderr.Write(p)
+// Write collects stderr, so that the test can read it while the
+// process writes.
+func (d *daemon) Write(p []byte) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.stderr.Write(p)
 }
 
-func (a *attached) logs() string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.stderr.String()
+func (d *daemon) logs() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.stderr.String()
 }
 
-// attach starts quorumctl attach with its state under dir and waits for
-// the device path on stdout.
-func attach(t *testing.T, dir string, args ...string) *attached {
+// startDaemon runs argv and returns it with its first stdout line. The
+// test's cleanup stops it with SIGTERM, and kills it (failing the test)
+// if it ignores that for 30s.
+func startDaemon(t *testing.T, argv ...string) (*daemon, string) {
 	t.Helper()
-	a := &attached{t: t, exited: make(chan struct{}), stateDir: filepath.Join(dir, "state")}
-	a.cmd = exec.Command(bin, append([]string{"attach", "--state-dir", a.stateDir}, args...)...)
-	a.cmd.Stderr = lockedWriter{a}
-	stdout, err := a.cmd.StdoutPipe()
+	d := &daemon{t: t, exited: make(chan struct{})}
+	d.cmd = exec.Command(argv[0], argv[1:]...)
+	d.cmd.Stderr = d
+	stdout, err := d.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := a.cmd.Start(); err != nil {
+	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	lines := make(chan string, 1)
@@ -121,33 +120,54 @@ func attach(t *testing.T, dir string, args ...string) *attached {
 		l, _ := br.ReadString('\n')
 		lines <- strings.TrimSpace(l)
 		io.Copy(io.Discard, br)
-		a.err = a.cmd.Wait()
-		close(a.exited)
+		d.err = d.cmd.Wait()
+		close(d.exited)
 	}()
 	t.Cleanup(func() {
 		select {
-		case <-a.exited:
+		case <-d.exited:
 			return
 		default:
 		}
-		a.cmd.Process.Signal(syscall.SIGTERM)
+		d.cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case <-a.exited:
+		case <-d.exited:
 		case <-time.After(30 * time.Second):
-			t.Errorf("attach ignored SIGTERM for 30s; killing it\n%s", a.logs())
-			a.cmd.Process.Kill()
-			<-a.exited
+			t.Errorf("%s ignored SIGTERM for 30s; killing it\n%s", strings.Join(argv, " "), d.logs())
+			d.cmd.Process.Kill()
+			<-d.exited
 		}
 	})
 	select {
 	case l := <-lines:
-		if !strings.HasPrefix(l, "/dev/") {
-			a.cmd.Process.Kill()
-			t.Fatalf("attach printed %q first, want a device path\n%s", l, a.logs())
+		if l == "" {
+			<-d.exited
+			t.Fatalf("%s exited before it was ready: %v\n%s", strings.Join(argv, " "), d.err, d.logs())
 		}
-		a.dev = l
+		return d, l
 	case <-time.After(30 * time.Second):
-		t.Fatalf("attach did not print a device within 30s\n%s", a.logs())
+		d.cmd.Process.Kill()
+		t.Fatalf("%s printed nothing within 30s\n%s", strings.Join(argv, " "), d.logs())
+	}
+	panic("unreachable")
+}
+
+// attached is a running `quorumctl attach`.
+type attached struct {
+	*daemon
+	dev      string
+	stateDir string
+}
+
+// attach starts quorumctl attach with its state under dir and waits for
+// the device path on stdout.
+func attach(t *testing.T, dir string, args ...string) *attached {
+	t.Helper()
+	a := &attached{stateDir: filepath.Join(dir, "state")}
+	a.daemon, a.dev = startDaemon(t, append([]string{bin, "attach", "--state-dir", a.stateDir}, args...)...)
+	if !strings.HasPrefix(a.dev, "/dev/") {
+		a.cmd.Process.Kill()
+		t.Fatalf("attach printed %q first, want a device path\n%s", a.dev, a.logs())
 	}
 	return a
 }
@@ -214,5 +234,52 @@ func assertIdentical(t *testing.T, ps ...string) {
 	o, e, code := quorumctl(t, append([]string{"check"}, ps...)...)
 	if code != 0 {
 		t.Fatalf("quorumctl check: exit %d\n%s%s", code, o, e)
+	}
+}
+
+// fioVerify starts fio writing and verifying through dev; wait returns
+// its terse result line and fails the test unless fio reports 0 errors.
+func fioVerify(t *testing.T, dev, size string) (wait func() string) {
+	t.Helper()
+	fio := exec.Command("fio", "--name=nbd", "--filename="+dev, "--ioengine=libaio", "--direct=1",
+		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size="+size, "--verify=crc32c", "--do_verify=1",
+		"--verify_fatal=1", "--output-format=terse", "--terse-version=3")
+	var out, errb bytes.Buffer
+	fio.Stdout, fio.Stderr = &out, &errb
+	if err := fio.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if fio.ProcessState == nil {
+			fio.Process.Kill()
+			fio.Wait()
+		}
+	})
+	return func() string {
+		t.Helper()
+		if err := fio.Wait(); err != nil {
+			t.Fatalf("fio: %v\n%s%s", err, out.String(), errb.String())
+		}
+		res := out.String()
+		if f := strings.Split(res, ";"); len(f) < 5 || f[4] != "0" {
+			t.Fatalf("fio reported errors: %s", res)
+		}
+		return res
+	}
+}
+
+// waitChild polls the attach's status until child i is in state.
+func waitChild(t *testing.T, dir, local string, i int, state string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		st := status(t, dir, local)
+		if st[i].State == state {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replica %d did not become %s within %s: %+v", i, state, within, st)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -1,12 +1,10 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,58 +20,16 @@ import (
 // server is a running `quorumctl serve`, possibly inside a network
 // namespace.
 type server struct {
-	t      *testing.T
-	cmd    *exec.Cmd
-	addr   string
-	out    *attached // its locked stderr buffer, for the logs
-	exited chan struct{}
-	err    error
+	*daemon
+	addr string
 }
-
-func (s *server) logs() string { return s.out.logs() }
 
 // serve starts quorumctl serve (prefixed by wrap, e.g. ip netns exec)
 // and waits for the address it listens on.
 func serve(t *testing.T, wrap []string, args ...string) *server {
 	t.Helper()
-	argv := append(append(wrap, bin, "serve"), args...)
-	s := &server{t: t, out: &attached{}, exited: make(chan struct{})}
-	s.cmd = exec.Command(argv[0], argv[1:]...)
-	s.cmd.Stderr = lockedWriter{s.out}
-	stdout, err := s.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	lines := make(chan string, 1)
-	br := bufio.NewReader(stdout)
-	go func() {
-		l, _ := br.ReadString('\n')
-		lines <- strings.TrimSpace(l)
-		io.Copy(io.Discard, br)
-		s.err = s.cmd.Wait()
-		close(s.exited)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-s.exited:
-			return
-		default:
-		}
-		s.cmd.Process.Kill()
-		<-s.exited
-	})
-	select {
-	case s.addr = <-lines:
-		if s.addr == "" {
-			<-s.exited
-			t.Fatalf("serve exited: %v\n%s", s.err, s.logs())
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatalf("serve printed no address within 30s\n%s", s.logs())
-	}
+	s := &server{}
+	s.daemon, s.addr = startDaemon(t, append(append(wrap, bin, "serve"), args...)...)
 	return s
 }
 
@@ -98,53 +54,6 @@ func (s *server) kill() {
 }
 
 func (s *server) uri(name string) string { return "nbd://" + s.addr + "/" + name }
-
-// fioVerify starts fio writing and verifying through dev; wait returns
-// its terse result line and fails the test unless fio reports 0 errors.
-func fioVerify(t *testing.T, dev, size string) (wait func() string) {
-	t.Helper()
-	fio := exec.Command("fio", "--name=nbd", "--filename="+dev, "--ioengine=libaio", "--direct=1",
-		"--rw=randwrite", "--bs=4k", "--iodepth=16", "--size="+size, "--verify=crc32c", "--do_verify=1",
-		"--verify_fatal=1", "--output-format=terse", "--terse-version=3")
-	var out, errb bytes.Buffer
-	fio.Stdout, fio.Stderr = &out, &errb
-	if err := fio.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if fio.ProcessState == nil {
-			fio.Process.Kill()
-			fio.Wait()
-		}
-	})
-	return func() string {
-		t.Helper()
-		if err := fio.Wait(); err != nil {
-			t.Fatalf("fio: %v\n%s%s", err, out.String(), errb.String())
-		}
-		res := out.String()
-		if f := strings.Split(res, ";"); len(f) < 5 || f[4] != "0" {
-			t.Fatalf("fio reported errors: %s", res)
-		}
-		return res
-	}
-}
-
-// waitChild polls the attach's status until child i is in state.
-func waitChild(t *testing.T, dir, local string, i int, state string, within time.Duration) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for {
-		st := status(t, dir, local)
-		if st[i].State == state {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("replica %d did not become %s within %s: %+v", i, state, within, st)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
 
 // TestNBDReplicaServerKilled: a 3-replica device, one replica local and
 // two behind replica servers; fio writes and verifies while one server

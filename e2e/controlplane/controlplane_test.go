@@ -42,6 +42,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
+	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
@@ -240,33 +241,13 @@ func (cl *cluster) applyYAML(doc string) (string, error) {
 	return cl.tryKubectl("apply", "-f", path)
 }
 
-func (cl *cluster) get(name string) *v1alpha1.QuorumVolume {
-	cl.t.Helper()
-	qv := &v1alpha1.QuorumVolume{}
-	if err := cl.c.Get(cl.t.Context(), client.ObjectKey{Name: name}, qv); err != nil {
-		cl.t.Fatalf("get %s: %v", name, err)
-	}
-	return qv
-}
+func (cl *cluster) get(name string) *v1alpha1.QuorumVolume { return qvtest.Get(cl.t, cl.c, name) }
 
 // waitFor polls volume name until ok holds, and fails with its last
 // state after timeout.
 func (cl *cluster) waitFor(name, what string, ok func(*v1alpha1.QuorumVolume) bool) *v1alpha1.QuorumVolume {
 	cl.t.Helper()
-	var last *v1alpha1.QuorumVolume
-	err := wait.PollUntilContextTimeout(cl.t.Context(), 100*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
-		qv := &v1alpha1.QuorumVolume{}
-		if err := cl.c.Get(ctx, client.ObjectKey{Name: name}, qv); err != nil {
-			return false, err
-		}
-		last = qv
-		return ok(qv), nil
-	})
-	if err != nil {
-		b, _ := yaml.Marshal(last)
-		cl.t.Fatalf("%s: waiting for %s: %v; last seen:\n%s", name, what, err, b)
-	}
-	return last
+	return qvtest.WaitFor(cl.t, cl.c, name, what, timeout, ok)
 }
 
 func (cl *cluster) poll(what string, ok func() bool) {

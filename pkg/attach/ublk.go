@@ -516,14 +516,16 @@ func (q *ublkQueue) buf(tag uint16) []byte {
 	return q.bufs[int(tag)*ublkMaxIO : int(tag+1)*ublkMaxIO]
 }
 
-// command queues FETCH or COMMIT_AND_FETCH for tag.
+// command queues FETCH or COMMIT_AND_FETCH for tag, writing its
+// struct ublksrv_io_cmd straight into the entry: this runs once per
+// request.
 func (q *ublkQueue) command(r *ublkRing, nr uint32, tag uint16, result int32) {
-	c := make([]byte, ublkIOCmdSize)
-	putU16(c, 0, q.id)
-	putU16(c, 2, tag)
-	putU32(c, 4, uint32(result))
-	putU64(c, 8, uint64(uintptr(unsafe.Pointer(&q.buf(tag)[0]))))
-	uringCmd(r.next(), int(q.d.char.Fd()), ublkIoctl(nr, ublkIOCmdSize), uint64(tag), c)
+	e := r.next()
+	uringCmd(e, int(q.d.char.Fd()), ublkIoctl(nr, ublkIOCmdSize), uint64(tag), nil)
+	putU16(e, 48, q.id)
+	putU16(e, 50, tag)
+	putU32(e, 52, uint32(result))
+	putU64(e, 56, uint64(uintptr(unsafe.Pointer(&q.buf(tag)[0]))))
 }
 
 // armEvent queues a read of the eventfd, which completes when a request

@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -33,6 +31,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
+	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 )
 
@@ -120,29 +119,7 @@ func (e *env) startController(srv *kubetest.Server) *prometheus.Registry {
 	return reg
 }
 
-func (e *env) installCRD() {
-	t := e.t
-	_, self, _, _ := runtime.Caller(0)
-	path := filepath.Join(filepath.Dir(self), "..", "..", "config", "crd", "quorum.csi.dev_quorumvolumes.yaml")
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("read CRD: %v", err)
-	}
-	crd := &apiextensionsv1.CustomResourceDefinition{}
-	if err := yaml.UnmarshalStrict(b, crd); err != nil {
-		t.Fatalf("decode %s: %v", path, err)
-	}
-	ctx := t.Context()
-	if err := e.c.Create(ctx, crd); err != nil {
-		t.Fatalf("create CRD: %v", err)
-	}
-	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
-		return e.c.List(ctx, &v1alpha1.QuorumVolumeList{}) == nil, nil
-	})
-	if err != nil {
-		t.Fatalf("QuorumVolumes not served: %v", err)
-	}
-}
+func (e *env) installCRD() { qvtest.InstallCRD(e.t, e.c) }
 
 // node creates a Node labelled with its hostname and labels (pairs); an
 // empty value removes the label, the hostname one included.
@@ -211,33 +188,12 @@ func (e *env) createQV(name string, replicas int32, placement v1alpha1.Placement
 	}
 }
 
-func (e *env) get(name string) *v1alpha1.QuorumVolume {
-	e.t.Helper()
-	qv := &v1alpha1.QuorumVolume{}
-	if err := e.c.Get(e.t.Context(), client.ObjectKey{Name: name}, qv); err != nil {
-		e.t.Fatalf("get %s: %v", name, err)
-	}
-	return qv
-}
+func (e *env) get(name string) *v1alpha1.QuorumVolume { return qvtest.Get(e.t, e.c, name) }
 
-// waitFor polls volume name until ok holds, and fails with its last
-// status after 30 s.
+// waitFor polls volume name until ok holds, for up to 30 s.
 func (e *env) waitFor(name, what string, ok func(*v1alpha1.QuorumVolume) bool) *v1alpha1.QuorumVolume {
 	e.t.Helper()
-	var last *v1alpha1.QuorumVolume
-	err := wait.PollUntilContextTimeout(e.t.Context(), 50*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
-		qv := &v1alpha1.QuorumVolume{}
-		if err := e.c.Get(ctx, client.ObjectKey{Name: name}, qv); err != nil {
-			return false, client.IgnoreNotFound(err)
-		}
-		last = qv
-		return ok(qv), nil
-	})
-	if err != nil {
-		b, _ := yaml.Marshal(last)
-		e.t.Fatalf("%s: waiting for %s: %v; last seen:\n%s", name, what, err, b)
-	}
-	return last
+	return qvtest.WaitFor(e.t, e.c, name, what, 30*time.Second, ok)
 }
 
 // waitGone waits until volume name no longer exists.

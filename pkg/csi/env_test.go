@@ -15,7 +15,6 @@ import (
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kruntime "k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/util/wait"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/util/retry"
@@ -26,12 +25,12 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
-	"sigs.k8s.io/yaml"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
+	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
 )
@@ -134,34 +133,12 @@ func startEnv(t *testing.T) *env {
 	return e
 }
 
-func (e *env) installCRD() {
-	t := e.t
-	path := filepath.Join("..", "..", "config", "crd", "quorum.csi.dev_quorumvolumes.yaml")
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("read CRD: %v", err)
-	}
-	crd := &apiextensionsv1.CustomResourceDefinition{}
-	if err := yaml.UnmarshalStrict(b, crd); err != nil {
-		t.Fatalf("decode %s: %v", path, err)
-	}
-	if err := e.c.Create(t.Context(), crd); err != nil {
-		t.Fatalf("create CRD: %v", err)
-	}
-	e.poll("QuorumVolumes served", func(ctx context.Context) bool {
-		return e.c.List(ctx, &v1alpha1.QuorumVolumeList{}) == nil
-	})
-}
+func (e *env) installCRD() { qvtest.InstallCRD(e.t, e.c) }
 
 // poll waits up to 30 s for ok.
 func (e *env) poll(what string, ok func(context.Context) bool) {
 	e.t.Helper()
-	err := wait.PollUntilContextTimeout(e.t.Context(), 50*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
-		return ok(ctx), nil
-	})
-	if err != nil {
-		e.t.Fatalf("waiting for %s: %v", what, err)
-	}
+	qvtest.Poll(e.t, what, 30*time.Second, ok)
 }
 
 // node creates a Node with labels (pairs) and keeps its agent's Lease
@@ -180,32 +157,12 @@ func (e *env) node(name string, labels ...string) {
 	}
 }
 
-func (e *env) get(name string) *v1alpha1.QuorumVolume {
-	e.t.Helper()
-	qv := &v1alpha1.QuorumVolume{}
-	if err := e.c.Get(e.t.Context(), client.ObjectKey{Name: name}, qv); err != nil {
-		e.t.Fatalf("get %s: %v", name, err)
-	}
-	return qv
-}
+func (e *env) get(name string) *v1alpha1.QuorumVolume { return qvtest.Get(e.t, e.c, name) }
 
-// waitFor polls volume name until ok holds.
+// waitFor polls volume name until ok holds, for up to 30 s.
 func (e *env) waitFor(name, what string, ok func(*v1alpha1.QuorumVolume) bool) *v1alpha1.QuorumVolume {
 	e.t.Helper()
-	var last *v1alpha1.QuorumVolume
-	err := wait.PollUntilContextTimeout(e.t.Context(), 50*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
-		qv := &v1alpha1.QuorumVolume{}
-		if err := e.c.Get(ctx, client.ObjectKey{Name: name}, qv); err != nil {
-			return false, client.IgnoreNotFound(err)
-		}
-		last = qv
-		return ok(qv), nil
-	})
-	if err != nil {
-		b, _ := yaml.Marshal(last)
-		e.t.Fatalf("%s: waiting for %s: %v; last seen:\n%s", name, what, err, b)
-	}
-	return last
+	return qvtest.WaitFor(e.t, e.c, name, what, 30*time.Second, ok)
 }
 
 // report sets a replica's state as its node agent does: read-modify-write

@@ -91,24 +91,41 @@ func (v *Volume) Event(e quorum.Event) {
 }
 
 // Instrument wraps what the frontend serves so that every request is
-// measured.
-func (v *Volume) Instrument(c quorum.Child) quorum.Child { return &instrumented{Child: c, v: v} }
+// measured. The series are looked up here, once, not on every request.
+func (v *Volume) Instrument(c quorum.Child) quorum.Child {
+	i := &instrumented{Child: c, ops: map[quorum.Op]*opMetrics{}}
+	for _, op := range []quorum.Op{quorum.OpRead, quorum.OpWrite, quorum.OpFlush, quorum.OpDiscard, quorum.OpWriteZeroes} {
+		s, id, o := v.set, v.id, string(op)
+		i.ops[op] = &opMetrics{
+			bytes:    s.bytes.WithLabelValues(id, o),
+			requests: s.requests.WithLabelValues(id, o),
+			errors:   s.errors.WithLabelValues(id, o),
+			latency:  s.latency.WithLabelValues(id, o),
+		}
+	}
+	return i
+}
+
+type opMetrics struct {
+	bytes, requests, errors prometheus.Counter
+	latency                 prometheus.Observer
+}
 
 type instrumented struct {
 	quorum.Child
-	v *Volume
+	ops map[quorum.Op]*opMetrics // read-only after Instrument
 }
 
 func (i *instrumented) observe(op quorum.Op, n int64, start time.Time, err error) {
-	s, id := i.v.set, i.v.id
-	s.requests.WithLabelValues(id, string(op)).Inc()
-	s.latency.WithLabelValues(id, string(op)).Observe(time.Since(start).Seconds())
+	m := i.ops[op]
+	m.requests.Inc()
+	m.latency.Observe(time.Since(start).Seconds())
 	if err != nil {
-		s.errors.WithLabelValues(id, string(op)).Inc()
+		m.errors.Inc()
 		return
 	}
 	if n > 0 {
-		s.bytes.WithLabelValues(id, string(op)).Add(float64(n))
+		m.bytes.Add(float64(n))
 	}
 }
 

@@ -4,35 +4,7 @@
 # filesystem and checksums across a remount; fio with verify at QD32; a
 # corrupted replica outvoted; SIGTERM leaves no device behind.
 set -e
-: "${FRONTEND:?}"
-mkfs.ext4 -q -F /dev/vda
-mkdir -p /data /mnt/q
-mount /dev/vda /data
-cd /data
-quorumctl create --size 256M a b c
-start_attach() {
-	rm -f /tmp/dev
-	quorumctl attach --frontend "$FRONTEND" --state-dir /run/q --scrub-rate 0 "$@" a b c >/tmp/dev 2>/tmp/attach.log &
-	ATTACH=$!
-	i=0
-	while [ ! -s /tmp/dev ]; do
-		i=$((i + 1))
-		[ $i -lt 600 ] || { cat /tmp/attach.log; return 1; }
-		kill -0 $ATTACH 2>/dev/null || { cat /tmp/attach.log; return 1; }
-		sleep 0.1
-	done
-	DEV=$(head -n1 /tmp/dev)
-	echo "attached $DEV"
-	if [ "$FRONTEND" = fuse-loop ]; then
-		[ "$(cat /sys/block/${DEV#/dev/}/loop/dio)" = 1 ] || { echo "$DEV without direct I/O"; return 1; }
-	fi
-}
-stop_attach() {
-	kill -TERM $ATTACH
-	wait $ATTACH || { echo "attach exited $?"; cat /tmp/attach.log; return 1; }
-	[ ! -e /sys/block/${DEV#/dev/}/loop/backing_file ] || { echo "$DEV still bound"; return 1; }
-	[ "$FRONTEND" != ublk ] || [ ! -e "$DEV" ] || { echo "$DEV still there"; return 1; }
-}
+. /lib.sh
 start_attach
 mkfs.ext4 -q -F $DEV
 mount $DEV /mnt/q

@@ -3,25 +3,8 @@
 # writes and verifies through a filesystem on its device; a new attach of
 # the same replicas takes the device back, and fio sees no error.
 set -e
-mkfs.ext4 -q -F /dev/vda
-mkdir -p /data /mnt/q
-mount /dev/vda /data
-cd /data
-quorumctl create --size 256M a b c
-start_attach() {
-	rm -f /tmp/dev
-	quorumctl attach --frontend ublk --state-dir /run/q --scrub-rate 0 a b c >/tmp/dev 2>>/tmp/attach.log &
-	ATTACH=$!
-	i=0
-	while [ ! -s /tmp/dev ]; do
-		i=$((i + 1))
-		[ $i -lt 900 ] || { cat /tmp/attach.log; return 1; }
-		kill -0 $ATTACH 2>/dev/null || { cat /tmp/attach.log; return 1; }
-		sleep 0.1
-	done
-	DEV=$(head -n1 /tmp/dev)
-	echo "attached $DEV"
-}
+FRONTEND=ublk
+. /lib.sh
 start_attach
 FIRST=$DEV
 mkfs.ext4 -q -F $DEV
@@ -41,9 +24,7 @@ wait $FIO || { echo "fio failed"; cat /tmp/fio /tmp/fio.err; exit 5; }
 ERR=$(awk -F';' '{print $5}' /tmp/fio)
 [ "$ERR" = 0 ] || { echo "fio errors: $ERR"; exit 6; }
 umount /mnt/q
-kill -TERM $ATTACH
-wait $ATTACH
-[ ! -e "$DEV" ] || { echo "$DEV still there after SIGTERM"; exit 7; }
+stop_attach
 [ ! -e /run/q/ublk-* ] || { echo "state file left"; exit 8; }
 quorumctl check a b c
 echo "ublk: recovered after SIGKILL with no error in fio"
