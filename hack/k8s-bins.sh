@@ -7,7 +7,7 @@
 #
 #   hack/k8s-bins.sh [COMPONENT...]   default: etcd kube-apiserver kubectl
 #   COMPONENT: etcd kube-apiserver kubectl kube-scheduler
-#              kube-controller-manager kubelet
+#              kube-controller-manager kubelet csi-provisioner csi-attacher
 #
 #   QUORUM_K8S_BIN    where the binaries go
 #                     (default /var/cache/quorum-csi/k8s/$K8S_VERSION/bin)
@@ -23,6 +23,11 @@ set -euo pipefail
 K8S_VERSION=v1.37.2
 STAGING_VERSION=v0.37.2
 ETCD_VERSION=v3.6.16
+# The kubernetes-csi sidecars the e2e cluster runs: module@version of each.
+declare -A SIDECARS=(
+	[csi-provisioner]=github.com/kubernetes-csi/external-provisioner/v6@v6.4.0
+	[csi-attacher]=github.com/kubernetes-csi/external-attacher/v4@v4.13.0
+)
 
 cache=${QUORUM_K8S_CACHE:-/var/cache/quorum-csi/k8s/$K8S_VERSION}
 bin=${QUORUM_K8S_BIN:-$cache/bin}
@@ -44,14 +49,16 @@ current() {
 	case $name in
 	etcd) out=$("$bin/$name" --version 2>/dev/null) && grep -qx "etcd Version: ${ETCD_VERSION#v}" <<<"$out" ;;
 	kubectl) out=$("$bin/$name" version --client 2>/dev/null) && grep -qx "Client Version: $K8S_VERSION" <<<"$out" ;;
+	csi-*) out=$("$bin/$name" --version 2>/dev/null) && grep -q "${SIDECARS[$name]#*@}" <<<"$out" ;;
 	*) out=$("$bin/$name" --version 2>/dev/null) && grep -qx "Kubernetes $K8S_VERSION" <<<"$out" ;;
 	esac
 }
 
 # scratch_module DIR MODULE VERSION REPLACE_PREFIX REPLACE_VERSION IMPORT...
 # writes a module that requires MODULE@VERSION, replaces every module of
-# MODULE's own replace block that starts with REPLACE_PREFIX by
-# REPLACE_VERSION, and imports the commands to build (so tidy keeps them).
+# MODULE's own replace directives that starts with REPLACE_PREFIX by
+# REPLACE_VERSION (or, when that is "=", by the version MODULE names), and
+# imports the commands to build (so tidy keeps them).
 scratch_module() {
 	local dir=$1 mod=$2 ver=$3 prefix=$4 rver=$5
 	shift 5
@@ -65,8 +72,15 @@ scratch_module() {
 		go mod edit -go=1.26.0 -require="$mod@$ver"
 		gomod=$(go mod download -json "$mod@$ver" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p')
 		[ -n "$gomod" ] || { echo "no go.mod downloaded for $mod@$ver" >&2; exit 1; }
-		sed -n '/^replace (/,/^)/p' "$gomod" | awk -v p="$prefix" '$2 == "=>" && index($1, p) == 1 {print $1}' |
-			while read -r r; do go mod edit -replace="$r=$r@$rver"; done
+		# Both forms: a replace ( ... ) block and single replace lines.
+		{
+			sed -n '/^replace (/,/^)/p' "$gomod"
+			sed -n 's/^replace \([^(].*\)/\1/p' "$gomod"
+		} | awk -v p="$prefix" '$2 == "=>" && index($1, p) == 1 {print $1, $4}' |
+			while read -r r v; do
+				[ "$rver" = "=" ] || v=$rver
+				go mod edit -replace="$r=$r@$v"
+			done
 		{
 			echo '//go:build tools'
 			echo
@@ -96,12 +110,14 @@ build() {
 	done
 }
 
-etcd_todo=() k8s_todo=()
+etcd_todo=() k8s_todo=() sidecar_todo=()
 for c in "${comps[@]}"; do
 	case $c in
 	etcd) current etcd && log "etcd $ETCD_VERSION present" || etcd_todo+=("etcd=go.etcd.io/etcd/server/v3") ;;
 	kube-apiserver | kubectl | kube-scheduler | kube-controller-manager | kubelet)
 		current "$c" && log "$c $K8S_VERSION present" || k8s_todo+=("$c=k8s.io/kubernetes/cmd/$c") ;;
+	csi-provisioner | csi-attacher)
+		current "$c" && log "$c ${SIDECARS[$c]#*@} present" || sidecar_todo+=("$c") ;;
 	*)
 		echo "unknown component $c" >&2
 		exit 2
@@ -132,6 +148,12 @@ if ((${#k8s_todo[@]})); then
 	done
 	build "$cache/src/kubernetes" "$ldflags" "${k8s_todo[@]}"
 fi
+
+for c in "${sidecar_todo[@]}"; do
+	mod=${SIDECARS[$c]%@*} ver=${SIDECARS[$c]#*@}
+	scratch_module "$cache/src/$c" "$mod" "$ver" "" "=" "$mod/cmd/$c"
+	build "$cache/src/$c" "-X main.version=$ver" "$c=$mod/cmd/$c"
+done
 
 for c in "${comps[@]}"; do
 	current "$c" || {
