@@ -1,7 +1,9 @@
 // Command controller runs the quorum-csi QuorumVolume controller: replica
 // placement, replica health from the nodes, phase and conditions, and
-// the finalizer (package controller); and the CSI Identity and Controller
-// services (package csi) for the sidecars beside it. It is wiring only.
+// the finalizer (package controller); the CSI Identity and Controller
+// services (package csi) for the sidecars beside it; and, with
+// --resizer, the PVC resizer (csi.Resizer), which does external-resizer's
+// part of PVC expansion. It is wiring only.
 //
 // Flags:
 //
@@ -10,6 +12,8 @@
 //	--metrics-bind-address ADDR       Prometheus endpoint, /metrics (default :8080; "0" disables it)
 //	--health-probe-bind-address ADDR  /healthz and /readyz (default :8081; "0" disables them)
 //	--leader-elect                    run one active controller per cluster through a Lease in --namespace (default true)
+//	--resizer                         expand PVCs of this driver whose storage request grows, as external-resizer would (default false;
+//	                                  leave it off when an external-resizer sidecar runs)
 //	--kubeconfig PATH                 a kubeconfig file; in a pod the service account is used
 //	--zap-log-level, --zap-encoder, --zap-devel, ...  logging (structured JSON by default)
 package main
@@ -39,19 +43,22 @@ func main() {
 		probeAddr   = flag.String("health-probe-bind-address", ":8081", `address of /healthz and /readyz; "0" disables them`)
 		leaderElect = flag.Bool("leader-elect", true, "elect one active controller through a Lease in --namespace")
 		csiEndpoint = flag.String("csi-endpoint", "unix:///csi/csi.sock", "CSI gRPC endpoint the sidecars call: unix:///path or tcp://host:port")
+		resizer     = flag.Bool("resizer", false, "expand PVCs of this driver whose storage request grows, as the external-resizer sidecar would "+
+			"(on the leader only); leave it off when an external-resizer runs")
 	)
 	logOpts := zap.Options{}
 	logOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&logOpts)))
 
-	if err := run(*namespace, *metricsAddr, *probeAddr, *csiEndpoint, *leaderElect); err != nil {
+	if err := run(*namespace, *metricsAddr, *probeAddr, *csiEndpoint, *leaderElect, *resizer); err != nil {
 		fmt.Fprintln(os.Stderr, "controller:", err)
 		os.Exit(1)
 	}
 }
 
-func run(namespace, metricsAddr, probeAddr, csiEndpoint string, leaderElect bool) error {
+func run(namespace, metricsAddr, probeAddr, csiEndpoint string, leaderElect, resizer bool) error {
+	ctx := ctrl.SetupSignalHandler()
 	scheme := runtime.NewScheme()
 	for _, add := range []func(*runtime.Scheme) error{clientgoscheme.AddToScheme, v1alpha1.AddToScheme} {
 		if err := add(scheme); err != nil {
@@ -88,14 +95,23 @@ func run(namespace, metricsAddr, probeAddr, csiEndpoint string, leaderElect bool
 	if err != nil {
 		return fmt.Errorf("create CSI client: %w", err)
 	}
+	csiController := csi.NewController(direct)
 	err = mgr.Add(&csi.Server{
 		Endpoint:   csiEndpoint,
 		Identity:   csi.NewIdentity(csi.APIProber{Client: direct}),
-		Controller: csi.NewController(direct),
+		Controller: csiController,
 		Log:        ctrl.Log.WithName("csi"),
 	})
 	if err != nil {
 		return fmt.Errorf("add CSI server: %w", err)
+	}
+	// The resizer expands through the same Controller, so its calls and
+	// the sidecars' share the per-volume lock.
+	if resizer {
+		r := csi.NewResizer(mgr.GetClient(), csiController, mgr.GetEventRecorder(csi.ResizerName))
+		if err := r.SetupWithManager(ctx, mgr); err != nil {
+			return err
+		}
 	}
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
 		return fmt.Errorf("add health check: %w", err)
@@ -103,7 +119,7 @@ func run(namespace, metricsAddr, probeAddr, csiEndpoint string, leaderElect bool
 	if err := mgr.AddReadyzCheck("readyz", healthz.Ping); err != nil {
 		return fmt.Errorf("add ready check: %w", err)
 	}
-	if err := mgr.Start(ctrl.SetupSignalHandler()); err != nil {
+	if err := mgr.Start(ctx); err != nil {
 		return fmt.Errorf("run manager: %w", err)
 	}
 	return nil

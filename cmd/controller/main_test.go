@@ -18,21 +18,26 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/csi"
 )
 
 // TestBinary builds the controller and runs it against a real API server
-// with its default leader election: it must become ready, answer CSI
-// calls on its endpoint, place the volume CreateVolume made, serve the
-// phase gauge, and exit 0 on SIGTERM.
+// with its default leader election and --resizer: it must become ready,
+// answer CSI calls on its endpoint, place the volume CreateVolume made,
+// serve the phase gauge, expand the volume when its claim's request
+// grows, and exit 0 on SIGTERM.
 func TestBinary(t *testing.T) {
 	srv := kubetest.Start(t)
 	if _, err := srv.Kubectl(t, "apply", "-f", filepath.Join("..", "..", "config", "crd")); err != nil {
@@ -78,7 +83,7 @@ func TestBinary(t *testing.T) {
 	defer logFile.Close()
 	sock := filepath.Join(t.TempDir(), "csi.sock")
 	cmd := exec.Command(bin, "--kubeconfig", srv.Kubeconfig, "--csi-endpoint", "unix://"+sock,
-		"--metrics-bind-address", metricsAddr, "--health-probe-bind-address", probeAddr)
+		"--metrics-bind-address", metricsAddr, "--health-probe-bind-address", probeAddr, "--resizer=true")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Dies with the test binary even when cleanups do not run.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -133,6 +138,8 @@ func TestBinary(t *testing.T) {
 		return ok && strings.Contains(body, `quorum_volumes{phase="Pending"} 1`), nil
 	})
 
+	expandClaim(t, c, qv.Name)
+
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -145,6 +152,61 @@ func TestBinary(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Errorf("controller still running 30 s after SIGTERM")
 	}
+}
+
+// expandClaim binds a claim to a PV of volume (1 MiB), as the provisioner
+// and the PV controller would, raises its request to 2 MiB and waits for
+// the resizer to hand it to the kubelet.
+func expandClaim(t *testing.T, c client.Client, volume string) {
+	ctx := t.Context()
+	size, rwo := resource.MustParse("1Mi"), []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce}
+	sc := &storagev1.StorageClass{ObjectMeta: metav1.ObjectMeta{Name: "expandable"}, Provisioner: csi.DriverName, AllowVolumeExpansion: ptr.To(true)}
+	pvc := &corev1.PersistentVolumeClaim{
+		ObjectMeta: metav1.ObjectMeta{Name: "data", Namespace: metav1.NamespaceDefault},
+		Spec: corev1.PersistentVolumeClaimSpec{
+			AccessModes: rwo, StorageClassName: &sc.Name, VolumeName: volume,
+			Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: size}},
+		},
+	}
+	for _, o := range []client.Object{sc, pvc} {
+		if err := c.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pv := &corev1.PersistentVolume{
+		ObjectMeta: metav1.ObjectMeta{Name: volume},
+		Spec: corev1.PersistentVolumeSpec{
+			Capacity: corev1.ResourceList{corev1.ResourceStorage: size}, AccessModes: rwo, StorageClassName: sc.Name,
+			ClaimRef:               &corev1.ObjectReference{Namespace: pvc.Namespace, Name: pvc.Name, UID: pvc.UID},
+			PersistentVolumeSource: corev1.PersistentVolumeSource{CSI: &corev1.CSIPersistentVolumeSource{Driver: csi.DriverName, VolumeHandle: volume}},
+		},
+	}
+	if err := c.Create(ctx, pv); err != nil {
+		t.Fatal(err)
+	}
+	pvc.Status = corev1.PersistentVolumeClaimStatus{Phase: corev1.ClaimBound, AccessModes: rwo, Capacity: corev1.ResourceList{corev1.ResourceStorage: size}}
+	if err := c.Status().Update(ctx, pvc); err != nil {
+		t.Fatal(err)
+	}
+	// The resize admission sees the StorageClass through an informer.
+	poll(t, "the claim's request raised to 2 MiB", func() (bool, error) {
+		if err := c.Get(ctx, client.ObjectKeyFromObject(pvc), pvc); err != nil {
+			return false, err
+		}
+		pvc.Spec.Resources.Requests[corev1.ResourceStorage] = resource.MustParse("2Mi")
+		return c.Update(ctx, pvc) == nil, nil
+	})
+	poll(t, "the claim waiting for node expansion and the PV at 2 MiB", func() (bool, error) {
+		if err := c.Get(ctx, client.ObjectKeyFromObject(pvc), pvc); err != nil {
+			return false, err
+		}
+		if err := c.Get(ctx, client.ObjectKeyFromObject(pv), pv); err != nil {
+			return false, err
+		}
+		pvCap := pv.Spec.Capacity[corev1.ResourceStorage]
+		return pvc.Status.AllocatedResourceStatuses[corev1.ResourceStorage] == corev1.PersistentVolumeClaimNodeResizePending &&
+			pvCap.Cmp(resource.MustParse("2Mi")) == 0, nil
+	})
 }
 
 func freeAddr(t *testing.T) string {

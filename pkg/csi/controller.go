@@ -327,7 +327,11 @@ func (s *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.
 // consumer's node has to grow its assembled device (the engine and the
 // loop or ublk device in front of it) to the new size, and the
 // filesystem on it in Filesystem mode. A size at or below the current
-// one changes nothing: volumes never shrink.
+// one changes nothing: volumes never shrink. Growing a published volume
+// is FAILED_PRECONDITION, the spec's code for a plugin without ONLINE
+// expansion: the engine cannot grow an assembled device. The check and
+// the write are one step, since the Update carries the resourceVersion
+// of the read that saw no attachment.
 func (s *Controller) ControllerExpandVolume(ctx context.Context, req *csipb.ControllerExpandVolumeRequest) (*csipb.ControllerExpandVolumeResponse, error) {
 	id := req.GetVolumeId()
 	switch {
@@ -362,6 +366,9 @@ func (s *Controller) ControllerExpandVolume(ctx context.Context, req *csipb.Cont
 				return fmt.Errorf("%w: volume %s is already %d bytes, above limit_bytes %d, and cannot shrink", errOutOfRange, id, result, limit)
 			}
 			return nil
+		}
+		if len(qv.Status.Attachments) > 0 {
+			return fmt.Errorf("%w: volume %s is published to %s and can only be expanded offline", errFailedPrecondition, id, attachedNodes(qv))
 		}
 		qv.Spec.Size = *resource.NewQuantity(size, resource.BinarySI)
 		if err := s.client.Update(ctx, qv, client.FieldOwner(FieldManager)); err != nil {

@@ -10,6 +10,14 @@
 // agents create them. ControllerPublishVolume and
 // ControllerUnpublishVolume are controller.Attach and controller.Detach,
 // which hand out the epoch the node presents to the replica servers.
+// ControllerExpandVolume grows spec.size, offline only: a published
+// volume is FAILED_PRECONDITION.
+//
+// Resizer (resizer.go) is a reconciler, run by the controller binary
+// with --resizer, that does the external-resizer sidecar's part of a PVC
+// expansion: it calls the Controller's ControllerExpandVolume in process
+// and writes the PV capacity and the claim status the kubelet reads to
+// finish the expansion on the node.
 //
 // Contract with the Node service:
 //   - node IDs are Kubernetes Node names (ControllerPublishVolume checks

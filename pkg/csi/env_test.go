@@ -60,7 +60,11 @@ type env struct {
 	sock  string // the Controller and Identity services' socket
 }
 
-func startEnv(t *testing.T) *env {
+// envOption adds a runnable to the env's manager, given the Controller
+// service the CSI server serves.
+type envOption func(mgr ctrl.Manager, ctl *Controller) error
+
+func startEnv(t *testing.T, opts ...envOption) *env {
 	srv := kubetest.Start(t)
 	scheme := kruntime.NewScheme()
 	for _, add := range []func(*kruntime.Scheme) error{clientgoscheme.AddToScheme, apiextensionsv1.AddToScheme, v1alpha1.AddToScheme} {
@@ -99,13 +103,19 @@ func startEnv(t *testing.T) *env {
 	// the manager, with a client that reads from the API server.
 	sock := filepath.Join(t.TempDir(), "csi.sock")
 	e.sock = sock
+	ctl := NewController(c)
 	if err := mgr.Add(&Server{
 		Endpoint:   "unix://" + sock,
 		Identity:   NewIdentity(APIProber{Client: c}),
-		Controller: NewController(c),
+		Controller: ctl,
 		Log:        log.Log.WithName("csi"),
 	}); err != nil {
 		t.Fatal(err)
+	}
+	for _, opt := range opts {
+		if err := opt(mgr, ctl); err != nil {
+			t.Fatal(err)
+		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -362,6 +362,19 @@ func testExpand(e *env) {
 			t.Errorf("expand to %d: %v, %v; want the current 2 MiB + 4096", size, resp, err)
 		}
 	}
+	// Offline only: a published volume does not grow until unpublished.
+	publish := &csipb.ControllerPublishVolumeRequest{VolumeId: v.GetVolumeId(), NodeId: "node-a", VolumeCapability: mountCap(snw, "")}
+	if _, err := e.ctl.ControllerPublishVolume(ctx, publish); err != nil {
+		t.Fatal(err)
+	}
+	_, err = expand(3<<20, nil)
+	expectCode(t, err, codes.FailedPrecondition, "published to node-a", "offline")
+	if _, err := e.ctl.ControllerUnpublishVolume(ctx, &csipb.ControllerUnpublishVolumeRequest{VolumeId: v.GetVolumeId(), NodeId: "node-a"}); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err = expand(3<<20, nil); err != nil || resp.GetCapacityBytes() != 3<<20 {
+		t.Errorf("expand to 3 MiB once unpublished: %v, %v", resp, err)
+	}
 	_, err = expand(0, nil)
 	expectCode(t, err, codes.InvalidArgument, "required_bytes")
 	_, err = e.ctl.ControllerExpandVolume(ctx, &csipb.ControllerExpandVolumeRequest{VolumeId: "no-such-volume", CapacityRange: &csipb.CapacityRange{RequiredBytes: 4096}})
