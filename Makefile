@@ -8,7 +8,7 @@ CONTROLLER_GEN ?= $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@v0.2
 GENERATED := ':(glob)pkg/apis/**/zz_generated.*.go' config/crd charts/quorum-csi/crds
 TOOLS_BIN ?= $(or $(QUORUM_TOOLS_BIN),/var/cache/quorum-csi/tools)
 
-.PHONY: build test check vet fmt-check bin generate verify-generated k8s-bins tools chart-check
+.PHONY: build test check vet fmt-check bin generate verify-generated k8s-bins tools chart-check e2e-cluster
 
 build:
 	$(GO) build ./...
@@ -49,10 +49,16 @@ k8s-bins:
 # Real-kernel tests need root (loop, FUSE); with QUORUM_CI=1 they fail
 # instead of skipping when something is missing.
 # The guest tests (e2e/guest) run QEMU under software emulation, which
-# takes both CPUs for minutes: they run after the rest, so that the
-# timing of the real-kernel tests does not depend on them.
+# takes both CPUs for minutes, and e2e/cluster runs a whole cluster: the
+# e2e packages run after the rest and one at a time, so that no test's
+# timing depends on another's load.
 test:
 	$(GO) test -race -count=1 -timeout 30m $$($(GO) list ./... | grep -v /e2e/)
-	$(GO) test -race -count=1 -timeout 30m ./e2e/...
+	$(GO) test -race -count=1 -timeout 40m -p 1 ./e2e/...
+
+# The cluster end to end alone: builds what is missing, brings up three
+# nodes, installs the chart, runs the scenarios, tears everything down.
+e2e-cluster:
+	$(GO) test -count=1 -timeout 40m -v ./e2e/cluster
 
 check: fmt-check vet verify-generated chart-check test

@@ -62,6 +62,7 @@ func TestCluster(t *testing.T) {
 	t.Run("FilesystemPVCMovesToAnotherNode", c.filesystemPVCMoves)
 	t.Run("BlockPVC", c.blockPVC)
 	t.Run("NodeCutOffDuringFio", c.nodeCutOff)
+	t.Run("PVCExpansion", c.pvcExpansion)
 }
 
 // start builds what is missing, brings the cluster up and installs the

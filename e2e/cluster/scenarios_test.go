@@ -103,13 +103,9 @@ func (c *cluster) filesystemPVCMoves(t *testing.T) {
 	epoch1 := before.Status.Attachments[0].Epoch
 
 	c.deletePod(t, "writer")
-	c.apply(t, pod("reader", "node2", "moves", false, `cd /data && sha256sum -c SUMS && echo VERIFIED; exec sleep 3600`))
+	c.apply(t, pod("reader", "node2", "moves", false, `set -e; cd /data; sha256sum -c SUMS; echo VERIFIED; exec sleep 3600`))
 	c.waitPod(t, "reader", "Running", 3*time.Minute)
-	var logs string
-	c.poll(t, "the reader's check", time.Minute, func() bool {
-		logs, _ = c.kubectlErr("-n", appNamespace, "logs", "reader")
-		return strings.Contains(logs, "VERIFIED") || strings.Contains(logs, "FAILED")
-	})
+	logs := c.waitLog(t, "reader", "VERIFIED", time.Minute)
 	if !strings.Contains(logs, "VERIFIED") || strings.Count(logs, ": OK") != 16 {
 		t.Fatalf("node2 read different files than node1 wrote:\nSUMS:\n%s\nsha256sum -c:\n%s", sums, logs)
 	}
@@ -169,16 +165,12 @@ func lastLine(s string) string {
 func (c *cluster) blockPVC(t *testing.T) {
 	c.apply(t, pvc("raw", "quorum-quorum", "64Mi", true))
 	c.apply(t, pod("raw", "node2", "raw", true,
-		`set -e; i=0; while [ $i -lt 8192 ]; do printf 'quorum-csi block %07d ....................................................................................................................\n' $i; i=$((i+1)); done | head -c 8388608 > /tmp/pattern; `+
+		`set -e; seq -f 'quorum-csi block %0110.0f' 0 65535 > /tmp/pattern; test $(stat -c %s /tmp/pattern) = 8388608; `+
 			`dd if=/tmp/pattern of=/dev/xvda bs=1M oflag=direct conv=fsync status=none; `+
 			`dd if=/dev/xvda of=/tmp/back bs=1M count=8 iflag=direct status=none; cmp /tmp/pattern /tmp/back; `+
 			`echo PATTERN $(sha256sum < /tmp/pattern); exec sleep 3600`))
 	c.waitPod(t, "raw", "Running", 3*time.Minute)
-	var logs string
-	c.poll(t, "the pattern read back", time.Minute, func() bool {
-		logs, _ = c.kubectlErr("-n", appNamespace, "logs", "raw")
-		return strings.Contains(logs, "PATTERN")
-	})
+	logs := c.waitLog(t, "raw", "PATTERN", time.Minute)
 	m := regexp.MustCompile(`PATTERN ([0-9a-f]{64})`).FindStringSubmatch(logs)
 	if m == nil {
 		t.Fatalf("pod raw: %s", logs)
@@ -197,14 +189,23 @@ func (c *cluster) blockPVC(t *testing.T) {
 	c.deleteClaim(t, "raw", vol, images)
 }
 
-// nodeCutOff: while fio writes and verifies on a volume attached to node1,
-// node3 (which holds a remote replica) is cut off the network: fio goes on
-// without an error, the volume turns Degraded with a Warning Event; node3
-// comes back, its replica resyncs, the volume is Ready again and the
-// replicas are identical.
+// nodeCutOff: while fio writes and verifies on a volume attached to one
+// node, another node (which holds a remote replica) is cut off the
+// network: fio goes on without an error, the volume turns Degraded with a
+// Warning Event; the node comes back, its replica resyncs, the volume is
+// Ready again and the replicas are identical. The node cut off is not the
+// one running the controller, which would stop the controller too (it
+// would move only after the pod eviction timeout, minutes later).
 func (c *cluster) nodeCutOff(t *testing.T) {
+	ctrlNode := strings.TrimSpace(c.kubectl("-n", namespace, "get", "pod", "-l", "app.kubernetes.io/component=controller",
+		"-o", "jsonpath={.items[0].spec.nodeName}"))
+	cutNode, podNode := "node3", "node1"
+	if ctrlNode == "node3" {
+		cutNode = "node2"
+	}
+	t.Logf("controller on %s; fio on %s; cutting off %s", ctrlNode, podNode, cutNode)
 	c.apply(t, pvc("fio", "quorum-fifo", "256Mi", false))
-	c.apply(t, pod("fio", "node1", "fio", false,
+	c.apply(t, pod("fio", podNode, "fio", false,
 		`i=0; while [ ! -e /data/STOP ]; do i=$((i+1)); `+
 			`fio --name=verify --filename=/data/fio.dat --size=64M --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio `+
 			`--direct=1 --verify=crc32c --verify_fatal=1 --do_verify=1 > /tmp/fio.out 2>&1 || { echo "FIO-FAILED in round $i"; cat /tmp/fio.out; exit 1; }; `+
@@ -226,41 +227,41 @@ func (c *cluster) nodeCutOff(t *testing.T) {
 	}
 
 	cut := time.Now()
-	c.script(time.Minute, "cluster.sh", "cut", "node3")
+	c.script(time.Minute, "cluster.sh", "cut", cutNode)
 	mended := false
 	defer func() {
 		if !mended {
-			c.script(time.Minute, "cluster.sh", "mend", "node3")
+			c.script(time.Minute, "cluster.sh", "mend", cutNode)
 		}
 	}()
 	roundsAtCut := rounds()
 	c.waitQV(t, vol, "Degraded", 3*time.Minute, func(qv *v1alpha1.QuorumVolume) bool {
 		return qv.Status.Phase == v1alpha1.VolumeDegraded
 	})
-	t.Logf("Degraded %s after node3 was cut off", time.Since(cut).Round(time.Second))
+	t.Logf("Degraded %s after %s was cut off", time.Since(cut).Round(time.Second), cutNode)
 	c.poll(t, "a Warning Event on the volume", time.Minute, func() bool { return len(c.warnings(t, vol)) > 0 })
 	t.Logf("Warning Events on %s: %s", vol, strings.Join(c.warnings(t, vol), "; "))
-	c.poll(t, "fio to finish a round with node3 cut off", 3*time.Minute, func() bool { return rounds() > roundsAtCut })
+	c.poll(t, "fio to finish a round with "+cutNode+" cut off", 3*time.Minute, func() bool { return rounds() > roundsAtCut })
 
-	c.script(time.Minute, "cluster.sh", "mend", "node3")
+	c.script(time.Minute, "cluster.sh", "mend", cutNode)
 	mended = true
 	back := time.Now()
 	c.waitQV(t, vol, "Ready again", 4*time.Minute, ready)
-	// Ready comes from the agents; the engine on node1 tells when the
-	// resync is done.
-	c.poll(t, "node1's engine to report three healthy replicas", 3*time.Minute, func() bool {
-		m := metrics(t, "node1")
+	// Ready comes from the agents; the engine on the pod's node tells when
+	// the resync is done.
+	c.poll(t, podNode+"'s engine to report three healthy replicas", 3*time.Minute, func() bool {
+		m := metrics(t, podNode)
 		return countSeries(m, "quorum_replica_state", `state="healthy",volume="`+vol+`"} 1`) == 3
 	})
-	t.Logf("node3 back: Ready and resynced %s after the mend", time.Since(back).Round(time.Second))
-	m := metrics(t, "node1")
+	t.Logf("%s back: Ready and resynced %s after the mend", cutNode, time.Since(back).Round(time.Second))
+	m := metrics(t, podNode)
 	for _, want := range []string{
 		`quorum_volume_bytes_total{op="write",volume="` + vol + `"}`,
 		`quorum_events_total{event="REPORT_BAD"`,
 		`quorum_volume_request_seconds_bucket{op="write"`,
 	} {
 		if !strings.Contains(m, want) {
-			t.Errorf("node1's metrics lack %s", want)
+			t.Errorf("%s's metrics lack %s", podNode, want)
 		}
 	}
 
@@ -320,4 +321,74 @@ func (c *cluster) warnings(t *testing.T, vol string) []string {
 		}
 	}
 	return ws
+}
+
+// pvcExpansion: a PVC's request is raised while no pod uses it (the
+// driver expands offline); the next pod sees the filesystem grown, its
+// files intact, and the claim reports the new capacity.
+func (c *cluster) pvcExpansion(t *testing.T) {
+	c.apply(t, pvc("grows", "quorum-fifo", "128Mi", false))
+	df := `df -k /data | awk 'NR==2 {print "SIZE", $2}'`
+	c.apply(t, pod("small", "node1", "grows", false, `set -e; head -c 4194304 /dev/urandom > /data/keep; sha256sum /data/keep > /data/keep.sum; sync; `+df+`; exec sleep 3600`))
+	c.waitPod(t, "small", "Running", 3*time.Minute)
+	before := c.podSize(t, "small")
+	vol := c.volumeOf(t, "grows")
+	c.deletePod(t, "small")
+
+	c.kubectl("-n", appNamespace, "patch", "pvc", "grows", "--type=merge", "-p", `{"spec":{"resources":{"requests":{"storage":"256Mi"}}}}`)
+	c.poll(t, "the PV to grow to 256Mi and the claim to wait for the node", 3*time.Minute, func() bool {
+		pv := strings.TrimSpace(c.kubectl("-n", appNamespace, "get", "pvc", "grows", "-o", "jsonpath={.spec.volumeName}"))
+		capacity := c.kubectl("get", "pv", pv, "-o", "jsonpath={.spec.capacity.storage}")
+		status := c.kubectl("-n", appNamespace, "get", "pvc", "grows", "-o", "jsonpath={.status.allocatedResourceStatuses.storage}")
+		return capacity == "256Mi" && status == "NodeResizePending"
+	})
+	if size := c.qv(t, vol).Spec.Size.String(); size != "256Mi" {
+		t.Errorf("QuorumVolume size %s after the expansion, want 256Mi", size)
+	}
+
+	c.apply(t, pod("big", "node2", "grows", false, `set -e; sha256sum -c /data/keep.sum; `+df+`; exec sleep 3600`))
+	c.waitPod(t, "big", "Running", 3*time.Minute)
+	after := c.podSize(t, "big")
+	if after < before+100<<10 {
+		t.Errorf("filesystem of %d KiB after the expansion, %d KiB before: want about 128 MiB more", after, before)
+	}
+	c.poll(t, "the claim to report 256Mi", 2*time.Minute, func() bool {
+		return c.kubectl("-n", appNamespace, "get", "pvc", "grows", "-o", "jsonpath={.status.capacity.storage}") == "256Mi"
+	})
+	t.Logf("filesystem grew from %d to %d KiB; the 4 MiB file reads back", before, after)
+	c.deletePod(t, "big")
+	qv := c.qv(t, vol)
+	images := c.replicaImages(t, qv)
+	c.sameReplicas(t, qv)
+	c.deleteClaim(t, "grows", vol, images)
+}
+
+// podSize waits for the SIZE line a pod's script prints and returns it
+// (KiB).
+func (c *cluster) podSize(t *testing.T, name string) int64 {
+	t.Helper()
+	m := regexp.MustCompile(`SIZE (\d+)`).FindStringSubmatch(c.waitLog(t, name, "SIZE", time.Minute))
+	n, err := strconv.ParseInt(m[1], 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// waitLog waits until a pod's log holds want and returns the log; a pod
+// that ended (its scripts run with set -e) fails t with its log.
+func (c *cluster) waitLog(t *testing.T, pod, want string, timeout time.Duration) string {
+	t.Helper()
+	var logs string
+	c.poll(t, "pod "+pod+" to log "+want, timeout, func() bool {
+		logs, _ = c.kubectlErr("-n", appNamespace, "logs", pod)
+		if strings.Contains(logs, want) {
+			return true
+		}
+		if phase, _ := c.kubectlErr("-n", appNamespace, "get", "pod", pod, "-o", "jsonpath={.status.phase}"); phase == "Failed" || phase == "Succeeded" {
+			t.Fatalf("pod %s ended (%s) without logging %q:\n%s", pod, phase, want, logs)
+		}
+		return false
+	})
+	return logs
 }
