@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
 	eventsv1 "k8s.io/api/events/v1"
 	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
@@ -29,6 +30,7 @@ import (
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/csi"
+	"github.com/quorum-csi/quorum-csi/pkg/metrics"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 )
 
@@ -131,6 +133,13 @@ func run(args []string, stderr io.Writer) int {
 		return 1
 	}
 	o.csi.Client, o.csi.Events = c, c
+	// The staged volumes' metrics are served with the agent's.
+	volumeMetrics := prometheus.NewRegistry()
+	if o.csi.Metrics, err = metrics.NewSet(volumeMetrics); err != nil {
+		log.Error(err, "volume metrics")
+		return 1
+	}
+	o.agent.ExtraMetrics = volumeMetrics
 	o.csi.Logger = slog.New(logr.ToSlogHandler(log.WithName("volume")))
 	node, err := csi.NewNode(o.csi)
 	if err != nil {

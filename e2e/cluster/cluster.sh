@@ -332,10 +332,10 @@ down() {
 
 leaks() {
 	local found=0 n out
-	report() { [[ -n $2 ]] && { log "left behind: $1:"; printf '  %s\n' $2 >&2; found=1; }; return 0; }
+	report() { [[ -n ${2// /} ]] && { log "left behind: $1:"; sed 's/^ */  /' <<<"$2" >&2; found=1; }; return 0; }
 	for n in "${NODES[@]}"; do
 		report "processes of $n" "$(cgroup_pids "$n")"
-		report "netns qe-$n" "$(ip netns list | awk -v n="qe-$n" '$1 == n')"
+		report "netns qe-$n" "$(ip netns list | awk -v n="qe-$n" '$1 == n {print $1}')"
 		report "link qe-$n" "$(ip -o link show "qe-$n" 2>/dev/null | cut -d: -f2)"
 		report "cgroups of $n" "$(ls -d /sys/fs/cgroup/*/qe-$n 2>/dev/null)"
 	done

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
@@ -62,6 +63,9 @@ type Config struct {
 	// MetricsAddress serves Prometheus metrics at /metrics; "" or "0"
 	// turns them off.
 	MetricsAddress string
+	// ExtraMetrics, if set, are served at /metrics beside the agent's:
+	// the node binary's CSI service measures its staged volumes there.
+	ExtraMetrics prometheus.Gatherer
 	// LeaseDuration and RenewInterval time the Lease (defaults 30s and
 	// 10s; shorter in tests).
 	LeaseDuration, RenewInterval time.Duration
@@ -178,7 +182,7 @@ func Run(ctx context.Context, rc *rest.Config, cfg Config) (err error) {
 	}
 	if ml != nil {
 		undo = append(undo, ml.Close)
-		if err := mgr.Add(&metricsServer{l: ml, h: m.handler(), log: log}); err != nil {
+		if err := mgr.Add(&metricsServer{l: ml, h: m.handler(cfg.ExtraMetrics), log: log}); err != nil {
 			return fmt.Errorf("node agent: %w", err)
 		}
 	}

@@ -66,9 +66,14 @@ func (m *metrics) forget(volume string) {
 	}
 }
 
-// handler serves this agent's metrics and controller-runtime's.
-func (m *metrics) handler() http.Handler {
-	return promhttp.HandlerFor(prometheus.Gatherers{m.registry, ctrlmetrics.Registry}, promhttp.HandlerOpts{})
+// handler serves this agent's metrics, controller-runtime's and extra's
+// (if not nil).
+func (m *metrics) handler(extra prometheus.Gatherer) http.Handler {
+	g := prometheus.Gatherers{m.registry, ctrlmetrics.Registry}
+	if extra != nil {
+		g = append(g, extra)
+	}
+	return promhttp.HandlerFor(g, promhttp.HandlerOpts{})
 }
 
 // metricsServer serves /metrics on a listener until its context ends; a

@@ -7,11 +7,13 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
@@ -26,6 +28,7 @@ import (
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/attach"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/metrics"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
 )
@@ -87,6 +90,10 @@ type NodeConfig struct {
 	// Events, if set, records the engine's QUORUM_FAILURE and REPORT_BAD
 	// events as Warning Events on the QuorumVolume.
 	Events client.Client
+	// Metrics, if set, measures each staged volume: requests, bytes and
+	// latency on its device, engine events, replica states and resync
+	// progress.
+	Metrics *metrics.Set
 }
 
 // Node is the CSI Node service: it assembles a volume's replicas into a
@@ -109,6 +116,7 @@ type stagedVolume struct {
 	vol         *volume.Volume
 	dev         attach.Device
 	stopProbe   context.CancelFunc
+	metrics     *metrics.Volume // nil without NodeConfig.Metrics
 	// targets are the paths the volume is published at, with whether
 	// that publish asked for SINGLE_NODE_SINGLE_WRITER, which allows no
 	// second one.
@@ -271,6 +279,9 @@ func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 	// The engine and the device outlive this call: they are detached by
 	// NodeUnstageVolume, not when the CO's call ends.
 	bg := context.WithoutCancel(ctx)
+	// Events reach the metrics once they exist (after Open).
+	var volMetrics atomic.Pointer[metrics.Volume]
+	toKubernetes := s.eventSink(qv)
 	sv.vol, err = volume.Open(bg, s.replicaURIs(qv), volume.Options{
 		VoteThreshold:    int(qv.Spec.EffectiveVoteThreshold()),
 		ReadPattern:      pattern,
@@ -278,15 +289,30 @@ func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 		Epoch:            epoch,
 		RequestTimeout:   s.cfg.RequestTimeout,
 		Logger:           s.cfg.Logger.With("volume", id),
-		OnEvent:          s.eventSink(qv),
+		OnEvent: func(e quorum.Event) {
+			if toKubernetes != nil {
+				toKubernetes(e)
+			}
+			if m := volMetrics.Load(); m != nil {
+				m.Event(e)
+			}
+		},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("assemble volume %s with epoch %d: %w", id, epoch, err)
 	}
-	if err := s.attach(bg, id, sv); err != nil {
+	var served attach.Volume = sv.vol.Engine
+	if s.cfg.Metrics != nil {
+		sv.metrics = s.cfg.Metrics.AddVolume(id, sv.vol.Status)
+		volMetrics.Store(sv.metrics)
+		served = sv.metrics.Instrument(sv.vol.Engine)
+	}
+	if err := s.attach(bg, id, sv, served); err != nil {
+		sv.forgetMetrics()
 		return nil, errors.Join(err, sv.vol.Close(bg))
 	}
 	if err := s.stageDevice(sv, fsType, req.GetVolumeCapability().GetMount().GetMountFlags()); err != nil {
+		sv.forgetMetrics()
 		return nil, errors.Join(fmt.Errorf("stage volume %s: %w", id, err), sv.dev.ForceDetach(), sv.vol.Close(bg))
 	}
 	probeCtx, stop := context.WithCancel(bg)
@@ -374,7 +400,16 @@ func (s *Node) replicaURIs(qv *v1alpha1.QuorumVolume) []string {
 }
 
 // attach makes sv's block device with the configured frontend.
-func (s *Node) attach(ctx context.Context, id string, sv *stagedVolume) error {
+// forgetMetrics drops the volume's series once it is no longer staged.
+func (sv *stagedVolume) forgetMetrics() {
+	if sv.metrics != nil {
+		sv.metrics.Remove()
+	}
+}
+
+// attach makes the kernel block device that serves v, the engine of sv
+// (measured, with metrics).
+func (s *Node) attach(ctx context.Context, id string, sv *stagedVolume, v attach.Volume) error {
 	dir := filepath.Join(s.cfg.StateDir, id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("state folder of volume %s: %w", id, err)
@@ -382,11 +417,11 @@ func (s *Node) attach(ctx context.Context, id string, sv *stagedVolume) error {
 	logf := func(f string, a ...any) { s.cfg.Logger.Info(fmt.Sprintf(f, a...), "volume", id) }
 	var err error
 	if s.cfg.Frontend == FrontendUblk {
-		sv.dev, err = attach.AttachUblk(ctx, sv.vol.Engine, attach.UblkOptions{
+		sv.dev, err = attach.AttachUblk(ctx, v, attach.UblkOptions{
 			BlockSize: sv.vol.BlockSize(), StateFile: filepath.Join(dir, "ublk"), Logf: logf,
 		})
 	} else {
-		sv.dev, err = attach.AttachFUSELoop(ctx, sv.vol.Engine, attach.FUSELoopOptions{
+		sv.dev, err = attach.AttachFUSELoop(ctx, v, attach.FUSELoopOptions{
 			StateDir: dir, BlockSize: sv.vol.BlockSize(), Logf: logf,
 		})
 	}
@@ -410,7 +445,74 @@ func (s *Node) stageDevice(sv *stagedVolume, fsType string, flags []string) erro
 	if err := os.MkdirAll(sv.stagingPath, 0o750); err != nil {
 		return err
 	}
+	if err := s.growOffline(sv.dev.Path()); err != nil {
+		return err
+	}
 	return s.mounter.FormatAndMount(sv.dev.Path(), sv.stagingPath, fsType, flags)
+}
+
+// growOffline grows an ext2/3/4 filesystem that is smaller than its
+// device, which it is after the volume was expanded while unstaged,
+// before it is mounted. Offline, resize2fs writes the device itself;
+// online it needs the kernel's resize ioctl and with it CAP_SYS_RESOURCE,
+// which a node plugin's container may lack. XFS grows only when mounted,
+// in NodeExpandVolume.
+func (s *Node) growOffline(dev string) error {
+	format, err := s.mounter.GetDiskFormat(dev)
+	if err != nil {
+		return fmt.Errorf("filesystem on %s: %w", dev, err)
+	}
+	if format != "ext2" && format != "ext3" && format != "ext4" {
+		return nil
+	}
+	if small, err := extSmallerThanDevice(dev); err != nil || !small {
+		return err
+	}
+	// resize2fs wants a freshly checked filesystem; e2fsck -p exits 1
+	// when it corrected something, which is no reason to stop.
+	if out, err := exec.Command("e2fsck", "-f", "-p", dev).CombinedOutput(); err != nil {
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() > 1 {
+			return fmt.Errorf("check the filesystem on %s before growing it: %w: %s", dev, err, out)
+		}
+	}
+	if out, err := exec.Command("resize2fs", dev).CombinedOutput(); err != nil {
+		return fmt.Errorf("grow the filesystem on %s: %w: %s", dev, err, out)
+	}
+	return nil
+}
+
+// extSmallerThanDevice reports whether the ext filesystem on dev leaves
+// at least one of its blocks of the device unused.
+func extSmallerThanDevice(dev string) (bool, error) {
+	out, err := exec.Command("dumpe2fs", "-h", dev).Output()
+	if err != nil {
+		return false, fmt.Errorf("dumpe2fs -h %s: %w", dev, err)
+	}
+	var blocks, blockSize int64
+	for _, line := range strings.Split(string(out), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		switch k {
+		case "Block count":
+			blocks, err = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		case "Block size":
+			blockSize, err = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+		if err != nil {
+			return false, fmt.Errorf("dumpe2fs -h %s: %s: %w", dev, k, err)
+		}
+	}
+	if blocks == 0 || blockSize == 0 {
+		return false, fmt.Errorf("dumpe2fs -h %s: no block count or size in %q", dev, out)
+	}
+	size, err := deviceSize(dev)
+	if err != nil {
+		return false, err
+	}
+	return size >= (blocks+1)*blockSize, nil
 }
 
 func (s *Node) lookup(id string) *stagedVolume {
@@ -452,6 +554,7 @@ func (s *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 		return nil, fmt.Errorf("%w: detach %s of volume %s: %w", errFailedPrecondition, sv.dev.Path(), id, err)
 	}
 	sv.stopProbe()
+	sv.forgetMetrics()
 	s.mu.Lock()
 	delete(s.staged, id)
 	s.mu.Unlock()
@@ -688,6 +791,17 @@ func (s *Node) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolume
 		return nil, fmt.Errorf("%w: volume %s is assembled with %d bytes and cannot grow to %d while staged; it has its new size from its next stage", errFailedPrecondition, id, size, need)
 	}
 	if !sv.block {
+		// An ext filesystem grew at stage (growOffline); asking resize2fs
+		// again, online, could fail for want of CAP_SYS_RESOURCE.
+		if format, err := s.mounter.GetDiskFormat(sv.dev.Path()); err == nil && strings.HasPrefix(format, "ext") {
+			small, err := extSmallerThanDevice(sv.dev.Path())
+			if err != nil {
+				return nil, fmt.Errorf("expand volume %s: %w", id, err)
+			}
+			if !small {
+				return &csipb.NodeExpandVolumeResponse{CapacityBytes: size}, nil
+			}
+		}
 		if _, err := mount.NewResizeFs(utilexec.New()).Resize(sv.dev.Path(), sv.stagingPath); err != nil {
 			return nil, fmt.Errorf("expand the filesystem of volume %s: %w", id, err)
 		}
@@ -703,6 +817,7 @@ func (s *Node) Close() error {
 	var errs []error
 	for id, sv := range s.staged {
 		sv.stopProbe()
+		sv.forgetMetrics()
 		if sv.stagingPath != "" && !sv.block {
 			errs = append(errs, s.unmount(sv.stagingPath))
 		}

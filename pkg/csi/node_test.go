@@ -15,6 +15,7 @@ import (
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -28,6 +29,7 @@ import (
 	"github.com/quorum-csi/quorum-csi/internal/testutil"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/metrics"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
 )
@@ -41,12 +43,16 @@ type nodeEnv struct {
 	nodes  map[string]csipb.NodeClient
 	socks  map[string]string // each node's CSI socket
 	local  map[string]string // each agent's local NBD socket
+	// metrics gathers each node's staged volumes' metrics.
+	metrics map[string]*prometheus.Registry
+	data    map[string]string // each agent's data folder
 }
 
 func startNodeEnv(t *testing.T) *nodeEnv {
 	testutil.RequireKernel(t)
 	testutil.RequireTools(t, "mkfs.ext4", "blkid", "mount", "umount")
-	e := &nodeEnv{env: startEnv(t), tlsDir: t.TempDir(), nodes: map[string]csipb.NodeClient{}, socks: map[string]string{}, local: map[string]string{}}
+	e := &nodeEnv{env: startEnv(t), tlsDir: t.TempDir(), nodes: map[string]csipb.NodeClient{}, socks: map[string]string{}, local: map[string]string{},
+		metrics: map[string]*prometheus.Registry{}, data: map[string]string{}}
 	ips := []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}
 	if err := nbd.GenerateDevCA(e.tlsDir, ips); err != nil {
 		t.Fatal(err)
@@ -81,8 +87,9 @@ func (e *nodeEnv) startAgent(name, ip string) string {
 	addr := l.Addr().String()
 	l.Close()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	e.data[name] = t.TempDir()
 	cfg := agent.Config{
-		Node: name, DataDir: t.TempDir(), Listen: addr, AdvertiseAddress: ip, TLS: tlsCfg, LocalSocket: sock,
+		Node: name, DataDir: e.data[name], Listen: addr, AdvertiseAddress: ip, TLS: tlsCfg, LocalSocket: sock,
 		MetricsAddress: "0", LeaseDuration: 3 * time.Second, RenewInterval: 300 * time.Millisecond,
 		ShutdownTimeout: 5 * time.Second, Logger: log.Log.WithName(name),
 	}
@@ -102,10 +109,17 @@ func (e *nodeEnv) startAgent(name, ip string) string {
 // cmd/node does, and connects a client to it.
 func (e *nodeEnv) startNode(name, localSocket string) {
 	t := e.t
+	reg := prometheus.NewRegistry()
+	set, err := metrics.NewSet(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.metrics[name] = reg
 	n, err := NewNode(NodeConfig{
 		NodeName: name, Client: e.c, TLSDir: e.tlsDir, LocalSocket: localSocket,
 		StateDir: t.TempDir(), RequestTimeout: 5 * time.Second,
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, nil)).With("node", name),
+		Logger:  slog.New(slog.NewTextHandler(os.Stderr, nil)).With("node", name),
+		Metrics: set,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -305,7 +319,15 @@ func TestNodeStageFilesystem(t *testing.T) {
 	if _, err := e.nodes["n2"].NodeGetVolumeHealth(t.Context(), &csipb.NodeGetVolumeHealthRequest{VolumeId: vol.VolumeId}); status.Code(err) != codes.NotFound {
 		t.Errorf("NodeGetVolumeHealth on a node that did not stage the volume: %v, want NotFound", err)
 	}
+	// mkfs wrote through the device: the staged volume is measured.
+	if got := e.series("n1", vol.VolumeId); got["quorum_volume_requests_total/write"] == 0 || got["quorum_replica_state/healthy"] != 3 ||
+		got["quorum_volume_request_seconds/write"] == 0 {
+		t.Errorf("n1's metrics of the staged volume: %v; want writes counted and timed, and 3 healthy replicas", got)
+	}
 	e.unstage(vol, "n1", p1)
+	if got := e.series("n1", vol.VolumeId); len(got) != 0 {
+		t.Errorf("n1's metrics after unstage: %v, want the volume's series gone", got)
+	}
 
 	p2 := newPaths(t)
 	if epoch := e.stage(vol, "n2", c, p2); epoch != 2 {
@@ -325,7 +347,54 @@ func TestNodeStageFilesystem(t *testing.T) {
 	if sha256.Sum256(got) != want {
 		t.Errorf("the file read on n2 differs from what n1 wrote (%d bytes, want %d)", len(got), len(data))
 	}
+	before := fsSize(t, p2.target)
 	e.unstage(vol, "n2", p2)
+
+	// Offline expansion: the volume grows while unstaged, and the next
+	// stage grows the filesystem before mounting it (online growth may
+	// lack CAP_SYS_RESOURCE), so NodeExpandVolume has nothing left to do.
+	if _, err := e.ctl.ControllerExpandVolume(t.Context(), &csipb.ControllerExpandVolumeRequest{
+		VolumeId: vol.VolumeId, CapacityRange: &csipb.CapacityRange{RequiredBytes: 128 << 20}, VolumeCapability: c,
+	}); err != nil {
+		t.Fatalf("ControllerExpandVolume: %v", err)
+	}
+	e.poll("the agents to grow the replicas to 128 MiB", func(context.Context) bool {
+		grown := 0
+		for _, n := range []string{"n1", "n2", "n3"} {
+			images, _ := filepath.Glob(filepath.Join(e.data[n], vol.VolumeId, "*.img"))
+			for _, img := range images {
+				if fi, err := os.Stat(img); err == nil && fi.Size() == 128<<20 {
+					grown++
+				}
+			}
+		}
+		return grown == 3
+	})
+	p3 := newPaths(t)
+	e.stage(vol, "n2", c, p3)
+	if after := fsSize(t, p3.target); after < before+48<<20 {
+		t.Errorf("filesystem of %d bytes after growing the volume from 64 to 128 MiB, %d before", after, before)
+	}
+	exp, err = e.nodes["n2"].NodeExpandVolume(t.Context(), &csipb.NodeExpandVolumeRequest{
+		VolumeId: vol.VolumeId, VolumePath: p3.target, CapacityRange: &csipb.CapacityRange{RequiredBytes: 128 << 20},
+	})
+	if err != nil || exp.CapacityBytes != 128<<20 {
+		t.Errorf("NodeExpandVolume after the stage grew the filesystem: %v, %v; want 128 MiB", exp, err)
+	}
+	if got, err := os.ReadFile(filepath.Join(p3.target, "data")); err != nil || sha256.Sum256(got) != want {
+		t.Errorf("the file after the expansion: %v, or its contents differ", err)
+	}
+	e.unstage(vol, "n2", p3)
+}
+
+// fsSize is the size of the filesystem mounted at path.
+func fsSize(t *testing.T, path string) int64 {
+	t.Helper()
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks) * st.Bsize
 }
 
 // TestNodeStageBlock: the published block file is the volume's device;
@@ -365,4 +434,37 @@ func TestNodeStageBlock(t *testing.T) {
 		t.Errorf("NodeGetVolumeStats of the block file = %v, want a total of 64 MiB", u)
 	}
 	e.unstage(vol, "n1", p)
+}
+
+// series sums node's metrics of one volume by family and op or state
+// label: counters by value, histograms by sample count, replica states by
+// the replicas in each.
+func (e *nodeEnv) series(node, volume string) map[string]float64 {
+	e.t.Helper()
+	families, err := e.metrics[node].Gather()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range families {
+		for _, m := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["volume"] != volume {
+				continue
+			}
+			key := f.GetName() + "/" + labels["op"] + labels["state"]
+			switch {
+			case m.Counter != nil:
+				got[key] += m.Counter.GetValue()
+			case m.Histogram != nil:
+				got[key] += float64(m.Histogram.GetSampleCount())
+			case m.Gauge != nil:
+				got[key] += m.Gauge.GetValue()
+			}
+		}
+	}
+	return got
 }
