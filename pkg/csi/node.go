@@ -399,7 +399,6 @@ func (s *Node) replicaURIs(qv *v1alpha1.QuorumVolume) []string {
 	return uris
 }
 
-// attach makes sv's block device with the configured frontend.
 // forgetMetrics drops the volume's series once it is no longer staged.
 func (sv *stagedVolume) forgetMetrics() {
 	if sv.metrics != nil {
@@ -407,8 +406,8 @@ func (sv *stagedVolume) forgetMetrics() {
 	}
 }
 
-// attach makes the kernel block device that serves v, the engine of sv
-// (measured, with metrics).
+// attach makes sv's block device with the configured frontend, serving
+// v: sv's engine, measured when metrics are on.
 func (s *Node) attach(ctx context.Context, id string, sv *stagedVolume, v attach.Volume) error {
 	dir := filepath.Join(s.cfg.StateDir, id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -765,7 +764,9 @@ func deviceSize(path string) (int64, error) {
 // device has the new size from the volume's next NodeStageVolume. So a
 // staged volume whose device is still smaller than required_bytes is
 // FAILED_PRECONDITION (the CO retries; the expansion completes after the
-// pod restarts), and one staged since is grown in place.
+// pod restarts), and one staged since is grown in place: an ext
+// filesystem already was, offline, by NodeStageVolume (growOffline), so
+// only XFS is grown here.
 func (s *Node) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolumeRequest) (*csipb.NodeExpandVolumeResponse, error) {
 	id := req.GetVolumeId()
 	switch {
