@@ -264,7 +264,7 @@ up() {
 	echo "$RUN/kubeconfig"
 }
 
-# stop_pids SIGNAL-WAIT PID... sends TERM, waits up to 10 s, then KILLs.
+# stop_pids PID... sends TERM, waits up to 10 s, then KILLs what is left.
 stop_pids() {
 	local p alive
 	(($#)) || return 0

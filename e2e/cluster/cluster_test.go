@@ -320,7 +320,8 @@ func (c *cluster) sameReplicas(t *testing.T, qv *v1alpha1.QuorumVolume) {
 // metrics scrapes a node plugin's Prometheus endpoint.
 func metrics(t *testing.T, node string) string {
 	t.Helper()
-	resp, err := http.Get("http://" + nodeIPs[node] + ":9809/metrics")
+	// A node cut off must fail the scrape, not hang the test.
+	resp, err := (&http.Client{Timeout: 10 * time.Second}).Get("http://" + nodeIPs[node] + ":9809/metrics")
 	if err != nil {
 		t.Fatalf("metrics of %s: %v", node, err)
 	}

@@ -14,27 +14,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 )
-
-func ready(qv *v1alpha1.QuorumVolume) bool {
-	if qv.Status.Phase != v1alpha1.VolumeReady || len(qv.Status.Replicas) != int(qv.Spec.Replicas) {
-		return false
-	}
-	for _, r := range qv.Status.Replicas {
-		if r.State != v1alpha1.ReplicaHealthy {
-			return false
-		}
-	}
-	return true
-}
 
 // quorumVolumeWithKubectl: a QuorumVolume applied with kubectl alone (no
 // PVC) gets its three replicas on three nodes and reaches Ready; kubectl
 // get qv shows them; deleting it removes the images.
 func (c *cluster) quorumVolumeWithKubectl(t *testing.T) {
 	c.apply(t, "apiVersion: quorum.csi.dev/v1alpha1\nkind: QuorumVolume\nmetadata: {name: by-kubectl}\nspec: {size: 64Mi, replicas: 3}\n")
-	qv := c.waitQV(t, "by-kubectl", "Ready with 3 healthy replicas", 2*time.Minute, ready)
+	qv := c.waitQV(t, "by-kubectl", "Ready with 3 healthy replicas", 2*time.Minute, qvtest.Ready)
 	nodes := map[string]bool{}
 	for _, r := range qv.Status.Replicas {
 		nodes[r.Node] = true
@@ -222,7 +211,7 @@ func (c *cluster) nodeCutOff(t *testing.T) {
 	c.poll(t, "a first fio round", 3*time.Minute, func() bool { return rounds() >= 1 })
 	vol := c.volumeOf(t, "fio")
 	qv := c.qv(t, vol)
-	if !ready(qv) {
+	if !qvtest.Ready(qv) {
 		t.Fatalf("volume before the cut: phase %s, replicas %+v", qv.Status.Phase, qv.Status.Replicas)
 	}
 
@@ -246,7 +235,7 @@ func (c *cluster) nodeCutOff(t *testing.T) {
 	c.script(time.Minute, "cluster.sh", "mend", cutNode)
 	mended = true
 	back := time.Now()
-	c.waitQV(t, vol, "Ready again", 4*time.Minute, ready)
+	c.waitQV(t, vol, "Ready again", 4*time.Minute, qvtest.Ready)
 	// Ready comes from the agents; the engine on the pod's node tells when
 	// the resync is done.
 	c.poll(t, podNode+"'s engine to report three healthy replicas", 3*time.Minute, func() bool {

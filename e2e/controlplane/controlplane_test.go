@@ -260,20 +260,6 @@ func (cl *cluster) poll(what string, ok func() bool) {
 	}
 }
 
-// ready is a volume whose replicas are all Healthy with an endpoint, in
-// phase Ready.
-func ready(qv *v1alpha1.QuorumVolume) bool {
-	if qv.Status.Phase != v1alpha1.VolumeReady || len(qv.Status.Replicas) != int(qv.Spec.Replicas) {
-		return false
-	}
-	for _, r := range qv.Status.Replicas {
-		if r.State != v1alpha1.ReplicaHealthy || r.Endpoint == "" {
-			return false
-		}
-	}
-	return true
-}
-
 func replicaOn(qv *v1alpha1.QuorumVolume, node string) v1alpha1.ReplicaStatus {
 	for _, r := range qv.Status.Replicas {
 		if r.Node == node {
@@ -459,7 +445,7 @@ func TestControlPlane(t *testing.T) {
 	if _, err := cl.applyYAML("apiVersion: quorum.csi.dev/v1alpha1\nkind: QuorumVolume\nmetadata:\n  name: vol1\nspec:\n  size: 64Mi\n  replicas: 3\n"); err != nil {
 		t.Fatal(err)
 	}
-	qv := cl.waitFor("vol1", "phase Ready", ready)
+	qv := cl.waitFor("vol1", "phase Ready", qvtest.Ready)
 	metas := map[string]replica.Meta{}
 	for _, a := range cl.agents {
 		rep := replicaOn(qv, a.node)
@@ -564,7 +550,7 @@ func TestControlPlane(t *testing.T) {
 		st := childState(v, third)
 		return st.State == quorum.ChildHealthy && st.DirtyBytes == 0
 	})
-	cl.waitFor("vol1", "phase Ready again", ready)
+	cl.waitFor("vol1", "phase Ready again", qvtest.Ready)
 	if l := cl.lease(a3.node); ptr.Deref(l.Spec.HolderIdentity, "") != a3.node || !l.Spec.AcquireTime.After(expired.Spec.RenewTime.Time) ||
 		ptr.Deref(l.Spec.LeaseTransitions, 0) != ptr.Deref(expired.Spec.LeaseTransitions, 0)+1 {
 		t.Errorf("n3's Lease after the restart: %+v; want it taken over after its expiry (renewed %v): acquired anew, one more transition", l.Spec, expired.Spec.RenewTime)
@@ -666,7 +652,7 @@ func TestStaleEpochRefused(t *testing.T) {
 	if err := cl.c.Create(ctx, qv); err != nil {
 		t.Fatal(err)
 	}
-	qv = cl.waitFor("moved", "phase Ready", ready)
+	qv = cl.waitFor("moved", "phase Ready", qvtest.Ready)
 	a, b := cl.agents[0].node, cl.agents[1].node
 
 	epochA, err := controller.Attach(ctx, cl.c, qv.Name, a, false)
@@ -752,7 +738,7 @@ func TestNodeGone(t *testing.T) {
 	if err := cl.c.Create(ctx, qv); err != nil {
 		t.Fatal(err)
 	}
-	qv = cl.waitFor("gone", "phase Ready", ready)
+	qv = cl.waitFor("gone", "phase Ready", qvtest.Ready)
 	a3 := cl.agents[2]
 	img := image(a3, qv)
 	if err := cl.c.Delete(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: a3.node}}); err != nil {

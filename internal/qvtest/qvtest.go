@@ -71,6 +71,20 @@ func WaitFor(t testing.TB, c client.Client, name, what string, timeout time.Dura
 	return last
 }
 
+// Ready is a volume in phase Ready whose spec.replicas replicas are all
+// Healthy with an endpoint.
+func Ready(qv *v1alpha1.QuorumVolume) bool {
+	if qv.Status.Phase != v1alpha1.VolumeReady || len(qv.Status.Replicas) != int(qv.Spec.Replicas) {
+		return false
+	}
+	for _, r := range qv.Status.Replicas {
+		if r.State != v1alpha1.ReplicaHealthy || r.Endpoint == "" {
+			return false
+		}
+	}
+	return true
+}
+
 // Poll waits up to timeout for ok.
 func Poll(t testing.TB, what string, timeout time.Duration, ok func(context.Context) bool) {
 	t.Helper()

@@ -457,14 +457,7 @@ func (s *Node) stageDevice(sv *stagedVolume, fsType string, flags []string) erro
 // which a node plugin's container may lack. XFS grows only when mounted,
 // in NodeExpandVolume.
 func (s *Node) growOffline(dev string) error {
-	format, err := s.mounter.GetDiskFormat(dev)
-	if err != nil {
-		return fmt.Errorf("filesystem on %s: %w", dev, err)
-	}
-	if format != "ext2" && format != "ext3" && format != "ext4" {
-		return nil
-	}
-	if small, err := extSmallerThanDevice(dev); err != nil || !small {
+	if ext, smaller, err := s.extFilesystem(dev); err != nil || !ext || !smaller {
 		return err
 	}
 	// resize2fs wants a freshly checked filesystem; e2fsck -p exits 1
@@ -481,8 +474,23 @@ func (s *Node) growOffline(dev string) error {
 	return nil
 }
 
-// extSmallerThanDevice reports whether the ext filesystem on dev leaves
-// at least one of its blocks of the device unused.
+// extFilesystem reports whether dev holds an ext2/3/4 filesystem and,
+// if so, whether that leaves at least one of its blocks of the device
+// unused.
+func (s *Node) extFilesystem(dev string) (ext, smaller bool, err error) {
+	format, err := s.mounter.GetDiskFormat(dev)
+	if err != nil {
+		return false, false, fmt.Errorf("filesystem on %s: %w", dev, err)
+	}
+	if format != "ext2" && format != "ext3" && format != "ext4" {
+		return false, false, nil
+	}
+	smaller, err = extSmallerThanDevice(dev)
+	return true, smaller, err
+}
+
+// extSmallerThanDevice compares the block count and size dumpe2fs reads
+// from the superblock with the device size.
 func extSmallerThanDevice(dev string) (bool, error) {
 	out, err := exec.Command("dumpe2fs", "-h", dev).Output()
 	if err != nil {
@@ -794,14 +802,12 @@ func (s *Node) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolume
 	if !sv.block {
 		// An ext filesystem grew at stage (growOffline); asking resize2fs
 		// again, online, could fail for want of CAP_SYS_RESOURCE.
-		if format, err := s.mounter.GetDiskFormat(sv.dev.Path()); err == nil && strings.HasPrefix(format, "ext") {
-			small, err := extSmallerThanDevice(sv.dev.Path())
-			if err != nil {
-				return nil, fmt.Errorf("expand volume %s: %w", id, err)
-			}
-			if !small {
-				return &csipb.NodeExpandVolumeResponse{CapacityBytes: size}, nil
-			}
+		ext, smaller, err := s.extFilesystem(sv.dev.Path())
+		if err != nil {
+			return nil, fmt.Errorf("expand volume %s: %w", id, err)
+		}
+		if ext && !smaller {
+			return &csipb.NodeExpandVolumeResponse{CapacityBytes: size}, nil
 		}
 		if _, err := mount.NewResizeFs(utilexec.New()).Resize(sv.dev.Path(), sv.stagingPath); err != nil {
 			return nil, fmt.Errorf("expand the filesystem of volume %s: %w", id, err)

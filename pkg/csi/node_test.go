@@ -26,9 +26,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/quorum-csi/quorum-csi/internal/alignbuf"
+	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/internal/testutil"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
-	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/metrics"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
@@ -166,16 +166,6 @@ func unmountAll(t *testing.T, paths ...string) {
 	})
 }
 
-func ready3(qv *v1alpha1.QuorumVolume) bool {
-	healthy := 0
-	for _, r := range qv.Status.Replicas {
-		if r.State == v1alpha1.ReplicaHealthy && r.Endpoint != "" {
-			healthy++
-		}
-	}
-	return qv.Status.Phase == v1alpha1.VolumeReady && healthy == 3
-}
-
 // paths of one node's use of a volume.
 type nodePaths struct{ staging, target string }
 
@@ -261,7 +251,7 @@ func (e *nodeEnv) create(name string, c *csipb.VolumeCapability) *csipb.Volume {
 	if err != nil {
 		t.Fatalf("CreateVolume %s: %v", name, err)
 	}
-	e.waitFor(resp.Volume.VolumeId, "three Healthy replicas", ready3)
+	e.waitFor(resp.Volume.VolumeId, "three Healthy replicas", qvtest.Ready)
 	return resp.Volume
 }
 
