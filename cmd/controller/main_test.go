@@ -66,7 +66,7 @@ func TestBinary(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := controller.RenewLease(ctx, c, controller.DefaultNamespace, "node-a", time.Hour); err != nil {
+	if err := controller.RenewLease(ctx, c, c, controller.DefaultNamespace, "node-a", time.Hour); err != nil {
 		t.Fatal(err)
 	}
 

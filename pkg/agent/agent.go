@@ -29,13 +29,9 @@ import (
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 )
 
-// Defaults of the contract with the controller.
-const (
-	DefaultNamespace       = "quorum-csi"
-	DefaultLeaseDuration   = 30 * time.Second
-	DefaultRenewInterval   = 10 * time.Second
-	DefaultShutdownTimeout = 30 * time.Second
-)
+// DefaultShutdownTimeout bounds how long requests in flight may take at
+// shutdown (Config.ShutdownTimeout).
+const DefaultShutdownTimeout = 30 * time.Second
 
 // Config is one node agent.
 type Config struct {
@@ -98,6 +94,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.RenewInterval <= 0 {
 		c.RenewInterval = DefaultRenewInterval
+	}
+	if c.LeaseDuration < time.Second {
+		return fmt.Errorf("node agent: lease duration %s is shorter than a second, the Lease's unit", c.LeaseDuration)
 	}
 	if c.RenewInterval >= c.LeaseDuration {
 		return fmt.Errorf("node agent: lease renew interval %s must be shorter than the lease duration %s", c.RenewInterval, c.LeaseDuration)

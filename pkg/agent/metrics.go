@@ -51,7 +51,7 @@ func newMetrics() *metrics {
 		}, []string{"volume", "op"}),
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "quorum_agent_replica_failures_total",
-			Help: "Failed attempts to create, grow, serve or delete a replica, by volume and action.",
+			Help: "Failed attempts, by volume and action: serve (create, grow or open and export a replica) or delete.",
 		}, []string{"volume", "action"}),
 	}
 	m.registry.MustRegister(m.served, m.bytes, m.ops, m.ioErrors, m.failures)
@@ -110,7 +110,7 @@ func (s *metricsServer) Start(ctx context.Context) error {
 // agent stopped serving it.
 var errStopped = fmt.Errorf("replica is no longer served: %w", syscall.ESHUTDOWN)
 
-// backend wraps an export's backend. It counts requests when io is set
+// backend wraps an export's backend. It counts requests when m is set
 // (the image; the sidecar's small metadata traffic is not the volume's
 // I/O), and it lets the agent wait for requests in flight before it
 // closes the replica: the NBD server's RemoveExport ends connections but
@@ -118,6 +118,7 @@ var errStopped = fmt.Errorf("replica is no longer served: %w", syscall.ESHUTDOWN
 type backend struct {
 	nbd.Backend
 	volume string
+	export string   // the name it is served under
 	m      *metrics // nil: no counting
 
 	mu      sync.RWMutex // held shared by every request, exclusively by drain

@@ -175,7 +175,8 @@ func (r *reconciler) removed(vol string, mine []string) []string {
 // controller waits for before it removes its finalizer.
 func (r *reconciler) deleteVolume(ctx context.Context, log logr.Logger, qv *v1alpha1.QuorumVolume) error {
 	vol, uid := qv.Name, string(qv.UID)
-	reps := r.entries(qv)
+	placed := r.entries(qv)
+	reps := slices.Clone(placed)
 	if cur, ok := r.set.lookup(vol); ok {
 		reps = append(reps, cur.replica)
 	}
@@ -196,7 +197,7 @@ func (r *reconciler) deleteVolume(ctx context.Context, log logr.Logger, qv *v1al
 		case err != nil:
 			r.set.m.failures.WithLabelValues(vol, "delete").Inc()
 			errs = append(errs, err)
-			if slices.Contains(r.entries(qv), rep) {
+			if slices.Contains(placed, rep) {
 				failed = append(failed, outcome{name: rep, state: v1alpha1.ReplicaFaulty, msg: err.Error()})
 			}
 		}

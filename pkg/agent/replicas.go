@@ -133,7 +133,7 @@ func (s *replicaSet) serve(vol, uid, rep, path string) (err error) {
 	}
 	sv.closeExtents = closeExtents
 	for i, x := range xs {
-		b := &backend{Backend: x.Backend, volume: vol}
+		b := &backend{Backend: x.Backend, volume: vol, export: x.Name}
 		if i == 0 {
 			b.m = s.m
 		}
@@ -168,12 +168,8 @@ func (s *replicaSet) stop(vol string) error {
 // release removes what serve added, in reverse.
 func (s *replicaSet) release(vol string, sv *served) error {
 	var errs []error
-	for i, b := range sv.backends {
-		name := vol
-		if i > 0 {
-			name += volume.SidecarSuffix
-		}
-		if err := s.srv.RemoveExport(name); err != nil {
+	for _, b := range sv.backends {
+		if err := s.srv.RemoveExport(b.export); err != nil {
 			errs = append(errs, err)
 		}
 		b.drain()

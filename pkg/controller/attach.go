@@ -33,10 +33,11 @@ var (
 // live migration has one source and one target.
 const maxAttachments = 2
 
-// conflictBackoff retries resourceVersion conflicts for about 2.5 s: long
-// enough for a cached client to catch up with the write that won, short
-// enough to stay within a CSI call's deadline.
-var conflictBackoff = wait.Backoff{Steps: 8, Duration: 10 * time.Millisecond, Factor: 2, Jitter: 0.1}
+// ConflictBackoff retries resourceVersion conflicts of QuorumVolume
+// writes (Attach, Detach, the CSI service's) for about 2.5 s: long enough
+// for a cached client to catch up with the write that won, short enough
+// to stay within a CSI call's deadline.
+var ConflictBackoff = wait.Backoff{Steps: 8, Duration: 10 * time.Millisecond, Factor: 2, Jitter: 0.1}
 
 // Attach attaches volume to node and returns the epoch node presents to
 // the replica servers. It is idempotent: a node already attached gets its
@@ -55,7 +56,7 @@ func Attach(ctx context.Context, c client.Client, volume, node string, multiNode
 	var epoch int64
 	var qv *v1alpha1.QuorumVolume
 	created := false
-	err := retry.OnError(conflictBackoff, kerrors.IsConflict, func() error {
+	err := retry.OnError(ConflictBackoff, kerrors.IsConflict, func() error {
 		qv = &v1alpha1.QuorumVolume{}
 		if err := c.Get(ctx, client.ObjectKey{Name: volume}, qv); err != nil {
 			return err
@@ -92,7 +93,7 @@ func Attach(ctx context.Context, c client.Client, volume, node string, multiNode
 func Detach(ctx context.Context, c client.Client, volume, node string) error {
 	var qv *v1alpha1.QuorumVolume
 	var held int64
-	err := retry.OnError(conflictBackoff, kerrors.IsConflict, func() error {
+	err := retry.OnError(ConflictBackoff, kerrors.IsConflict, func() error {
 		qv = &v1alpha1.QuorumVolume{}
 		held = 0
 		if err := c.Get(ctx, client.ObjectKey{Name: volume}, qv); err != nil {

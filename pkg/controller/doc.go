@@ -14,9 +14,8 @@
 // (DefaultLeaseDuration), renewed every 10 s (DefaultRenewInterval) the
 // way RenewLease does it: created if missing, taken over (acquireTime,
 // leaseTransitions) when it expired or names another holder, updated
-// with its resourceVersion. The agent has its own copy of that renewal
-// (pkg/agent), which reads the Lease from the API server rather than
-// through a cache. A node runs the node plugin while its Lease is
+// with its resourceVersion. The agent calls RenewLease with a reader
+// that goes to the API server rather than through a cache. A node runs the node plugin while its Lease is
 // current: renewTime + leaseDurationSeconds is in the future and the
 // holder is the node.
 //

@@ -147,7 +147,7 @@ func (e *env) deleteNode(name string) {
 // renew renews node's agent Lease once, as the agent does.
 func (e *env) renew(node string, d time.Duration) {
 	e.t.Helper()
-	if err := RenewLease(e.t.Context(), e.c, DefaultNamespace, node, d); err != nil {
+	if err := RenewLease(e.t.Context(), e.c, e.c, DefaultNamespace, node, d); err != nil {
 		e.t.Fatal(err)
 	}
 }
@@ -166,7 +166,7 @@ func (e *env) keepRenewing(node string, d time.Duration) (stop func()) {
 			case <-ctx.Done():
 				return
 			case <-tick.C:
-				if err := RenewLease(ctx, e.c, DefaultNamespace, node, d); err != nil && ctx.Err() == nil {
+				if err := RenewLease(ctx, e.c, e.c, DefaultNamespace, node, d); err != nil && ctx.Err() == nil {
 					e.t.Errorf("renew lease of %s: %v", node, err)
 				}
 			}

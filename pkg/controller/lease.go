@@ -24,25 +24,28 @@ const (
 	DefaultRenewInterval = 10 * time.Second
 )
 
+// leasePrefix and the node's name make the name of its agent's Lease.
+const leasePrefix = "quorum-agent-"
+
 // LeaseName is the name of the Lease through which the node agent on node
 // shows that it runs.
-func LeaseName(node string) string { return "quorum-agent-" + node }
+func LeaseName(node string) string { return leasePrefix + node }
 
 // RenewLease creates or renews node's agent Lease in namespace with the
-// given duration (whole seconds, at least one). The node agent renews
-// every DefaultRenewInterval the same way, with its own copy of this
-// that reads the Lease uncached (pkg/agent); the two must agree.
+// given duration (whole seconds, at least one), reading it through r
+// (the node agent passes an uncached reader) and writing through w. The
+// node agent renews every DefaultRenewInterval with it.
 // Renewing is an update with the Lease's resourceVersion, so two agents
 // claiming one node cannot silently overwrite each other; a conflict is
 // returned and the next renewal retries.
-func RenewLease(ctx context.Context, c client.Client, namespace, node string, duration time.Duration) error {
+func RenewLease(ctx context.Context, r client.Reader, w client.Writer, namespace, node string, duration time.Duration) error {
 	secs := int32(duration / time.Second)
 	if secs < 1 {
 		return fmt.Errorf("renew lease of node %s: duration %v is shorter than a second", node, duration)
 	}
 	now := metav1.NewMicroTime(time.Now())
 	lease := &coordinationv1.Lease{}
-	err := c.Get(ctx, client.ObjectKey{Namespace: namespace, Name: LeaseName(node)}, lease)
+	err := r.Get(ctx, client.ObjectKey{Namespace: namespace, Name: LeaseName(node)}, lease)
 	if apierrors.IsNotFound(err) {
 		lease = &coordinationv1.Lease{
 			ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: LeaseName(node)},
@@ -53,7 +56,7 @@ func RenewLease(ctx context.Context, c client.Client, namespace, node string, du
 				RenewTime:            &now,
 			},
 		}
-		if err := c.Create(ctx, lease); err != nil {
+		if err := w.Create(ctx, lease); err != nil {
 			return fmt.Errorf("create lease %s/%s: %w", namespace, LeaseName(node), err)
 		}
 		return nil
@@ -71,7 +74,7 @@ func RenewLease(ctx context.Context, c client.Client, namespace, node string, du
 	lease.Spec.HolderIdentity = ptr.To(node)
 	lease.Spec.LeaseDurationSeconds = ptr.To(secs)
 	lease.Spec.RenewTime = &now
-	if err := c.Update(ctx, lease); err != nil {
+	if err := w.Update(ctx, lease); err != nil {
 		return fmt.Errorf("renew lease %s/%s: %w", namespace, LeaseName(node), err)
 	}
 	return nil

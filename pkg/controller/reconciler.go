@@ -112,7 +112,7 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 
 // leaseNode is the node an agent Lease stands for, "" for other Leases.
 func (r *Reconciler) leaseNode(o client.Object) string {
-	node, ok := strings.CutPrefix(o.GetName(), "quorum-agent-")
+	node, ok := strings.CutPrefix(o.GetName(), leasePrefix)
 	if !ok || o.GetNamespace() != r.namespace {
 		return ""
 	}
@@ -414,7 +414,7 @@ func (r *Reconciler) place(ctx context.Context, qv *v1alpha1.QuorumVolume, cl *c
 	for _, n := range cl.nodes {
 		live, why := cl.agentLive(n.Name)
 		infos = append(infos, NodeInfo{Name: n.Name, Labels: n.Labels, AgentLive: live, NotLiveReason: why,
-			Unschedulable: n.Spec.Unschedulable, BeingDeleted: n.DeletionTimestamp != nil, Load: load[n.Name] + loadOf(qv, n.Name)})
+			Unschedulable: n.Spec.Unschedulable, BeingDeleted: n.DeletionTimestamp != nil, Load: load[n.Name]})
 	}
 	// Map order must not leak into the condition message.
 	sort.Slice(infos, func(i, j int) bool { return infos[i].Name < infos[j].Name })
@@ -462,18 +462,6 @@ func (r *Reconciler) load(ctx context.Context, self string) (map[string]int, err
 		}
 	}
 	return load, nil
-}
-
-// loadOf counts this volume's own replicas on node from the status being
-// built, which the cache may not have yet.
-func loadOf(qv *v1alpha1.QuorumVolume, node string) int {
-	n := 0
-	for _, rep := range qv.Status.Replicas {
-		if rep.Node == node && rep.State != v1alpha1.ReplicaStale {
-			n++
-		}
-	}
-	return n
 }
 
 // nextReplicaIndex is one past the highest "rN" in the status. Names are

@@ -6,7 +6,6 @@ import (
 	"maps"
 	"strconv"
 	"strings"
-	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	corev1 "k8s.io/api/core/v1"
@@ -14,7 +13,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -40,11 +38,6 @@ const (
 	// FieldManager owns the QuorumVolume specs this service writes.
 	FieldManager = "quorum-csi-controller"
 )
-
-// conflictBackoff retries resourceVersion conflicts of DeleteVolume and
-// ControllerExpandVolume, as controller.Attach does its own: a few
-// seconds, well within a CSI call's deadline.
-var conflictBackoff = wait.Backoff{Steps: 8, Duration: 10 * time.Millisecond, Factor: 2, Jitter: 0.1}
 
 // Controller is the CSI Controller service. It holds no state of its own:
 // every volume is a QuorumVolume, which the reconciler places and the
@@ -194,7 +187,7 @@ func (s *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRe
 		return nil, err
 	}
 	defer release()
-	err = retry.OnError(conflictBackoff, kerrors.IsConflict, func() error {
+	err = retry.OnError(controller.ConflictBackoff, kerrors.IsConflict, func() error {
 		qv := &v1alpha1.QuorumVolume{}
 		if err := s.client.Get(ctx, client.ObjectKey{Name: id}, qv); err != nil {
 			return client.IgnoreNotFound(err)
@@ -350,7 +343,7 @@ func (s *Controller) ControllerExpandVolume(ctx context.Context, req *csipb.Cont
 	}
 	defer release()
 	var result int64
-	err = retry.OnError(conflictBackoff, kerrors.IsConflict, func() error {
+	err = retry.OnError(controller.ConflictBackoff, kerrors.IsConflict, func() error {
 		qv, err := s.getVolume(ctx, id)
 		if err != nil {
 			return err

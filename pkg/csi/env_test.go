@@ -162,7 +162,7 @@ func (e *env) node(name string, labels ...string) {
 	if err := e.c.Create(e.t.Context(), n); err != nil {
 		e.t.Fatalf("create node %s: %v", name, err)
 	}
-	if err := controller.RenewLease(e.t.Context(), e.c, controller.DefaultNamespace, name, time.Hour); err != nil {
+	if err := controller.RenewLease(e.t.Context(), e.c, e.c, controller.DefaultNamespace, name, time.Hour); err != nil {
 		e.t.Fatal(err)
 	}
 }

@@ -29,7 +29,9 @@ var (
 )
 
 // sentinelCodes maps the errors above, and the controller's, to codes.
-// Order matters only in that the first match wins; no error wraps two.
+// The first match wins: an error that wraps one of this package's
+// sentinels and a cause (a failed probe wraps errFailedPrecondition and
+// the API server's error) gets the sentinel's code.
 var sentinelCodes = []struct {
 	err  error
 	code codes.Code

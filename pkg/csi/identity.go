@@ -61,8 +61,9 @@ func (*Identity) GetPluginCapabilities(context.Context, *csipb.GetPluginCapabili
 }
 
 // Probe answers ready when the Prober finds nothing missing; otherwise
-// the call fails (FAILED_PRECONDITION, or what the cause maps to) with
-// the reason, which the livenessprobe sidecar logs.
+// the call fails with the Prober's error (APIProber's is
+// FAILED_PRECONDITION whatever the cause, which the message names), which
+// the livenessprobe sidecar logs.
 func (s *Identity) Probe(ctx context.Context, _ *csipb.ProbeRequest) (*csipb.ProbeResponse, error) {
 	if err := s.prober.Probe(ctx); err != nil {
 		return nil, err
@@ -70,7 +71,7 @@ func (s *Identity) Probe(ctx context.Context, _ *csipb.ProbeRequest) (*csipb.Pro
 	return &csipb.ProbeResponse{Ready: wrapperspb.Bool(true)}, nil
 }
 
-// APIProber is the controller's Prober: ready when the API server answers
+// APIProber is the Prober of both binaries: ready when the API server answers
 // and serves QuorumVolumes (the CRD is installed and established).
 type APIProber struct {
 	Client client.Reader

@@ -210,7 +210,7 @@ func fitsRange(size int64, r *csipb.CapacityRange) bool {
 // FSTypes or none), accessed by one node (SINGLE_NODE_WRITER,
 // SINGLE_NODE_SINGLE_WRITER, SINGLE_NODE_MULTI_WRITER); Block also
 // MULTI_NODE_MULTI_WRITER, which KubeVirt needs for live migration: the
-// epochs fence the source once the target writes (DESIGN.md), which
+// epochs fence the source once the target writes (pkg/nbd's doc), which
 // keeps one writer per block device but would corrupt a filesystem
 // mounted on two nodes. fsType, the StorageClass parameter, must agree
 // with a capability's fs_type when both are set.

@@ -77,7 +77,7 @@
 //     with a message starting "fenced:".
 //   - NAME@epoch=N with N current or newer: read-write. A newer N is a
 //     standby until it first writes: it may read, and the current holder
-//     keeps writing (the live-migration target of DESIGN.md).
+//     keeps writing (a KubeVirt live-migration target).
 //   - NAME alone: read-only (NBD_FLAG_READ_ONLY) if the export has
 //     AllowPlainRead, else refused (POLICY). On an export without
 //     fencing an epoch is refused (POLICY): a client asking to be fenced

@@ -65,7 +65,7 @@ func TestFencingNewerEpochTakesOver(t *testing.T) {
 	}
 
 	// B connects with a newer epoch. Until B writes, it is a standby
-	// (the live-migration target of DESIGN.md): it reads, A still writes.
+	// (a KubeVirt live-migration target): it reads, A still writes.
 	b := dial(t, ts, Config{Export: "vol", Epoch: 2})
 	got := make([]byte, 4096)
 	if err := b.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, pattern(4096, 0xa)) {

@@ -216,7 +216,7 @@ type Attachment struct {
 //
 // Attachments is a list, not one field, for KubeVirt live migration: the
 // migration target is attached beside the source, with the next epoch
-// reserved for it, until the source is unpublished (DESIGN.md).
+// reserved for it, until the source is unpublished (fencing: pkg/nbd's doc).
 //
 // +kubebuilder:validation:XValidation:rule="!has(oldSelf.epoch) || (has(self.epoch) && self.epoch >= oldSelf.epoch)",message="status.epoch never decreases: a reused epoch would let a fenced node write again"
 // +kubebuilder:validation:XValidation:rule="!has(self.attachments) || self.attachments.all(a, has(self.epoch) && a.epoch <= self.epoch)",message="an attachment's epoch must not exceed status.epoch"
