@@ -43,6 +43,7 @@ type cluster struct {
 	kubeconfig string
 	kubectlBin string
 	certs      string // the TLS folder the chart's Secret was made from
+	quorumctl  string // built from this tree
 }
 
 func TestCluster(t *testing.T) {
@@ -204,18 +205,21 @@ func (c *cluster) apply(t *testing.T, manifest string) {
 
 func (c *cluster) installChart() {
 	t := c.t
-	c.certs = t.TempDir()
 	repo := filepath.Join(c.dir, "..", "..")
-	args := []string{"run", "./cmd/quorumctl", "gen-certs"}
-	for _, ip := range []string{"10.203.0.11", "10.203.0.12", "10.203.0.13"} {
-		args = append(args, "--host", ip)
-	}
-	cmd := exec.Command("go", append(args, filepath.Join(c.certs, "tls"))...)
+	c.quorumctl = filepath.Join(t.TempDir(), "quorumctl")
+	cmd := exec.Command("go", "build", "-o", c.quorumctl, "./cmd/quorumctl")
 	cmd.Dir = repo
 	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build quorumctl: %v\n%s", err, out)
+	}
+	c.certs = filepath.Join(t.TempDir(), "tls")
+	args := []string{"gen-certs"}
+	for _, ip := range nodeIPs {
+		args = append(args, "--host", ip)
+	}
+	if out, err := exec.Command(c.quorumctl, append(args, c.certs)...).CombinedOutput(); err != nil {
 		t.Fatalf("quorumctl gen-certs: %v\n%s", err, out)
 	}
-	c.certs = filepath.Join(c.certs, "tls")
 	c.kubectl("create", "namespace", namespace)
 	c.kubectl("-n", namespace, "create", "secret", "generic", "quorum-tls", "--from-file="+c.certs)
 

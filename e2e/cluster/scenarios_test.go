@@ -120,12 +120,6 @@ func (c *cluster) filesystemPVCMoves(t *testing.T) {
 // fenced before it can write.
 func (c *cluster) fencedAttach(t *testing.T, qv *v1alpha1.QuorumVolume, epoch int64) {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "quorumctl")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/quorumctl")
-	build.Dir = filepath.Join(c.dir, "..", "..")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build quorumctl: %v\n%s", err, out)
-	}
 	args := []string{"attach", "--epoch", strconv.FormatInt(epoch, 10), "--frontend", "fuse-loop",
 		"--nbd-timeout", "5s", "--state-dir", t.TempDir()}
 	for _, r := range qv.Status.Replicas {
@@ -133,7 +127,7 @@ func (c *cluster) fencedAttach(t *testing.T, qv *v1alpha1.QuorumVolume, epoch in
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, bin, args...).CombinedOutput()
+	out, err := exec.CommandContext(ctx, c.quorumctl, args...).CombinedOutput()
 	var exit *exec.ExitError
 	switch {
 	case ctx.Err() != nil:
