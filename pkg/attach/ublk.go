@@ -14,7 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ublk (Linux 6.0+, ublk_drv) serves a block device from user space
+// ublk (Linux 6.4+, ublk_drv) serves a block device from user space
 // through io_uring: /dev/ublkbN is the device, /dev/ublkcN its server
 // side. Each queue's server thread keeps a FETCH command outstanding per
 // tag; the kernel completes it with a request (its descriptor in a
@@ -25,7 +25,7 @@ import (
 // only Go library): it calls the handler synchronously in the queue's
 // loop, one request at a time per queue, so a volume whose requests take
 // a network round trip would see a queue depth of one per queue; and it
-// has no user recovery commands. What the engine needs is small: five
+// has no user recovery commands. What the engine needs is small: eight
 // control commands, two I/O commands and a loop that hands requests to
 // goroutines and takes completions back. The loop is the part to own:
 // requests run concurrently in goroutines, and their completions reach
@@ -94,10 +94,22 @@ const (
 // with UBLK_F_CMD_IOCTL_ENCODE.
 func ublkIoctl(nr, size uint32) uint32 { return 3<<30 | size<<16 | 'u'<<8 | nr }
 
-// UblkAvailable reports whether the kernel offers ublk.
+// UblkAvailable reports whether the kernel offers ublk as this package
+// speaks it: the ioctl encoding of the commands (ublkIoctl) came with
+// Linux 6.4; older kernels refuse every command.
 func UblkAvailable() bool {
-	_, err := os.Stat(ublkControl)
-	return err == nil
+	if _, err := os.Stat(ublkControl); err != nil {
+		return false
+	}
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return false
+	}
+	var major, minor int
+	if _, err := fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor); err != nil {
+		return false
+	}
+	return major > 6 || major == 6 && minor >= 4
 }
 
 // UblkOptions configure AttachUblk.
@@ -157,15 +169,13 @@ func AttachUblk(ctx context.Context, vol Volume, opts UblkOptions) (_ Device, er
 	recovering := false
 	if d.stateFile != "" {
 		if d.id, recovering, err = d.takeBack(ctx); err != nil {
-			d.ctrl.close()
-			d.ctrlFile.Close()
+			d.release()
 			return nil, fmt.Errorf("ublk: %w", err)
 		}
 	}
 	if !recovering {
 		if err := d.add(opts); err != nil {
-			d.ctrl.close()
-			d.ctrlFile.Close()
+			d.release()
 			return nil, err
 		}
 	}
@@ -425,6 +435,8 @@ func (d *ublkDevice) stop() error {
 		}
 		d.wg.Wait()
 		for _, q := range d.queues {
+			// A request goroutine may still be handing in its answer.
+			q.handlers.Wait()
 			q.close()
 		}
 		if d.char != nil {
@@ -471,6 +483,10 @@ type ublkQueue struct {
 
 	mu   sync.Mutex
 	done []ublkResult // answered requests, for the queue thread to commit
+	// spare is the queue thread's other done slice: the two swap at
+	// every hand-over, so answering allocates nothing.
+	spare    []ublkResult
+	handlers sync.WaitGroup // request goroutines still running
 }
 
 type ublkResult struct {
@@ -571,13 +587,15 @@ func (q *ublkQueue) serve(ready chan<- error) {
 			case ud == eventUserData:
 				q.mu.Lock()
 				done := q.done
-				q.done = nil
+				q.done = q.spare[:0]
 				q.mu.Unlock()
 				for _, a := range done {
 					q.command(r, ublkIOCommit, a.tag, a.res)
 				}
+				q.spare = done[:0]
 				q.armEvent(r)
 			case res == 0:
+				q.handlers.Add(1)
 				go q.handle(uint16(ud))
 			default:
 				// UBLK_IO_RES_ABORT (-ENODEV) once the device stops;
@@ -593,6 +611,7 @@ func (q *ublkQueue) serve(ready chan<- error) {
 
 // handle serves one request and hands its result to the queue thread.
 func (q *ublkQueue) handle(tag uint16) {
+	defer q.handlers.Done()
 	desc := q.descs[int(tag)*ublkDescSize:]
 	opFlags := *(*uint32)(unsafe.Pointer(&desc[0]))
 	n := int64(*(*uint32)(unsafe.Pointer(&desc[4]))) << 9
@@ -622,9 +641,16 @@ func (q *ublkQueue) handle(tag uint16) {
 	if err != nil {
 		res = -int32(unix.EIO)
 	}
+	// Only the answer that makes the list non-empty wakes the thread:
+	// the ones after it are taken with it, as the thread drains the list
+	// only after reading the eventfd. A wake for a list already drained
+	// costs a spurious drain, never a lost answer.
 	q.mu.Lock()
+	wake := len(q.done) == 0
 	q.done = append(q.done, ublkResult{tag, res})
 	q.mu.Unlock()
-	one := [8]byte{1}
-	unix.Write(q.efd, one[:])
+	if wake {
+		one := [8]byte{1}
+		unix.Write(q.efd, one[:])
+	}
 }

@@ -72,7 +72,7 @@ func TestVolumeMetrics(t *testing.T) {
 		{"quorum_replica_state", `quorum_replica_state{replica="` + ps[2] + `",state="faulty",volume="vol1"} 1`},
 		{"quorum_replica_state", `quorum_replica_state{replica="` + ps[0] + `",state="healthy",volume="vol1"} 1`},
 		{"quorum_replica_out_of_sync_bytes", `quorum_replica_out_of_sync_bytes{replica="` + ps[2] + `",volume="vol1"} 65536`},
-		{"quorum_volume_request_seconds", `quorum_volume_request_seconds_count{op="write",volume="vol1"}`},
+		{"quorum_volume_request_seconds", `quorum_volume_request_seconds_count{op="read",volume="vol1"} 1`},
 	} {
 		text, err := gatherText(reg, tc.metric)
 		if err != nil {
@@ -86,8 +86,8 @@ func TestVolumeMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.Remove()
-	if n, _ := testutil.GatherAndCount(reg, "quorum_replica_state", "quorum_volume_bytes_total"); n != 0 {
-		t.Errorf("%d series left after Remove", n)
+	if n, err := testutil.GatherAndCount(reg, "quorum_replica_state", "quorum_volume_bytes_total"); err != nil || n != 0 {
+		t.Errorf("%d series left after Remove (%v)", n, err)
 	}
 }
 
