@@ -10,6 +10,7 @@ package attach
 import (
 	"context"
 	"errors"
+	"fmt"
 
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 )
@@ -33,3 +34,49 @@ type Device interface {
 
 // ErrBusy is wrapped by Detach when the device stayed in use.
 var ErrBusy = errors.New("device is in use")
+
+// Frontends: how a volume becomes a block device.
+const (
+	FrontendAuto     = "auto" // ublk where UblkAvailable, else FUSE+loop
+	FrontendUblk     = "ublk"
+	FrontendFUSELoop = "fuse-loop"
+)
+
+// ResolveFrontend checks name ("" is auto) and resolves auto to the
+// frontend this kernel offers.
+func ResolveFrontend(name string) (string, error) {
+	switch name {
+	case "", FrontendAuto:
+		if UblkAvailable() {
+			return FrontendUblk, nil
+		}
+		return FrontendFUSELoop, nil
+	case FrontendUblk, FrontendFUSELoop:
+		return name, nil
+	}
+	return "", fmt.Errorf("frontend %q: want auto, ublk or fuse-loop", name)
+}
+
+// Options configure Attach.
+type Options struct {
+	// BlockSize is the device's logical block size.
+	BlockSize int64
+	// StateDir holds the FUSE mount point (fuse-loop).
+	StateDir string
+	// UblkStateFile keeps the ublk device's id for user recovery (ublk).
+	UblkStateFile string
+	// Logf receives progress messages.
+	Logf func(format string, args ...any)
+}
+
+// Attach serves v as a block device with frontend (resolved, see
+// ResolveFrontend).
+func Attach(ctx context.Context, frontend string, v Volume, o Options) (Device, error) {
+	switch frontend {
+	case FrontendUblk:
+		return AttachUblk(ctx, v, UblkOptions{BlockSize: o.BlockSize, StateFile: o.UblkStateFile, Logf: o.Logf})
+	case FrontendFUSELoop:
+		return AttachFUSELoop(ctx, v, FUSELoopOptions{StateDir: o.StateDir, BlockSize: o.BlockSize, Logf: o.Logf})
+	}
+	return nil, fmt.Errorf("attach: frontend %q is not ublk or fuse-loop", frontend)
+}

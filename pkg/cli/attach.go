@@ -102,15 +102,8 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	if err := needArgs(pos, "replicas"); err != nil {
 		return err
 	}
-	switch *frontend {
-	case "auto":
-		*frontend = "fuse-loop"
-		if attach.UblkAvailable() {
-			*frontend = "ublk"
-		}
-	case "ublk", "fuse-loop":
-	default:
-		return fmt.Errorf("%w: --frontend %q: want auto, ublk or fuse-loop", errUsage, *frontend)
+	if *frontend, err = attach.ResolveFrontend(*frontend); err != nil {
+		return fmt.Errorf("%w: --%w", errUsage, err)
 	}
 	errw := &syncWriter{w: stderr}
 	log := slog.New(slog.NewJSONHandler(errw, nil))
@@ -167,20 +160,12 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 		log.Info("serving metrics", "address", addr)
 	}
 	logf := func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
-	var dev attach.Device
-	if *frontend == "ublk" {
-		dev, err = attach.AttachUblk(context.Background(), served, attach.UblkOptions{
-			BlockSize: vol.BlockSize(),
-			StateFile: filepath.Join(*stateDir, "ublk-"+vol.ID()),
-			Logf:      logf,
-		})
-	} else {
-		dev, err = attach.AttachFUSELoop(context.Background(), served, attach.FUSELoopOptions{
-			StateDir:  *stateDir,
-			BlockSize: vol.BlockSize(),
-			Logf:      logf,
-		})
-	}
+	dev, err := attach.Attach(context.Background(), *frontend, served, attach.Options{
+		BlockSize:     vol.BlockSize(),
+		StateDir:      *stateDir,
+		UblkStateFile: filepath.Join(*stateDir, "ublk-"+vol.ID()),
+		Logf:          logf,
+	})
 	if err != nil {
 		return closeAfter(vol, err)
 	}
@@ -195,18 +180,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	// Faulty replicas that answer again start their resync; the
 	// background scrub runs under the same context.
 	probeCtx, stopProbe := context.WithCancel(context.Background())
-	go func() {
-		t := time.NewTicker(*probeEvery)
-		defer t.Stop()
-		for {
-			select {
-			case <-probeCtx.Done():
-				return
-			case <-t.C:
-				vol.Probe(probeCtx)
-			}
-		}
-	}()
+	go vol.ProbeEvery(probeCtx, *probeEvery)
 	if scrubRate.n > 0 {
 		go vol.ScrubEvery(probeCtx, scrubRate.n, *scrubInterval)
 	}

@@ -36,9 +36,9 @@ import (
 // Frontends of NodeConfig.Frontend: how an assembled volume becomes a
 // block device (package attach).
 const (
-	FrontendAuto     = "auto"
-	FrontendUblk     = "ublk"
-	FrontendFUSELoop = "fuse-loop"
+	FrontendAuto     = attach.FrontendAuto
+	FrontendUblk     = attach.FrontendUblk
+	FrontendFUSELoop = attach.FrontendFUSELoop
 )
 
 const (
@@ -129,15 +129,9 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	if cfg.NodeName == "" || cfg.Client == nil || cfg.StateDir == "" || cfg.LocalSocket == "" || cfg.TLSDir == "" {
 		return nil, errors.New("CSI node: node name, client, state folder, local socket and TLS folder are required")
 	}
-	switch cfg.Frontend {
-	case "", FrontendAuto:
-		cfg.Frontend = FrontendFUSELoop
-		if attach.UblkAvailable() {
-			cfg.Frontend = FrontendUblk
-		}
-	case FrontendUblk, FrontendFUSELoop:
-	default:
-		return nil, fmt.Errorf("CSI node: frontend %q: want auto, ublk or fuse-loop", cfg.Frontend)
+	var err error
+	if cfg.Frontend, err = attach.ResolveFrontend(cfg.Frontend); err != nil {
+		return nil, fmt.Errorf("CSI node: %w", err)
 	}
 	if cfg.TLSHostname == "" {
 		cfg.TLSHostname = "localhost"
@@ -317,27 +311,12 @@ func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 	}
 	probeCtx, stop := context.WithCancel(bg)
 	sv.stopProbe = stop
-	go probe(probeCtx, sv.vol)
+	go sv.vol.ProbeEvery(probeCtx, probeInterval)
 	s.mu.Lock()
 	s.staged[id] = sv
 	s.mu.Unlock()
 	logr.FromContextOrDiscard(ctx).Info("staged", "device", sv.dev.Path(), "epoch", epoch, "frontend", s.cfg.Frontend, "block", block)
 	return &csipb.NodeStageVolumeResponse{}, nil
-}
-
-// probe asks faulty replicas whether they answer again (which starts
-// their resync) until ctx ends.
-func probe(ctx context.Context, vol *volume.Volume) {
-	t := time.NewTicker(probeInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			vol.Probe(ctx)
-		}
-	}
 }
 
 // waitReplicas returns the volume once at least its voteThreshold
@@ -415,15 +394,9 @@ func (s *Node) attach(ctx context.Context, id string, sv *stagedVolume, v attach
 	}
 	logf := func(f string, a ...any) { s.cfg.Logger.Info(fmt.Sprintf(f, a...), "volume", id) }
 	var err error
-	if s.cfg.Frontend == FrontendUblk {
-		sv.dev, err = attach.AttachUblk(ctx, v, attach.UblkOptions{
-			BlockSize: sv.vol.BlockSize(), StateFile: filepath.Join(dir, "ublk"), Logf: logf,
-		})
-	} else {
-		sv.dev, err = attach.AttachFUSELoop(ctx, v, attach.FUSELoopOptions{
-			StateDir: dir, BlockSize: sv.vol.BlockSize(), Logf: logf,
-		})
-	}
+	sv.dev, err = attach.Attach(ctx, s.cfg.Frontend, v, attach.Options{
+		BlockSize: sv.vol.BlockSize(), StateDir: dir, UblkStateFile: filepath.Join(dir, "ublk"), Logf: logf,
+	})
 	if err != nil {
 		return fmt.Errorf("attach volume %s (%s): %w", id, s.cfg.Frontend, err)
 	}

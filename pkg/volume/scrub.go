@@ -67,6 +67,21 @@ func (v *Volume) Scrub(ctx context.Context, rate int64) (quorum.ScrubStats, erro
 	return st, nil
 }
 
+// ProbeEvery asks the faulty replicas every interval whether they answer
+// again (which starts their resync), until ctx ends.
+func (v *Volume) ProbeEvery(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			v.Probe(ctx)
+		}
+	}
+}
+
 // ScrubEvery scrubs at rate, a pass at once and then one every interval,
 // until ctx ends. Errors end a pass, not the schedule; they were reported
 // as events.
