@@ -30,6 +30,15 @@ type Device interface {
 	// ForceDetach stops serving even while the device is in use; its
 	// users get I/O errors from then on.
 	ForceDetach() error
+	// Release is the planned half of a handover to another process:
+	// it stops taking requests, answers those in flight (until ctx
+	// ends) and lets go of the device without removing it. The device's
+	// users wait until a later Attach with the same StateFile takes it
+	// back; a process that dies leaves the device in the same state.
+	Release(ctx context.Context) error
+	// TakenBack reports whether Attach took a device that another
+	// process had served back instead of making a new one.
+	TakenBack() bool
 }
 
 // ErrBusy is wrapped by Detach when the device stayed in use.
@@ -63,8 +72,15 @@ type Options struct {
 	BlockSize int64
 	// StateDir holds the FUSE mount point (fuse-loop).
 	StateDir string
-	// UblkStateFile keeps the ublk device's id for user recovery (ublk).
-	UblkStateFile string
+	// StateFile keeps what a later process needs to take the device
+	// back (ublk: the device id; fuse-loop: the loop device and the FUSE
+	// connection's parameters). One file per volume; empty: the device
+	// dies with the process.
+	StateFile string
+	// HolderDir holds the sockets of FUSE descriptor holders (fuse-loop,
+	// with StateFile): processes that keep the FUSE connection open while
+	// no server runs, so that a new one can pick it up.
+	HolderDir string
 	// Logf receives progress messages.
 	Logf func(format string, args ...any)
 }
@@ -74,7 +90,7 @@ type Options struct {
 func Attach(ctx context.Context, frontend string, v Volume, o Options) (Device, error) {
 	switch frontend {
 	case FrontendUblk:
-		return AttachUblk(ctx, v, UblkOptions{BlockSize: o.BlockSize, StateFile: o.UblkStateFile, Logf: o.Logf})
+		return AttachUblk(ctx, v, UblkOptions{BlockSize: o.BlockSize, StateFile: o.StateFile, Logf: o.Logf})
 	case FrontendFUSELoop:
 		return AttachFUSELoop(ctx, v, FUSELoopOptions{StateDir: o.StateDir, BlockSize: o.BlockSize, Logf: o.Logf})
 	}

@@ -239,3 +239,9 @@ func reapDeadMounts(stateDir string, logf func(string, ...any)) {
 		os.Remove(d)
 	}
 }
+
+func (fl *fuseLoop) Release(ctx context.Context) error {
+	return errors.New("fuse-loop: release: not implemented yet")
+}
+
+func (fl *fuseLoop) TakenBack() bool { return false }

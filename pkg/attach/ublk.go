@@ -654,3 +654,9 @@ func (q *ublkQueue) handle(tag uint16) {
 		unix.Write(q.efd, one[:])
 	}
 }
+
+func (d *ublkDevice) Release(ctx context.Context) error {
+	return errors.New("ublk: release: not implemented yet")
+}
+
+func (d *ublkDevice) TakenBack() bool { return false }

@@ -163,7 +163,8 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	dev, err := attach.Attach(context.Background(), *frontend, served, attach.Options{
 		BlockSize:     vol.BlockSize(),
 		StateDir:      *stateDir,
-		UblkStateFile: filepath.Join(*stateDir, "ublk-"+vol.ID()),
+		StateFile:     filepath.Join(*stateDir, *frontend+"-"+vol.ID()),
+		HolderDir:     *stateDir,
 		Logf:          logf,
 	})
 	if err != nil {

@@ -395,7 +395,7 @@ func (s *Node) attach(ctx context.Context, id string, sv *stagedVolume, v attach
 	logf := func(f string, a ...any) { s.cfg.Logger.Info(fmt.Sprintf(f, a...), "volume", id) }
 	var err error
 	sv.dev, err = attach.Attach(ctx, s.cfg.Frontend, v, attach.Options{
-		BlockSize: sv.vol.BlockSize(), StateDir: dir, UblkStateFile: filepath.Join(dir, "ublk"), Logf: logf,
+		BlockSize: sv.vol.BlockSize(), StateDir: dir, StateFile: filepath.Join(dir, s.cfg.Frontend), HolderDir: s.cfg.StateDir, Logf: logf,
 	})
 	if err != nil {
 		return fmt.Errorf("attach volume %s (%s): %w", id, s.cfg.Frontend, err)
