@@ -161,11 +161,11 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	logf := func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
 	dev, err := attach.Attach(context.Background(), *frontend, served, attach.Options{
-		BlockSize:     vol.BlockSize(),
-		StateDir:      *stateDir,
-		StateFile:     filepath.Join(*stateDir, *frontend+"-"+vol.ID()),
-		HolderDir:     *stateDir,
-		Logf:          logf,
+		BlockSize: vol.BlockSize(),
+		StateDir:  *stateDir,
+		StateFile: filepath.Join(*stateDir, *frontend+"-"+vol.ID()),
+		HolderDir: *stateDir,
+		Logf:      logf,
 	})
 	if err != nil {
 		return closeAfter(vol, err)
