@@ -12,10 +12,8 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -107,15 +105,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	errw := &syncWriter{w: stderr}
 	log := slog.New(slog.NewJSONHandler(errw, nil))
-	// Events reach the metrics once they exist (after Open).
-	var volMetrics atomic.Pointer[metrics.Volume]
-	printEvent := eventPrinter(errw)
-	opts, err := ef.options(func(e quorum.Event) {
-		printEvent(e)
-		if m := volMetrics.Load(); m != nil {
-			m.Event(e)
-		}
-	})
+	opts, err := ef.options(eventPrinter(errw))
 	if err != nil {
 		return err
 	}
@@ -134,59 +124,45 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 
-	vol, err := volume.Open(context.Background(), pos, opts)
+	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
+		return fmt.Errorf("state folder: %w", err)
+	}
+	cfg := volume.AttachConfig{
+		Replicas:      pos,
+		Options:       opts,
+		Frontend:      *frontend,
+		ProbeInterval: *probeEvery,
+		ScrubRate:     scrubRate.n,
+		ScrubInterval: *scrubInterval,
+		Logger:        log,
+	}
+	if *metricsAddr != "" {
+		set, addr, stop, err := serveMetrics(*metricsAddr)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		cfg.Metrics = set
+		log.Info("serving metrics", "address", addr)
+	}
+	cfg.StateDir = *stateDir
+	av, err := volume.Attach(context.Background(), cfg)
 	if err != nil {
 		return err
 	}
-	if len(vol.Unclean) > 0 {
-		log.Warn("the last attach did not detach cleanly; recovered the extents it had in flight", "replicas", vol.Unclean,
-			"extents", vol.Recovered.Extents, "comparedBytes", vol.Recovered.Compared, "repairedBytes", vol.Recovered.Repaired)
-	}
-	for _, p := range vol.Stale {
-		log.Warn("replica missed writes; resyncing it in the background (see quorumctl status)", "replica", p)
-	}
-	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
-		return closeAfter(vol, fmt.Errorf("state folder: %w", err))
-	}
-	var served attach.Volume = vol.Engine
-	if *metricsAddr != "" {
-		m, addr, stop, err := serveMetrics(*metricsAddr, vol)
-		if err != nil {
-			return closeAfter(vol, err)
-		}
-		defer stop()
-		volMetrics.Store(m)
-		served = m.Instrument(vol.Engine)
-		log.Info("serving metrics", "address", addr)
-	}
-	logf := func(f string, a ...any) { log.Info(fmt.Sprintf(f, a...)) }
-	dev, err := attach.Attach(context.Background(), *frontend, served, attach.Options{
-		BlockSize: vol.BlockSize(),
-		StateDir:  *stateDir,
-		StateFile: filepath.Join(*stateDir, *frontend+"-"+vol.ID()),
-		HolderDir: *stateDir,
-		Logf:      logf,
-	})
+	dev := av.Device
+	stopStatus, err := serveStatus(context.Background(), *stateDir, dev.Path(), av.Volume)
 	if err != nil {
-		return closeAfter(vol, err)
-	}
-	stopStatus, err := serveStatus(context.Background(), *stateDir, dev.Path(), vol)
-	if err != nil {
-		return closeAfter(vol, errors.Join(err, dev.ForceDetach()))
+		return errors.Join(err, av.ForceDetach())
 	}
 	defer stopStatus()
-	log.Info("attached", "device", dev.Path(), "replicas", len(pos), "voteThreshold", vol.VoteThreshold(), "readPattern", vol.ReadPattern(), "frontend", *frontend, "replicaIO", replica.IOMethod())
+	if dev.TakenBack() {
+		log.Info("took back the device of an attach that died", "device", dev.Path(), "frontend", *frontend)
+	}
+	log.Info("attached", "device", dev.Path(), "replicas", len(pos), "voteThreshold", av.VoteThreshold(), "readPattern", av.ReadPattern(), "frontend", *frontend, "replicaIO", replica.IOMethod())
 	fmt.Fprintln(stdout, dev.Path())
 
-	// Faulty replicas that answer again start their resync; the
-	// background scrub runs under the same context.
-	probeCtx, stopProbe := context.WithCancel(context.Background())
-	go vol.ProbeEvery(probeCtx, *probeEvery)
-	if scrubRate.n > 0 {
-		go vol.ScrubEvery(probeCtx, scrubRate.n, *scrubInterval)
-	}
 	sig := <-sigs
-	stopProbe()
 	log.Info("detaching", "signal", sig.String(), "device", dev.Path())
 	// A second signal gives up waiting for the device's users.
 	ctx, cancel := context.WithCancel(context.Background())
@@ -197,23 +173,23 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 		case <-ctx.Done():
 		}
 	}()
-	derr := dev.Detach(ctx)
+	derr := av.Detach(ctx)
 	cancel()
-	if derr != nil {
+	if errors.Is(derr, attach.ErrBusy) {
 		log.Error("second signal: forcing detach; users of the device see I/O errors", "device", dev.Path(), "error", derr)
-		ferr := dev.ForceDetach()
-		return closeAfter(vol, errors.Join(fmt.Errorf("forced detach of %s while it was in use", dev.Path()), ferr))
+		ferr := av.ForceDetach()
+		return errors.Join(fmt.Errorf("forced detach of %s while it was in use", dev.Path()), ferr)
 	}
-	if err := vol.Close(context.Background()); err != nil {
-		return err
+	if derr != nil {
+		return derr
 	}
 	log.Info("detached", "device", dev.Path())
 	return nil
 }
 
-// serveMetrics serves the volume's metrics, and the process's, over
-// HTTP at addr until stop.
-func serveMetrics(addr string, vol *volume.Volume) (_ *metrics.Volume, listening string, stop func(), _ error) {
+// serveMetrics serves the metrics of the volumes added to the returned
+// set, and the process's, over HTTP at addr until stop.
+func serveMetrics(addr string) (_ *metrics.Set, listening string, stop func(), _ error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	set, err := metrics.NewSet(reg)
@@ -228,8 +204,7 @@ func serveMetrics(addr string, vol *volume.Volume) (_ *metrics.Volume, listening
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go srv.Serve(l)
-	m := set.AddVolume(vol.ID(), vol.Status)
-	return m, l.Addr().String(), func() { srv.Close() }, nil
+	return set, l.Addr().String(), func() { srv.Close() }, nil
 }
 
 func closeAfter(vol *volume.Volume, err error) error {

@@ -1,4 +1,4 @@
-package metrics
+package metrics_test
 
 import (
 	"bytes"
@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/prometheus/common/expfmt"
 
+	"github.com/quorum-csi/quorum-csi/pkg/metrics"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 	"github.com/quorum-csi/quorum-csi/pkg/replica"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
@@ -27,11 +28,11 @@ func TestVolumeMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	reg := prometheus.NewRegistry()
-	set, err := NewSet(reg)
+	set, err := metrics.NewSet(reg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var m *Volume
+	var m *metrics.Volume
 	fault := filepath.Join(dir, "fail-c")
 	vol, err := volume.Open(context.Background(), ps, volume.Options{
 		OnEvent:    func(e quorum.Event) { m.Event(e) },

@@ -1,0 +1,199 @@
+package volume
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quorum-csi/quorum-csi/pkg/attach"
+	"github.com/quorum-csi/quorum-csi/pkg/metrics"
+	"github.com/quorum-csi/quorum-csi/pkg/quorum"
+)
+
+// AttachConfig is what an attached volume is made from: its replicas and
+// engine settings, the frontend that turns it into a block device, and
+// the background work that keeps it healthy.
+type AttachConfig struct {
+	// Replicas in fifo order (the local one first): image paths or NBD
+	// URIs, as Open takes them.
+	Replicas []string
+	// Options are the engine settings. Options.OnEvent is called for
+	// every engine event, after the metrics have counted it.
+	Options Options
+	// Frontend is a resolved frontend (attach.ResolveFrontend).
+	Frontend string
+	// StateDir holds the device's state file, FRONTEND-VOLUMEID, with
+	// which a later process takes a device left by this one back (see
+	// attach.Options.StateFile), the FUSE descriptor holders' sockets and
+	// the private FUSE mount points. Empty: the device dies with the
+	// process.
+	StateDir string
+	// ProbeInterval is how often faulty replicas are asked whether they
+	// answer again, which starts their resync (default 2s).
+	ProbeInterval time.Duration
+	// ScrubRate is the background scrub's bytes per second (0: no
+	// background scrub); ScrubInterval the time between passes (default
+	// 24h). The scrub is what finds silent corruption on fifo volumes.
+	ScrubRate     int64
+	ScrubInterval time.Duration
+	// Metrics, if set, measures the volume: requests on its device,
+	// engine events, replica states.
+	Metrics *metrics.Set
+	// Name labels the volume in its metrics and names its device's state
+	// file (default: the volume id the replicas carry). The node's data
+	// path uses the CSI volume id, which users know.
+	Name string
+	// Logger receives the volume's progress (default slog.Default()).
+	Logger *slog.Logger
+}
+
+// Attached is a volume served as a block device: the one pipeline that
+// quorumctl attach and the node's data path both run. It owns the
+// engine, the device, the volume's metrics and its background probe and
+// scrub, and takes them down together.
+type Attached struct {
+	*Volume
+	Device attach.Device
+
+	metrics *metrics.Volume // nil without AttachConfig.Metrics
+	stop    context.CancelFunc
+	loops   sync.WaitGroup
+	log     *slog.Logger
+}
+
+// Attach assembles the replicas (recovering from a crash of the last
+// attach first), makes the block device, or takes back the device a
+// previous process served (see attach.Options.StateFile), and starts the
+// probe and the scrub. A device taken back is served only after the
+// engine recovered, so the requests its users had waiting see recovered
+// data.
+func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
+	a := &Attached{log: cmp.Or(cfg.Logger, slog.Default())}
+	// Events reach the metrics once they exist, after Open.
+	var volMetrics atomic.Pointer[metrics.Volume]
+	onEvent := cfg.Options.OnEvent
+	cfg.Options.OnEvent = func(e quorum.Event) {
+		if m := volMetrics.Load(); m != nil {
+			m.Event(e)
+		}
+		if onEvent != nil {
+			onEvent(e)
+		}
+	}
+	if cfg.Options.Logger == nil {
+		cfg.Options.Logger = a.log
+	}
+	if a.Volume, err = Open(ctx, cfg.Replicas, cfg.Options); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			a.forgetMetrics()
+			err = errors.Join(err, a.Volume.Close(context.WithoutCancel(ctx)))
+		}
+	}()
+	if len(a.Unclean) > 0 {
+		a.log.Warn("the last attach did not detach cleanly; recovered the extents it had in flight", "replicas", a.Unclean,
+			"extents", a.Recovered.Extents, "comparedBytes", a.Recovered.Compared, "repairedBytes", a.Recovered.Repaired)
+	}
+	for _, p := range a.Stale {
+		a.log.Warn("replica missed writes; resyncing it in the background", "replica", p)
+	}
+	name := cmp.Or(cfg.Name, a.ID())
+	var served attach.Volume = a.Engine
+	if cfg.Metrics != nil {
+		a.metrics = cfg.Metrics.AddVolume(name, a.Status)
+		volMetrics.Store(a.metrics)
+		served = a.metrics.Instrument(a.Engine)
+	}
+	dev := attach.Options{
+		BlockSize: a.BlockSize(),
+		StateDir:  cfg.StateDir,
+		Logf:      func(f string, args ...any) { a.log.Info(fmt.Sprintf(f, args...), "volume", name) },
+	}
+	if cfg.StateDir != "" {
+		dev.StateFile = DeviceStateFile(cfg.StateDir, cfg.Frontend, name)
+		dev.HolderDir = cfg.StateDir
+	}
+	if a.Device, err = attach.Attach(ctx, cfg.Frontend, served, dev); err != nil {
+		return nil, fmt.Errorf("attach volume %s (%s): %w", name, cfg.Frontend, err)
+	}
+	bg, stop := context.WithCancel(context.Background())
+	a.stop = stop
+	a.loops.Add(1)
+	go func() {
+		defer a.loops.Done()
+		a.ProbeEvery(bg, cmp.Or(cfg.ProbeInterval, 2*time.Second))
+	}()
+	if cfg.ScrubRate > 0 {
+		a.loops.Add(1)
+		go func() {
+			defer a.loops.Done()
+			a.ScrubEvery(bg, cfg.ScrubRate, cmp.Or(cfg.ScrubInterval, 24*time.Hour))
+		}()
+	}
+	return a, nil
+}
+
+// DeviceStateFile is where the device of volume id, made by frontend, keeps
+// what a successor needs to take it back.
+func DeviceStateFile(stateDir, frontend, id string) string {
+	return filepath.Join(stateDir, frontend+"-"+id)
+}
+
+// stopLoops ends the probe and the scrub and waits for them.
+func (a *Attached) stopLoops() {
+	a.stop()
+	a.loops.Wait()
+}
+
+func (a *Attached) forgetMetrics() {
+	if a.metrics != nil {
+		a.metrics.Remove()
+		a.metrics = nil
+	}
+}
+
+// Detach removes the device once nobody uses it (waiting until ctx
+// ends; then it stays attached and served, and the error wraps
+// attach.ErrBusy), then closes the volume, which marks the replicas
+// clean.
+func (a *Attached) Detach(ctx context.Context) error {
+	if err := a.Device.Detach(ctx); err != nil {
+		return err
+	}
+	return a.shutDown(ctx)
+}
+
+// shutDown ends what the device no longer needs once it stopped serving.
+func (a *Attached) shutDown(ctx context.Context) error {
+	id := a.ID()
+	a.stopLoops()
+	a.forgetMetrics()
+	if err := a.Volume.Close(context.WithoutCancel(ctx)); err != nil {
+		return fmt.Errorf("close volume %s: %w", id, err)
+	}
+	return nil
+}
+
+// ForceDetach removes the device even while it is in use (its users get
+// I/O errors) and closes the volume.
+func (a *Attached) ForceDetach() error {
+	return errors.Join(a.Device.ForceDetach(), a.shutDown(context.Background()))
+}
+
+// Release hands the device over: it stops serving (requests in flight
+// are answered, new ones wait in the kernel), closes the volume cleanly
+// and leaves the device for the next Attach with the same state file.
+func (a *Attached) Release(ctx context.Context) error {
+	if err := a.Device.Release(ctx); err != nil {
+		return fmt.Errorf("release %s of volume %s: %w", a.Device.Path(), a.ID(), err)
+	}
+	return a.shutDown(ctx)
+}
