@@ -4,7 +4,6 @@ import (
 	"io"
 	"strings"
 	"testing"
-	"time"
 )
 
 func TestParseFlags(t *testing.T) {
@@ -18,40 +17,26 @@ func TestParseFlags(t *testing.T) {
 		{
 			name: "defaults", env: "n1", args: []string{"--tls-dir", "/tls"},
 			check: func(t *testing.T, o options) {
-				a := o.agent
-				if a.Node != "n1" || a.Namespace != "quorum-csi" || a.Listen != ":10809" || a.MetricsAddress != ":9809" ||
-					a.LeaseDuration != 30*time.Second || a.RenewInterval != 10*time.Second || a.TLS != nil ||
-					a.LocalSocket != "/run/quorum-csi/nbd.sock" {
-					t.Errorf("defaults: %+v", a)
-				}
 				c := o.csi
-				if o.csiEndpoint != "unix:///csi/csi.sock" || c.NodeName != "n1" || c.TLSDir != "/tls" || c.LocalSocket != a.LocalSocket ||
-					o.kubeletDir != "/var/lib/kubelet" || o.regPath != "" || c.TLSHostname != "localhost" || c.StateDir != "/run/quorum-csi/state" || c.Frontend != "auto" || c.RequestTimeout != 10*time.Second {
-					t.Errorf("CSI defaults: endpoint %q, %+v", o.csiEndpoint, c)
+				if o.csiEndpoint != "unix:///csi/csi.sock" || c.NodeName != "n1" || c.TLSDir != "/tls" || c.LocalSocket != "/run/quorum-csi/nbd.sock" ||
+					o.kubeletDir != "/var/lib/kubelet" || o.regPath != "" || c.TLSHostname != "localhost" || o.socket != "/run/quorum-csi/datapath.sock" {
+					t.Errorf("defaults: endpoint %q, socket %q, %+v", o.csiEndpoint, o.socket, c)
 				}
 			},
 		},
-		{
-			name: "agent alone", env: "n1", args: []string{"--csi-endpoint="},
-			check: func(t *testing.T, o options) {
-				if o.csiEndpoint != "" || o.tlsDir != "" {
-					t.Errorf("agent alone: endpoint %q, tls dir %q", o.csiEndpoint, o.tlsDir)
-				}
-			},
-		},
-		{name: "CSI without TLS", env: "n1", wantErr: "need --tls-dir"},
 		{
 			name: "flags",
-			args: []string{"--node-name", "n2", "--namespace", "ns", "--data-dir", "/d", "--listen", "127.0.0.2:0",
-				"--advertise-address", "10.0.0.2", "--metrics-address", "0", "--tls-dir", "/tls", "--lease-duration", "3s", "--renew-interval", "1s"},
+			args: []string{"--node-name", "n2", "--tls-dir", "/tls", "--local-socket", "/l.sock", "--datapath-socket", "/d.sock",
+				"--csi-endpoint", "unix:///c.sock", "--kubelet-dir", "", "--tls-hostname", "h"},
 			check: func(t *testing.T, o options) {
-				a := o.agent
-				if a.Node != "n2" || a.Namespace != "ns" || a.DataDir != "/d" || a.Listen != "127.0.0.2:0" || a.AdvertiseAddress != "10.0.0.2" ||
-					a.MetricsAddress != "0" || o.tlsDir != "/tls" || a.LeaseDuration != 3*time.Second || a.RenewInterval != time.Second {
-					t.Errorf("flags: %+v, tls dir %q", a, o.tlsDir)
+				c := o.csi
+				if c.NodeName != "n2" || c.LocalSocket != "/l.sock" || o.socket != "/d.sock" || o.csiEndpoint != "unix:///c.sock" || o.kubeletDir != "" || c.TLSHostname != "h" {
+					t.Errorf("flags: %+v, socket %q, endpoint %q", c, o.socket, o.csiEndpoint)
 				}
 			},
 		},
+		{name: "no TLS", env: "n1", wantErr: "--tls-dir is required"},
+		{name: "no CSI endpoint", env: "n1", args: []string{"--tls-dir", "/tls", "--csi-endpoint="}, wantErr: "--csi-endpoint is required"},
 		{name: "no node name", wantErr: "no node name"},
 		{name: "stray argument", env: "n1", args: []string{"extra"}, wantErr: "unexpected arguments"},
 		{name: "unknown flag", env: "n1", args: []string{"--bogus"}, wantErr: "bogus"},

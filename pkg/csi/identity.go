@@ -84,3 +84,23 @@ func (p APIProber) Probe(ctx context.Context) error {
 	}
 	return nil
 }
+
+// NodeProber is the node plugin's Prober: ready when the API server
+// serves QuorumVolumes and the node's data path has taken back every
+// volume staged before it (re)started, so the plugin reports ready only
+// once the node serves what it served before.
+type NodeProber struct {
+	API      APIProber
+	DataPath interface{ Ready(context.Context) error }
+}
+
+// Probe asks the API server, then the data path.
+func (p NodeProber) Probe(ctx context.Context) error {
+	if err := p.API.Probe(ctx); err != nil {
+		return err
+	}
+	if err := p.DataPath.Ready(ctx); err != nil {
+		return fmt.Errorf("%w: %w", errFailedPrecondition, err)
+	}
+	return nil
+}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -29,6 +30,7 @@ import (
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/internal/testutil"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
+	"github.com/quorum-csi/quorum-csi/pkg/datapath"
 	"github.com/quorum-csi/quorum-csi/pkg/metrics"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
@@ -115,29 +117,20 @@ func (e *nodeEnv) startNode(name, localSocket string) {
 		t.Fatal(err)
 	}
 	e.metrics[name] = reg
-	n, err := NewNode(NodeConfig{
-		NodeName: name, Client: e.c, TLSDir: e.tlsDir, LocalSocket: localSocket,
-		StateDir: t.TempDir(), RequestTimeout: 5 * time.Second,
-		Logger:  slog.New(slog.NewTextHandler(os.Stderr, nil)).With("node", name),
-		Metrics: set,
-	})
+	dp := e.startDataPath(name, set)
+	n, err := NewNode(NodeConfig{NodeName: name, Client: e.c, TLSDir: e.tlsDir, LocalSocket: localSocket, DataPath: dp})
 	if err != nil {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(t.TempDir(), "csi.sock")
-	srv := &Server{Endpoint: "unix://" + sock, Identity: NewIdentity(APIProber{Client: e.c}), Node: n, Log: log.Log.WithName("csi-" + name)}
+	srv := &Server{Endpoint: "unix://" + sock, Identity: NewIdentity(NodeProber{API: APIProber{Client: e.c}, DataPath: dp}), Node: n, Log: log.Log.WithName("csi-" + name)}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Start(ctx) }()
-	// Runs before the agents stop (cleanups run last first), so staged
-	// volumes are detached while their replica servers still answer.
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("CSI server of %s: %v", name, err)
-		}
-		if err := n.Close(); err != nil {
-			t.Errorf("close node %s: %v", name, err)
 		}
 	})
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -152,6 +145,38 @@ func (e *nodeEnv) startNode(name, localSocket string) {
 	})
 	e.nodes[name] = csipb.NewNodeClient(conn)
 	e.socks[name] = sock
+}
+
+// startDataPath runs name's data path (package datapath) with its API on
+// a socket, as cmd/datapath does, and returns a client of it.
+func (e *nodeEnv) startDataPath(name string, set *metrics.Set) *datapath.Client {
+	t := e.t
+	svc, err := datapath.New(datapath.Config{
+		StateDir: t.TempDir(), RequestTimeout: 5 * time.Second, Metrics: set,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, nil)).With("node", name),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc.TakeOver(t.Context())
+	sock := filepath.Join(t.TempDir(), "datapath.sock")
+	l, err := datapath.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: (&datapath.Server{Service: svc}).Handler()}
+	go hs.Serve(l)
+	// Runs before the agents stop (cleanups run last first), so volumes
+	// still staged are detached while their replica servers answer.
+	t.Cleanup(func() {
+		hs.Close()
+		for _, st := range svc.List() {
+			if err := svc.Unstage(context.Background(), st.VolumeID, true); err != nil {
+				t.Errorf("node %s: %v", name, err)
+			}
+		}
+	})
+	return datapath.NewClient(sock)
 }
 
 // unmountAll lazily unmounts paths still mounted when the test ends,

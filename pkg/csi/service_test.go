@@ -336,7 +336,7 @@ func testPublishMultiNode(e *env) {
 	// The migration source goes; the target keeps its epoch.
 	e.unpublish(id, "node-a")
 	qv := e.get(id)
-	if len(qv.Status.Attachments) != 1 || qv.Status.Attachments[0] != (v1alpha1.Attachment{Node: "node-b", Epoch: 2}) {
+	if len(qv.Status.Attachments) != 1 || qv.Status.Attachments[0].Node != "node-b" || qv.Status.Attachments[0].Epoch != 2 {
 		t.Errorf("attachments %v, want node-b with epoch 2", qv.Status.Attachments)
 	}
 }

@@ -210,7 +210,22 @@ type Attachment struct {
 	// of the volume is fenced off.
 	// +kubebuilder:validation:Minimum=1
 	Epoch int64 `json:"epoch"`
+
+	// Conditions are the attachment as its node sees it. DataPathReady
+	// (AttachmentDataPathReady) is False while the node's data path does
+	// not serve the volume: the data path process is down, or it could
+	// not take the device back after a restart. Written by the node's CSI
+	// plugin, which watches the data path.
+	// +optional
+	// +listType=map
+	// +listMapKey=type
+	// +kubebuilder:validation:MaxItems=8
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
 }
+
+// AttachmentDataPathReady is the Attachment condition saying whether the
+// node's data path serves the volume.
+const AttachmentDataPathReady = "DataPathReady"
 
 // QuorumVolumeStatus is what the controller and the node agents observe.
 //
