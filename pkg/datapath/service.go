@@ -75,7 +75,7 @@ type Config struct {
 	// OnEvent receives each volume's engine events (QUORUM_FAILURE,
 	// REPORT_BAD), e.g. to record Kubernetes Events.
 	OnEvent func(volumeID string, e quorum.Event)
-	Logger *slog.Logger
+	Logger  *slog.Logger
 }
 
 // Service serves the node's staged volumes.
