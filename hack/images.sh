@@ -3,7 +3,7 @@
 # docker-archive tarballs that `ctr images import` (containerd) and
 # `docker load` read:
 #   OUTDIR/quorum-csi-controller.tar  quorum-csi/controller:TAG  the controller (static binary alone)
-#   OUTDIR/quorum-csi-node.tar        quorum-csi/node:TAG        the node plugin on a Debian bookworm
+#   OUTDIR/quorum-csi-node.tar        quorum-csi/node:TAG        the node plugin, the data path and quorumctl on a Debian bookworm
 #                                                                minbase with the tools it calls
 #                                                                (mkfs.ext4, mkfs.xfs, blkid, losetup, mount)
 # The node image's Debian root filesystem is made once with debootstrap and
@@ -43,11 +43,12 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/controller/usr/local/bin" "$WORK/node/usr/local/bin" "$WORK/controller/tmp"
 chmod 1777 "$WORK/controller/tmp"
 log "building static binaries"
-for c in controller node quorumctl; do
+for c in controller node datapath quorumctl; do
 	CGO_ENABLED=0 go -C "$REPO" build -trimpath -o "$WORK/bin/$c" "./cmd/$c"
 done
 cp "$WORK/bin/controller" "$WORK/controller/usr/local/bin/quorum-controller"
 cp "$WORK/bin/node" "$WORK/node/usr/local/bin/quorum-node"
+cp "$WORK/bin/datapath" "$WORK/node/usr/local/bin/quorum-datapath"
 cp "$WORK/bin/quorumctl" "$WORK/node/usr/local/bin/quorumctl"
 tar --numeric-owner --owner=0 --group=0 -C "$WORK/controller" -cf "$WORK/controller.tar" .
 tar --numeric-owner --owner=0 --group=0 -C "$WORK/node" -cf "$WORK/node.tar" .

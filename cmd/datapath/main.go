@@ -76,6 +76,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.agent.ShutdownTimeout, "shutdown-timeout", agent.DefaultShutdownTimeout, "on SIGTERM or a handover, how long requests in flight may take to finish")
 	fs.StringVar(&o.agent.LocalSocket, "local-socket", "/run/quorum-csi/nbd.sock", "Unix socket the NBD server also listens on; staged volumes reach this node's replicas through it")
 	fs.StringVar(&o.socket, "socket", datapath.DefaultSocket, "Unix socket of the data path's API, which the CSI node plugin calls")
+	fs.StringVar(&o.dp.HolderSocket, "holder-socket", "", "the FUSE descriptor holder (quorumctl fuse-holder) this process puts its FUSE+loop devices' connections into, so that they outlive it; empty: one in --state-dir, started if none runs")
 	fs.StringVar(&o.dp.StateDir, "state-dir", "/run/quorum-csi/state", "folder of the staged volumes' records, device state, FUSE descriptor holders' sockets and the lock that keeps one data path per node")
 	fs.StringVar(&o.dp.Frontend, "frontend", "auto", "how staged volumes become block devices: ublk (/dev/ublkbN; Linux 6.4+ with ublk_drv), fuse-loop (/dev/loopN over a private FUSE file), or auto (ublk when /dev/ublk-control exists on Linux 6.4+, else fuse-loop)")
 	fs.DurationVar(&o.dp.RequestTimeout, "nbd-timeout", 10*time.Second, "how long a request to a replica server may take before that replica is left out (it resyncs when it answers again)")
@@ -106,6 +107,9 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 }
 
 func run(args []string, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "probe" {
+		return probe(args[1:], stderr)
+	}
 	o, err := parseFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -223,6 +227,25 @@ func serve(o options, log logr.Logger) error {
 	case <-ctx.Done():
 		return letGo("signal")
 	}
+}
+
+// probe is the readiness probe: exit 0 once the data path at --socket
+// took back every volume staged before it started, else 1 with why.
+func probe(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("datapath probe", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	socket := fs.String("socket", datapath.DefaultSocket, "the data path's API socket")
+	timeout := fs.Duration("timeout", 2*time.Second, "how long to wait for an answer")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	if err := datapath.NewClient(*socket).Ready(ctx); err != nil {
+		fmt.Fprintln(stderr, "datapath probe:", err)
+		return 1
+	}
+	return 0
 }
 
 // nodeLock is the flock that keeps one data path per node.

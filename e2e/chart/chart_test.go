@@ -41,7 +41,7 @@ func TestChartAppliesToAPIServer(t *testing.T) {
 		set  []string
 		want []string
 	}{
-		{"defaults", []string{"--set", "tls.secretName=quorum-tls"}, []string{"csidriver.storage.k8s.io/quorum.csi.dev", "storageclass.storage.k8s.io/quorum-fifo", "daemonset.apps/quorum-csi-node", "deployment.apps/quorum-csi-controller", "customresourcedefinition.apiextensions.k8s.io/quorumvolumes.quorum.csi.dev"}},
+		{"defaults", []string{"--set", "tls.secretName=quorum-tls"}, []string{"csidriver.storage.k8s.io/quorum.csi.dev", "storageclass.storage.k8s.io/quorum-fifo", "daemonset.apps/quorum-csi-node", "daemonset.apps/quorum-csi-datapath", "deployment.apps/quorum-csi-controller", "customresourcedefinition.apiextensions.k8s.io/quorumvolumes.quorum.csi.dev"}},
 		{"one class", []string{"--set", "tls.secretName=quorum-tls", "--set", "storageClasses[0].name=only", "--set", "storageClasses[0].default=true"}, []string{"storageclass.storage.k8s.io/only"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -63,8 +63,8 @@ func TestChartAppliesToAPIServer(t *testing.T) {
 					t.Errorf("dry run lacks %s:\n%s", w, applied)
 				}
 			}
-			if !strings.Contains(string(out), "secretName: quorum-tls") {
-				t.Errorf("the node DaemonSet does not mount the TLS Secret")
+			if n := strings.Count(string(out), "secretName: quorum-tls"); n != 2 {
+				t.Errorf("the TLS Secret is mounted %d times, want by both node DaemonSets", n)
 			}
 		})
 	}

@@ -64,6 +64,11 @@ func TestCluster(t *testing.T) {
 	t.Run("BlockPVC", c.blockPVC)
 	t.Run("NodeCutOffDuringFio", c.nodeCutOff)
 	t.Run("PVCExpansion", c.pvcExpansion)
+	t.Run("ScrubRepairsFifoVolume", c.scrubRepairsFifoVolume)
+	t.Run("NodePluginKilled", c.nodePluginKilled)
+	t.Run("DataPathKilled", c.dataPathKilled)
+	t.Run("NodeRolloutRestart", c.nodeRolloutRestart)
+	t.Run("HelmUpgrade", c.helmUpgrade)
 }
 
 // start builds what is missing, brings the cluster up and installs the
@@ -161,6 +166,7 @@ func (c *cluster) dumpLogs() {
 		{"get", "pods,pvc,events", "-A", "-o", "wide"},
 		{"-n", namespace, "logs", "-l", "app.kubernetes.io/component=controller", "--all-containers", "--tail=80", "--prefix"},
 		{"-n", namespace, "logs", "-l", "app.kubernetes.io/component=node", "--tail=80", "--prefix"},
+		{"-n", namespace, "logs", "-l", "app.kubernetes.io/component=datapath", "--all-containers", "--tail=120", "--prefix"},
 	} {
 		out, err := c.kubectlErr(args...)
 		c.t.Logf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
@@ -223,25 +229,34 @@ func (c *cluster) installChart() {
 	c.kubectl("create", "namespace", namespace)
 	c.kubectl("-n", namespace, "create", "secret", "generic", "quorum-tls", "--from-file="+c.certs)
 
-	helm := os.Getenv("QUORUM_TOOLS_BIN")
-	if helm == "" {
-		helm = "/var/cache/quorum-csi/tools"
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	cmd = exec.CommandContext(ctx, filepath.Join(helm, "helm"), "install", "quorum-csi", filepath.Join(repo, "charts", "quorum-csi"),
-		"--kubeconfig", c.kubeconfig, "--namespace", namespace,
-		"--set", "tls.secretName=quorum-tls", "--set", "image.pullPolicy=Never",
-		"--wait", "--timeout", "4m")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		c.dumpLogs()
-		t.Fatalf("helm install: %v\n%s", err, out)
-	}
+	// A scrub pass every few seconds, so ScrubRepairsFifoVolume sees one
+	// within the test.
+	c.helm(t, "install", "quorum-csi", c.chart(), "--set", "tls.secretName=quorum-tls", "--set", "image.pullPolicy=Never",
+		"--set", "datapath.scrubInterval=5s", "--wait", "--timeout", "4m")
 	// Every node's plugin registered with its kubelet.
 	c.poll(t, "three CSINodes with quorum.csi.dev", 2*time.Minute, func() bool {
 		out, err := c.kubectlErr("get", "csinode", "-o", "jsonpath={.items[*].spec.drivers[*].name}")
 		return err == nil && strings.Count(out, "quorum.csi.dev") == 3
 	})
+}
+
+// chart is the chart's folder in this tree.
+func (c *cluster) chart() string { return filepath.Join(c.dir, "..", "..", "charts", "quorum-csi") }
+
+// helm runs helm against the cluster in the driver's namespace.
+func (c *cluster) helm(t *testing.T, args ...string) {
+	t.Helper()
+	bin := os.Getenv("QUORUM_TOOLS_BIN")
+	if bin == "" {
+		bin = "/var/cache/quorum-csi/tools"
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(bin, "helm"), append(args, "--kubeconfig", c.kubeconfig, "--namespace", namespace)...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		c.dumpLogs()
+		t.Fatalf("helm %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
 }
 
 // poll calls ok every half second until it holds, failing t after

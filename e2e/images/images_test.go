@@ -102,7 +102,8 @@ func TestImagesRunInContainerd(t *testing.T) {
 	}{
 		{"docker.io/quorum-csi/node:dev", []string{"/usr/local/bin/quorumctl", "help"}, "commands:"},
 		{"docker.io/quorum-csi/node:dev", []string{"sh", "-c", "mkfs.ext4 -V 2>&1; mkfs.xfs -V; blkid -V; losetup -V; mount -V"}, "mkfs.xfs version"},
-		{"docker.io/quorum-csi/node:dev", []string{"/usr/local/bin/quorum-node", "-h"}, "-data-dir"},
+		{"docker.io/quorum-csi/node:dev", []string{"/usr/local/bin/quorum-node", "-h"}, "-datapath-socket"},
+		{"docker.io/quorum-csi/node:dev", []string{"/usr/local/bin/quorum-datapath", "-h"}, "-data-dir"},
 		{"docker.io/quorum-csi/controller:dev", []string{"/usr/local/bin/quorum-controller", "-h"}, "-csi-endpoint"},
 	} {
 		// ctr run exits with the command's status; -h may exit 0 or 2.

@@ -81,6 +81,11 @@ type Options struct {
 	// with StateFile): processes that keep the FUSE connection open while
 	// no server runs, so that a new one can pick it up.
 	HolderDir string
+	// HolderSocket is the holder (in HolderDir) this process puts its
+	// FUSE connections into: a deployment runs one beside the serving
+	// process and names it. Empty: any live holder in HolderDir, one
+	// started if none runs.
+	HolderSocket string
 	// Logf receives progress messages.
 	Logf func(format string, args ...any)
 }

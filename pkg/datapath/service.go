@@ -57,6 +57,9 @@ type Config struct {
 	// StateDir holds the records (StateDir/volumes), the devices' state
 	// files, the FUSE descriptor holders' sockets and FUSE mount points.
 	StateDir string
+	// HolderSocket is the FUSE descriptor holder to put FUSE+loop
+	// devices' connections into (volume.AttachConfig.HolderSocket).
+	HolderSocket string
 	// Frontend is a resolved frontend for volumes staged from now on;
 	// volumes taken back keep the one they were made with.
 	Frontend string
@@ -241,6 +244,7 @@ func (s *Service) attach(ctx context.Context, r Record) (*volume.Attached, error
 		},
 		Frontend:      r.Frontend,
 		StateDir:      s.cfg.StateDir,
+		HolderSocket:  s.cfg.HolderSocket,
 		ProbeInterval: s.cfg.ProbeInterval,
 		ScrubRate:     s.cfg.ScrubRate,
 		ScrubInterval: s.cfg.ScrubInterval,

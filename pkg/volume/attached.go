@@ -34,6 +34,9 @@ type AttachConfig struct {
 	// the private FUSE mount points. Empty: the device dies with the
 	// process.
 	StateDir string
+	// HolderSocket is the FUSE descriptor holder this process puts its
+	// FUSE connections into (attach.Options.HolderSocket).
+	HolderSocket string
 	// ProbeInterval is how often faulty replicas are asked whether they
 	// answer again, which starts their resync (default 2s).
 	ProbeInterval time.Duration
@@ -120,6 +123,7 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 	if cfg.StateDir != "" {
 		dev.StateFile = DeviceStateFile(cfg.StateDir, cfg.Frontend, name)
 		dev.HolderDir = cfg.StateDir
+		dev.HolderSocket = cfg.HolderSocket
 	}
 	if a.Device, err = attach.Attach(ctx, cfg.Frontend, served, dev); err != nil {
 		return nil, fmt.Errorf("attach volume %s (%s): %w", name, cfg.Frontend, err)
