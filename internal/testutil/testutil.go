@@ -4,6 +4,7 @@
 package testutil
 
 import (
+	"io"
 	"os"
 	"os/exec"
 	"strings"
@@ -102,4 +103,14 @@ func leftovers(dir string) (mounts, loops []string) {
 		}
 	}
 	return mounts, loops
+}
+
+// LogWriter sends what is written to it to t's log, a line a write.
+func LogWriter(t testing.TB) io.Writer { return logWriter{t} }
+
+type logWriter struct{ t testing.TB }
+
+func (w logWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
 }

@@ -175,21 +175,22 @@ func (s *Service) takeBack(ctx context.Context, r Record) {
 	start := time.Now()
 	for attempt := 1; ; attempt++ {
 		av, err := s.attach(ctx, r)
+		if err == nil && !av.Device.TakenBack() {
+			// The device its users held is gone (a reboot of the kernel's
+			// side, a holder that died with no server): a new one would
+			// serve nobody. Lost, and cleaned up.
+			s.markLost(r, fmt.Sprintf("device %s is gone (%s made %s instead)", r.Device, r.Frontend, av.Device.Path()))
+			if err := av.ForceDetach(); err != nil {
+				s.log.Error("remove the device made in place of a lost one", "volume", r.VolumeID, "error", err)
+			}
+			return
+		}
 		if err == nil {
-			if r.Device != av.Device.Path() {
-				s.log.Warn("the volume's device was gone; made a new one", "volume", r.VolumeID, "was", r.Device, "device", av.Device.Path())
-				// Its users held the old path; nobody can be using the
-				// new one, so the volume is as good as lost to them.
-				r.Device = av.Device.Path()
-			}
-			if err := s.store.save(r); err != nil {
-				s.log.Error("update the volume's record", "volume", r.VolumeID, "error", err)
-			}
 			s.mu.Lock()
 			s.vols[r.VolumeID] = &served{rec: r, av: av}
 			s.mu.Unlock()
 			s.log.Info("took the volume back", "volume", r.VolumeID, "device", av.Device.Path(), "frontend", r.Frontend,
-				"takenBack", av.Device.TakenBack(), "attempts", attempt, "took", time.Since(start))
+				"attempts", attempt, "took", time.Since(start))
 			return
 		}
 		s.log.Warn("take the volume back", "volume", r.VolumeID, "attempt", attempt, "error", err)
