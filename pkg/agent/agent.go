@@ -60,7 +60,7 @@ type Config struct {
 	// turns them off.
 	MetricsAddress string
 	// ExtraMetrics, if set, are served at /metrics beside the agent's:
-	// the node binary's CSI service measures its staged volumes there.
+	// the data path measures its staged volumes there.
 	ExtraMetrics prometheus.Gatherer
 	// LeaseDuration and RenewInterval time the Lease (defaults 30s and
 	// 10s; shorter in tests).

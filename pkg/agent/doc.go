@@ -1,4 +1,4 @@
-// Package agent is the node replica agent (cmd/node): it creates the
+// Package agent is the node replica agent (cmd/datapath): it creates the
 // replica images the controller places on its node, serves them over NBD
 // (mutual TLS, epoch-fenced), grows and deletes them, and reports them in
 // the QuorumVolume status. This comment is the agent's side of the
@@ -97,12 +97,13 @@
 // quorum_agent_replica_io_errors_total{op} and
 // quorum_agent_replica_failures_total{action=serve|delete}; beside them
 // controller-runtime's (reconcile errors, work queue, API client).
-// Logs are structured (logr; cmd/node writes JSON lines).
+// Logs are structured (logr; cmd/datapath writes JSON lines).
 //
 // # Shutdown
 //
-// When Run's context ends (SIGTERM in cmd/node) the agent stops renewing
-// the Lease, stops reconciling, stops the NBD server taking requests,
+// When Run's context ends (the data path lets go in cmd/datapath: on
+// SIGTERM, or handing over to a successor) the agent stops renewing the
+// Lease, stops reconciling, stops the NBD server taking requests,
 // lets those in flight finish (up to ShutdownTimeout), and closes the
 // replicas.
 package agent

@@ -2,7 +2,7 @@
 // on nodes, follows their nodes' health, derives each volume's phase and
 // conditions, hands out attachments and epochs (Attach, Detach), and holds
 // deleted volumes until their replica images are gone. It does no I/O on
-// replicas; the node agents (cmd/node) do, and this file is the contract
+// replicas; the node agents (cmd/datapath) do, and this file is the contract
 // between them and the controller.
 //
 // # Node liveness
@@ -15,7 +15,7 @@
 // way RenewLease does it: created if missing, taken over (acquireTime,
 // leaseTransitions) when it expired or names another holder, updated
 // with its resourceVersion. The agent calls RenewLease with a reader
-// that goes to the API server rather than through a cache. A node runs the node plugin while its Lease is
+// that goes to the API server rather than through a cache. A node runs its agent while its Lease is
 // current: renewTime + leaseDurationSeconds is in the future and the
 // holder is the node.
 //

@@ -1,7 +1,11 @@
 // Package csi holds the CSI services of the quorum.csi.dev driver:
 // Identity (identity.go), Controller (controller.go), and the Node
 // service beside them (node.go, served by the node binary), all served
-// by Server (server.go) on one gRPC endpoint per binary.
+// by Server (server.go) on one gRPC endpoint per binary. The Node
+// service holds no volume: it orders a volume's replicas (replicas.go),
+// has the node's data path (package datapath, its own process) serve
+// them as a block device, and makes and mounts the filesystem on it
+// (fstools.go).
 //
 // The Controller service holds no state: a volume is a QuorumVolume
 // named by its CSI volume ID. CreateVolume writes its spec from the
