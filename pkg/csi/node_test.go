@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -48,13 +49,17 @@ type nodeEnv struct {
 	// metrics gathers each node's staged volumes' metrics.
 	metrics map[string]*prometheus.Registry
 	data    map[string]string // each agent's data folder
+	// stop stops a node's CSI server (not its data path).
+	stop map[string]func()
+	dps  map[string]*datapath.Client
 }
 
 func startNodeEnv(t *testing.T) *nodeEnv {
 	testutil.RequireKernel(t)
 	testutil.RequireTools(t, "mkfs.ext4", "blkid", "mount", "umount")
 	e := &nodeEnv{env: startEnv(t), tlsDir: t.TempDir(), nodes: map[string]csipb.NodeClient{}, socks: map[string]string{}, local: map[string]string{},
-		metrics: map[string]*prometheus.Registry{}, data: map[string]string{}}
+		metrics: map[string]*prometheus.Registry{}, data: map[string]string{},
+		stop: map[string]func(){}, dps: map[string]*datapath.Client{}}
 	ips := []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}
 	if err := nbd.GenerateDevCA(e.tlsDir, ips); err != nil {
 		t.Fatal(err)
@@ -108,16 +113,21 @@ func (e *nodeEnv) startAgent(name, ip string) string {
 }
 
 // startNode serves name's Node and Identity services on a socket, as
-// cmd/node does, and connects a client to it.
+// cmd/node does, and connects a client to it; the node's data path is
+// started with the first.
 func (e *nodeEnv) startNode(name, localSocket string) {
 	t := e.t
-	reg := prometheus.NewRegistry()
-	set, err := metrics.NewSet(reg)
-	if err != nil {
-		t.Fatal(err)
+	dp, ok := e.dps[name]
+	if !ok {
+		reg := prometheus.NewRegistry()
+		set, err := metrics.NewSet(reg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.metrics[name] = reg
+		dp = e.startDataPath(name, set)
+		e.dps[name] = dp
 	}
-	e.metrics[name] = reg
-	dp := e.startDataPath(name, set)
 	n, err := NewNode(NodeConfig{NodeName: name, Client: e.c, TLSDir: e.tlsDir, LocalSocket: localSocket, DataPath: dp})
 	if err != nil {
 		t.Fatal(err)
@@ -127,12 +137,16 @@ func (e *nodeEnv) startNode(name, localSocket string) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Start(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("CSI server of %s: %v", name, err)
-		}
-	})
+	var once sync.Once
+	e.stop[name] = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("CSI server of %s: %v", name, err)
+			}
+		})
+	}
+	t.Cleanup(e.stop[name])
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -338,6 +352,18 @@ func TestNodeStageFilesystem(t *testing.T) {
 	if got := e.series("n1", vol.VolumeId); got["quorum_volume_requests_total/write"] == 0 || got["quorum_replica_state/healthy"] != 3 ||
 		got["quorum_volume_request_seconds/write"] == 0 {
 		t.Errorf("n1's metrics of the staged volume: %v; want writes counted and timed, and 3 healthy replicas", got)
+	}
+	// A restarted plugin knows what the data path serves: stats,
+	// unpublish and unstage work for the volume staged before.
+	e.stop["n1"]()
+	e.startNode("n1", e.local["n1"])
+	if _, err := e.nodes["n1"].NodeGetVolumeStats(t.Context(), &csipb.NodeGetVolumeStatsRequest{VolumeId: vol.VolumeId, VolumePath: p1.target}); err != nil {
+		t.Errorf("NodeGetVolumeStats after a restart of the plugin: %v", err)
+	}
+	if _, err := e.nodes["n1"].NodePublishVolume(t.Context(), &csipb.NodePublishVolumeRequest{
+		VolumeId: vol.VolumeId, StagingTargetPath: p1.staging, TargetPath: filepath.Join(t.TempDir(), "second"), VolumeCapability: mountCap(csipb.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER, "ext4"),
+	}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("a SINGLE_NODE_SINGLE_WRITER publish beside the one made before the restart: %v, want FailedPrecondition", err)
 	}
 	e.unstage(vol, "n1", p1)
 	if got := e.series("n1", vol.VolumeId); len(got) != 0 {
