@@ -27,6 +27,8 @@ import (
 //	DELETE /v1/volumes/{id}?force=1     unstage even while in use
 //	PUT    /v1/volumes/{id}/targets     Target: record a publish
 //	DELETE /v1/volumes/{id}/targets     Target: forget it
+//	POST   /v1/volumes/{id}/quiesce     Hold: hold requests at a consistent cut
+//	POST   /v1/volumes/{id}/resume      let them through again
 //	POST   /v1/handover                 the planned end of this process, for a successor
 //
 // Errors come as {"error": text, "code": kind} with kind one of the
@@ -40,6 +42,11 @@ type Target struct {
 	Path string `json:"path"`
 	// Single is true for a SINGLE_NODE_SINGLE_WRITER publish.
 	Single bool `json:"single,omitempty"`
+}
+
+// Hold asks for a quiesce of at most MaxHold (a Go duration, "30s").
+type Hold struct {
+	MaxHold string `json:"maxHold"`
 }
 
 type apiError struct {
@@ -121,6 +128,21 @@ func (a *Server) Handler() http.Handler {
 	}
 	mux.HandleFunc("PUT /v1/volumes/{id}/targets", target(true))
 	mux.HandleFunc("DELETE /v1/volumes/{id}/targets", target(false))
+	mux.HandleFunc("POST /v1/volumes/{id}/quiesce", func(w http.ResponseWriter, r *http.Request) {
+		var h Hold
+		if !readJSON(w, r, &h) {
+			return
+		}
+		hold, err := time.ParseDuration(h.MaxHold)
+		if err != nil {
+			writeError(w, fmt.Errorf("maxHold %q: %w", h.MaxHold, err))
+			return
+		}
+		reply(w, struct{}{}, a.Service.Quiesce(r.Context(), r.PathValue("id"), hold))
+	})
+	mux.HandleFunc("POST /v1/volumes/{id}/resume", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, struct{}{}, a.Service.Resume(r.PathValue("id")))
+	})
 	mux.HandleFunc("POST /v1/handover", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, a.Handover(r.Context()))
 	})
@@ -282,6 +304,17 @@ func (c *Client) SetTarget(ctx context.Context, id string, t Target, published b
 		method = http.MethodDelete
 	}
 	return c.do(ctx, method, "/v1/volumes/"+url.PathEscape(id)+"/targets", nil, t, nil)
+}
+
+// Quiesce holds the volume's requests at a consistent cut for at most
+// maxHold (see Service.Quiesce).
+func (c *Client) Quiesce(ctx context.Context, id string, maxHold time.Duration) error {
+	return c.do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(id)+"/quiesce", nil, Hold{MaxHold: maxHold.String()}, nil)
+}
+
+// Resume lets a quiesced volume's requests through again.
+func (c *Client) Resume(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(id)+"/resume", nil, nil, nil)
 }
 
 // Handover asks the data path to end for a successor.

@@ -367,6 +367,52 @@ func (s *Service) get(id string) *served {
 	return s.vols[id]
 }
 
+// Quiesce holds the volume's requests at a consistent cut (see
+// volume.Attached.Quiesce) for at most maxHold: the engine of a snapshot
+// across its replicas.
+func (s *Service) Quiesce(ctx context.Context, id string, maxHold time.Duration) error {
+	if maxHold <= 0 {
+		return fmt.Errorf("quiesce volume %s: a positive hold is required", id)
+	}
+	defer s.lock(id)()
+	av, err := s.serving(id)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	if err := av.Quiesce(ctx, maxHold); err != nil {
+		return fmt.Errorf("quiesce volume %s: %w", id, err)
+	}
+	s.log.Info("quiesced", "volume", id, "took", time.Since(start), "maxHold", maxHold)
+	return nil
+}
+
+// Resume lets a quiesced volume's requests through again.
+func (s *Service) Resume(id string) error {
+	defer s.lock(id)()
+	av, err := s.serving(id)
+	if err != nil {
+		return err
+	}
+	if err := av.Resume(); err != nil {
+		return fmt.Errorf("resume volume %s: %w", id, err)
+	}
+	return nil
+}
+
+// serving returns the attached volume id, or an error if it is not
+// served here.
+func (s *Service) serving(id string) (*volume.Attached, error) {
+	sv := s.get(id)
+	if sv == nil {
+		return nil, fmt.Errorf("volume %s: %w", id, ErrNotFound)
+	}
+	if sv.lost != "" {
+		return nil, fmt.Errorf("volume %s: %w: it was lost (%s)", id, ErrConflict, sv.lost)
+	}
+	return sv.av, nil
+}
+
 // Status is a staged volume as the service reports it.
 type Status struct {
 	Record
@@ -377,6 +423,8 @@ type Status struct {
 	VoteThreshold   int                  `json:"voteThreshold"`
 	Scrub           volume.ScrubProgress `json:"scrub"`
 	DeviceTakenBack bool                 `json:"deviceTakenBack,omitempty"`
+	// Quiesced: its requests are held for a snapshot.
+	Quiesced bool `json:"quiesced,omitempty"`
 }
 
 func (s *Service) status(sv *served) Status {
@@ -388,6 +436,7 @@ func (s *Service) status(sv *served) Status {
 		st.VoteThreshold = sv.av.VoteThreshold()
 		st.Scrub = sv.av.ScrubProgress()
 		st.DeviceTakenBack = sv.av.Device.TakenBack()
+		st.Quiesced = sv.av.Quiesced()
 	}
 	return st
 }

@@ -117,6 +117,37 @@ func TestTakeOver(t *testing.T) {
 	pattern := bytes.Repeat([]byte("taken back "), 4096*4/11+1)[:4096*4]
 	directIO(t, st.Device, true, pattern, 1<<20)
 
+	// A quiesce holds the device's requests until resume.
+	if err := c.Quiesce(ctx, "vol1", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := c.Get(ctx, "vol1"); !st.Quiesced {
+		t.Error("status does not say quiesced")
+	}
+	wrote := make(chan time.Time, 1)
+	go func() {
+		directIO(t, st.Device, true, pattern[:4096], 4<<20)
+		wrote <- time.Now()
+	}()
+	select {
+	case <-wrote:
+		t.Fatal("a write went through a quiesced volume")
+	case <-time.After(200 * time.Millisecond):
+	}
+	resumed := time.Now()
+	if err := c.Resume(ctx, "vol1"); err != nil {
+		t.Fatal(err)
+	}
+	if at := <-wrote; at.Before(resumed) {
+		t.Error("the held write completed before the resume")
+	}
+	if err := c.Resume(ctx, "vol1"); err == nil {
+		t.Error("resume of a volume not quiesced: no error")
+	}
+	if err := c.Quiesce(ctx, "nothing", time.Second); !errors.Is(err, ErrNotFound) {
+		t.Errorf("quiesce of a volume not staged: %v, want ErrNotFound", err)
+	}
+
 	start := time.Now()
 	if err := svc.Handover(ctx); err != nil {
 		t.Fatalf("handover: %v", err)

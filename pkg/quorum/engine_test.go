@@ -499,3 +499,78 @@ func TestOracle(t *testing.T) {
 		}
 	}
 }
+
+// TestQuiesce: a quiesce waits for the write in flight, holds the next
+// one, leaves every child flushed with the write intent empty, and lets
+// the held write through on resume.
+func TestQuiesce(t *testing.T) {
+	j := &fakeJournal{}
+	r := newRig(t, 3, 1<<20, Config{Journal: j})
+	ctx := context.Background()
+	inFlight := make(chan struct{})
+	proceed := make(chan struct{})
+	r.kids[0].setInject(func(op Op, off, _ int64) error {
+		if op == OpWrite && off == 0 {
+			close(inFlight)
+			<-proceed
+		}
+		return nil
+	})
+	first := make(chan error, 1)
+	go func() { first <- r.e.WriteAt(ctx, pattern(1, 4096), 0) }()
+	<-inFlight
+	quiesced := make(chan func(), 1)
+	go func() {
+		resume, err := r.e.Quiesce(ctx)
+		if err != nil {
+			t.Errorf("quiesce: %v", err)
+		}
+		quiesced <- resume
+	}()
+	select {
+	case <-quiesced:
+		t.Fatal("quiesce returned while a write was in flight")
+	case <-time.After(20 * time.Millisecond):
+	}
+	close(proceed)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	resume := <-quiesced
+	r.kids[0].setInject(nil)
+	for i, k := range r.kids {
+		if k.counts[OpFlush] == 0 {
+			t.Errorf("child %d not flushed by the quiesce", i)
+		}
+	}
+	if rec, _ := j.last(); len(rec.Active) != 0 {
+		t.Errorf("write intent after the quiesce: %v active extents, want none", rec.Active)
+	}
+	second := make(chan error, 1)
+	go func() { second <- r.e.WriteAt(ctx, pattern(2, 4096), 8192) }()
+	select {
+	case err := <-second:
+		t.Fatalf("a write went through a quiesced volume: %v", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	resume()
+	resume() // a second resume is harmless
+	if err := <-second; err != nil {
+		t.Fatal(err)
+	}
+
+	// A quiesce that cannot get its cut in time gives up.
+	r.kids[1].setInject(func(op Op, _, _ int64) error {
+		if op == OpWrite {
+			time.Sleep(100 * time.Millisecond)
+		}
+		return nil
+	})
+	go r.e.WriteAt(ctx, pattern(3, 4096), 0)
+	time.Sleep(10 * time.Millisecond)
+	tctx, cancel := context.WithTimeout(ctx, 10*time.Millisecond)
+	defer cancel()
+	if _, err := r.e.Quiesce(tctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("quiesce past its deadline: %v, want DeadlineExceeded", err)
+	}
+}

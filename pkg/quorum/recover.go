@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"sync"
 )
 
 // RecoverStats says what Recover did.
@@ -116,4 +117,24 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	e.faultMu.Lock()
 	defer e.faultMu.Unlock()
 	return e.commitRecord(ctx, []int64{})
+}
+
+// Quiesce makes a consistent cut of the volume while it stays open: it
+// holds new requests, waits for those in flight, flushes every child and
+// commits a write intent with no extent active, so that every in-sync
+// child holds every acknowledged write and a copy of it needs no crash
+// recovery. Requests wait until resume is called (once); a ctx that ends
+// first gives up and lets them through.
+func (e *Engine) Quiesce(ctx context.Context) (resume func(), err error) {
+	rr, err := e.ranges.acquire(ctx, 0, e.size, true)
+	if err != nil {
+		return nil, fmt.Errorf("quiesce: %w", err)
+	}
+	var once sync.Once
+	resume = func() { once.Do(func() { e.ranges.release(rr) }) }
+	if err := e.Shutdown(ctx); err != nil {
+		resume()
+		return nil, fmt.Errorf("quiesce: %w", err)
+	}
+	return resume, nil
 }

@@ -68,6 +68,11 @@ type Attached struct {
 	stop    context.CancelFunc
 	loops   sync.WaitGroup
 	log     *slog.Logger
+
+	quiesceMu  sync.Mutex
+	resume     func() // set while quiesced
+	quiescedAt time.Time
+	holdTimer  *time.Timer
 }
 
 // Attach assembles the replicas (recovering from a crash of the last
@@ -169,6 +174,8 @@ func (a *Attached) forgetMetrics() {
 // attach.ErrBusy), then closes the volume, which marks the replicas
 // clean.
 func (a *Attached) Detach(ctx context.Context) error {
+	// Held requests would keep the device busy for good.
+	a.Resume()
 	if err := a.Device.Detach(ctx); err != nil {
 		return err
 	}
@@ -189,6 +196,7 @@ func (a *Attached) shutDown(ctx context.Context) error {
 // ForceDetach removes the device even while it is in use (its users get
 // I/O errors) and closes the volume.
 func (a *Attached) ForceDetach() error {
+	a.Resume()
 	return errors.Join(a.Device.ForceDetach(), a.shutDown(context.Background()))
 }
 
@@ -196,8 +204,62 @@ func (a *Attached) ForceDetach() error {
 // are answered, new ones wait in the kernel), closes the volume cleanly
 // and leaves the device for the next Attach with the same state file.
 func (a *Attached) Release(ctx context.Context) error {
+	// Requests held by a quiesce are in flight for the device: answered
+	// before it lets go.
+	a.Resume()
 	if err := a.Device.Release(ctx); err != nil {
 		return fmt.Errorf("release %s of volume %s: %w", a.Device.Path(), a.ID(), err)
 	}
 	return a.shutDown(ctx)
+}
+
+// ErrNotQuiesced is returned by Resume for a volume that is not held.
+var ErrNotQuiesced = errors.New("volume is not quiesced")
+
+// Quiesce holds the volume at a consistent cut (quorum.Engine.Quiesce):
+// its device's requests wait from now on, every in-sync replica holds
+// every acknowledged write, and the journal says none is in flight, so
+// a copy of each replica's image is a snapshot. The hold ends with Resume
+// or, failing that, after maxHold, so a caller that dies never leaves the
+// volume's users waiting for good.
+func (a *Attached) Quiesce(ctx context.Context, maxHold time.Duration) error {
+	a.quiesceMu.Lock()
+	defer a.quiesceMu.Unlock()
+	if a.resume != nil {
+		return errors.New("volume is already quiesced")
+	}
+	resume, err := a.Engine.Quiesce(ctx)
+	if err != nil {
+		return err
+	}
+	a.resume = resume
+	a.quiescedAt = time.Now()
+	a.holdTimer = time.AfterFunc(maxHold, func() {
+		if a.Resume() == nil {
+			a.log.Warn("resumed a quiesced volume that nobody resumed", "held", maxHold)
+		}
+	})
+	return nil
+}
+
+// Resume lets the requests of a quiesced volume through again and
+// reports how long they were held.
+func (a *Attached) Resume() error {
+	a.quiesceMu.Lock()
+	defer a.quiesceMu.Unlock()
+	if a.resume == nil {
+		return ErrNotQuiesced
+	}
+	a.holdTimer.Stop()
+	a.resume()
+	a.resume = nil
+	a.log.Info("resumed", "held", time.Since(a.quiescedAt))
+	return nil
+}
+
+// Quiesced reports whether the volume's requests are held.
+func (a *Attached) Quiesced() bool {
+	a.quiesceMu.Lock()
+	defer a.quiesceMu.Unlock()
+	return a.resume != nil
 }
