@@ -192,7 +192,7 @@ func serve(o options, log logr.Logger) error {
 			stopAgent()
 			letGoErr = errors.Join(letGoErr, <-agentDone)
 			lock.Close()
-			log.Info("let go of the node", "took", time.Since(start), "error", letGoErr)
+			log.Info("let go of the node", "took", time.Since(start).String(), "error", letGoErr)
 		})
 		return letGoErr
 	}
@@ -212,7 +212,7 @@ func serve(o options, log logr.Logger) error {
 
 	start := time.Now()
 	svc.TakeOver(ctx)
-	log.Info("data path ready", "volumes", len(svc.List()), "took", time.Since(start), "frontend", svc.Frontend(), "socket", o.socket)
+	log.Info("data path ready", "volumes", len(svc.List()), "took", time.Since(start).String(), "frontend", svc.Frontend(), "socket", o.socket)
 
 	select {
 	case <-handedOver:

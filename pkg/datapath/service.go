@@ -190,7 +190,7 @@ func (s *Service) takeBack(ctx context.Context, r Record) {
 			s.vols[r.VolumeID] = &served{rec: r, av: av}
 			s.mu.Unlock()
 			s.log.Info("took the volume back", "volume", r.VolumeID, "device", av.Device.Path(), "frontend", r.Frontend,
-				"attempts", attempt, "took", time.Since(start))
+				"attempts", attempt, "took", time.Since(start).String())
 			return
 		}
 		s.log.Warn("take the volume back", "volume", r.VolumeID, "attempt", attempt, "error", err)
@@ -383,7 +383,7 @@ func (s *Service) Quiesce(ctx context.Context, id string, maxHold time.Duration)
 	if err := av.Quiesce(ctx, maxHold); err != nil {
 		return fmt.Errorf("quiesce volume %s: %w", id, err)
 	}
-	s.log.Info("quiesced", "volume", id, "took", time.Since(start), "maxHold", maxHold)
+	s.log.Info("quiesced", "volume", id, "took", time.Since(start).String(), "maxHold", maxHold.String())
 	return nil
 }
 
@@ -480,7 +480,7 @@ func (s *Service) Handover(ctx context.Context) error {
 			if err := sv.av.Release(ctx); err != nil {
 				errs = append(errs, err)
 			} else {
-				s.log.Info("released the volume for a successor", "volume", sv.rec.VolumeID, "device", sv.rec.Device, "took", time.Since(start))
+				s.log.Info("released the volume for a successor", "volume", sv.rec.VolumeID, "device", sv.rec.Device, "took", time.Since(start).String())
 			}
 		}
 		s.mu.Lock()

@@ -236,7 +236,7 @@ func (a *Attached) Quiesce(ctx context.Context, maxHold time.Duration) error {
 	a.quiescedAt = time.Now()
 	a.holdTimer = time.AfterFunc(maxHold, func() {
 		if a.Resume() == nil {
-			a.log.Warn("resumed a quiesced volume that nobody resumed", "held", maxHold)
+			a.log.Warn("resumed a quiesced volume that nobody resumed", "held", maxHold.String())
 		}
 	})
 	return nil
@@ -253,7 +253,7 @@ func (a *Attached) Resume() error {
 	a.holdTimer.Stop()
 	a.resume()
 	a.resume = nil
-	a.log.Info("resumed", "held", time.Since(a.quiescedAt))
+	a.log.Info("resumed", "held", time.Since(a.quiescedAt).String())
 	return nil
 }
 
