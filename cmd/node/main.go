@@ -71,7 +71,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.csi.TLSHostname, "tls-hostname", "localhost", "a name in the server certificate of --tls-dir, checked on the local socket")
 	fs.StringVar(&o.csi.StateDir, "state-dir", "/run/quorum-csi/state", "folder for staged volumes' FUSE mount points and ublk state, DIR/<volume>")
 	fs.StringVar(&o.csi.Frontend, "frontend", csi.FrontendAuto, "how staged volumes become block devices: ublk, fuse-loop, or auto (ublk when /dev/ublk-control exists)")
-	fs.DurationVar(&o.csi.RequestTimeout, "nbd-timeout", 10*time.Second, "how long a request to a replica server may take before that replica is left out (it resyncs when it answers again)")
+	fs.DurationVar(&o.csi.RequestTimeout, "nbd-timeout", 10*time.Second, "how long a request to a replica server may take, waiting for a reconnect included, before that replica is left out (it resyncs when it answers again); a server that restarts within it costs no replica")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; default: in-cluster config, or $KUBECONFIG")
 	if err := fs.Parse(args); err != nil {
 		return o, err

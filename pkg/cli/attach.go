@@ -92,7 +92,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	epoch := fs.Uint64("epoch", 0, "epoch presented to replica servers for NBD replicas whose URI has no @epoch=N: it must not be older than the last attach's, and a newer one fences that attach")
 	frontend := fs.String("frontend", "auto", "how the volume becomes a block device: ublk (/dev/ublkbN), fuse-loop (/dev/loopN over a private FUSE file) or auto (ublk when /dev/ublk-control exists, else fuse-loop)")
 	metricsAddr := fs.String("metrics-address", "", "serve Prometheus metrics of the volume (requests, latency, events, replica states) at http://ADDR/metrics; empty: off")
-	nbdTimeout := fs.Duration("nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take before that replica is left out (it resyncs when it answers again)")
+	nbdTimeout := fs.Duration("nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take, waiting for a reconnect included, before that replica is left out (it resyncs when it answers again); a server that restarts within it costs no replica")
 	faults := faultFlag{}
 	fs.Var(faults, "fault-file", "REPLICA=FILE: while FILE exists, every request to REPLICA fails with EIO (for testing failure handling; repeatable)")
 	pos, err := parse(fs, args)
@@ -129,9 +129,9 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	defer stopProfile()
 	// Signals are caught from here on so that one arriving while we set
-	// up still ends in a clean detach.
+	// up still ends in a clean detach (or, SIGUSR1, a release).
 	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR1)
 	defer signal.Stop(sigs)
 
 	vol, err := volume.Open(context.Background(), pos, opts)
@@ -187,6 +187,9 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	sig := <-sigs
 	stopProbe()
+	if sig == syscall.SIGUSR1 {
+		return releaseDevice(dev, vol, sigs, log)
+	}
 	log.Info("detaching", "signal", sig.String(), "device", dev.Path())
 	// A second signal gives up waiting for the device's users.
 	ctx, cancel := context.WithCancel(context.Background())
@@ -208,6 +211,34 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	log.Info("detached", "device", dev.Path())
+	return nil
+}
+
+// releaseDevice answers SIGUSR1, the planned half of a handover to a new
+// process (an upgrade): the device is let go of, not removed, its users'
+// requests wait, and the next attach of the volume with the same
+// --state-dir takes it back. A second signal stops waiting for the
+// requests in hand (the kernel requeues them for the next attach). The
+// volume is closed clean only when no request can still be running.
+func releaseDevice(dev attach.Device, vol *volume.Volume, sigs <-chan os.Signal, log *slog.Logger) error {
+	log.Info("releasing the device for the next attach to take back", "device", dev.Path())
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		select {
+		case <-sigs:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	err := dev.Release(ctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("%w (the replicas stay unclean: the next attach recovers what was in flight)", err)
+	}
+	if err := vol.Close(context.Background()); err != nil {
+		return err
+	}
+	log.Info("released", "device", dev.Path())
 	return nil
 }
 

@@ -82,8 +82,8 @@ type NodeConfig struct {
 	// Frontend is FrontendAuto (default), FrontendUblk or
 	// FrontendFUSELoop.
 	Frontend string
-	// RequestTimeout bounds each request to a replica server (the
-	// engine's default when zero).
+	// RequestTimeout bounds each request to a replica server, the wait
+	// for a reconnect included (the engine's default when zero).
 	RequestTimeout time.Duration
 	// Logger receives the engine's and NBD clients' logs.
 	Logger *slog.Logger
