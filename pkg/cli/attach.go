@@ -187,11 +187,8 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	sig := <-sigs
 	stopProbe()
-	if sig == syscall.SIGUSR1 {
-		return releaseDevice(dev, vol, sigs, log)
-	}
-	log.Info("detaching", "signal", sig.String(), "device", dev.Path())
-	// A second signal gives up waiting for the device's users.
+	// A second signal gives up waiting for the device's users (or, on
+	// release, for the requests in hand).
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() {
 		select {
@@ -200,6 +197,11 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 		case <-ctx.Done():
 		}
 	}()
+	if sig == syscall.SIGUSR1 {
+		defer cancel()
+		return releaseDevice(ctx, dev, vol, log)
+	}
+	log.Info("detaching", "signal", sig.String(), "device", dev.Path())
 	derr := dev.Detach(ctx)
 	cancel()
 	if derr != nil {
@@ -217,22 +219,12 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 // releaseDevice answers SIGUSR1, the planned half of a handover to a new
 // process (an upgrade): the device is let go of, not removed, its users'
 // requests wait, and the next attach of the volume with the same
-// --state-dir takes it back. A second signal stops waiting for the
+// --state-dir takes it back. When ctx ends it stops waiting for the
 // requests in hand (the kernel requeues them for the next attach). The
 // volume is closed clean only when no request can still be running.
-func releaseDevice(dev attach.Device, vol *volume.Volume, sigs <-chan os.Signal, log *slog.Logger) error {
+func releaseDevice(ctx context.Context, dev attach.Device, vol *volume.Volume, log *slog.Logger) error {
 	log.Info("releasing the device for the next attach to take back", "device", dev.Path())
-	ctx, cancel := context.WithCancel(context.Background())
-	go func() {
-		select {
-		case <-sigs:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	err := dev.Release(ctx)
-	cancel()
-	if err != nil {
+	if err := dev.Release(ctx); err != nil {
 		return fmt.Errorf("%w (the replicas stay unclean: the next attach recovers what was in flight)", err)
 	}
 	if err := vol.Close(context.Background()); err != nil {

@@ -32,36 +32,10 @@ func TestEngineWithNBDChildren(t *testing.T) {
 	}
 	defer e.Close()
 	ctx := context.Background()
-	model := make([]byte, size)
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	kill := make(chan struct{})
-	for w := 0; w < 8; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w), 9))
-			span := int64(size / 8)
-			for i := 0; i < 100; i++ {
-				if w == 0 && i == 50 {
-					close(kill)
-				}
-				n := (rng.Int64N(16) + 1) * 4096
-				off := int64(w)*span + rng.Int64N((span-n)/4096+1)*4096
-				p := pattern(int(n), byte(rng.IntN(256)))
-				if err := e.WriteAt(ctx, p, off); err != nil {
-					t.Errorf("engine write: %v", err)
-					return
-				}
-				mu.Lock()
-				copy(model[off:], p)
-				mu.Unlock()
-			}
-		}()
-	}
-	<-kill
+	midway, wait := engineWrites(t, e, size, 50)
+	<-midway
 	closeAbruptly(t, s2)
-	wg.Wait()
+	model := wait()
 	if err := e.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -104,38 +78,12 @@ func TestEngineNBDChildSurvivesRestart(t *testing.T) {
 	}
 	defer e.Close()
 	ctx := context.Background()
-	model := make([]byte, size)
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	kill := make(chan struct{})
-	for w := 0; w < 8; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w), 9))
-			span := int64(size / 8)
-			for i := 0; i < 100; i++ {
-				if w == 0 && i == 30 {
-					close(kill)
-				}
-				n := (rng.Int64N(16) + 1) * 4096
-				off := int64(w)*span + rng.Int64N((span-n)/4096+1)*4096
-				p := pattern(int(n), byte(rng.IntN(256)))
-				if err := e.WriteAt(ctx, p, off); err != nil {
-					t.Errorf("engine write: %v", err)
-					return
-				}
-				mu.Lock()
-				copy(model[off:], p)
-				mu.Unlock()
-			}
-		}()
-	}
-	<-kill
+	midway, wait := engineWrites(t, e, size, 30)
+	<-midway
 	killServer(s2, life2)
 	time.Sleep(500 * time.Millisecond)
 	restartOn(t, "tcp", s2.Addr, r2)
-	wg.Wait()
+	model := wait()
 	if err := e.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -153,5 +101,44 @@ func TestEngineNBDChildSurvivesRestart(t *testing.T) {
 		if !bytes.Equal(r.snapshot(), model) {
 			t.Errorf("replica %d differs from what the engine acknowledged", i)
 		}
+	}
+}
+
+// engineWrites writes random data through e from 8 goroutines, 100
+// writes each to its own eighth of the volume. midway closes when the
+// first goroutine has made at writes; wait returns what the engine
+// acknowledged.
+func engineWrites(t *testing.T, e *quorum.Engine, size int64, at int) (midway <-chan struct{}, wait func() []byte) {
+	ctx := context.Background()
+	model := make([]byte, size)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	half := make(chan struct{})
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 9))
+			span := size / 8
+			for i := 0; i < 100; i++ {
+				if w == 0 && i == at {
+					close(half)
+				}
+				n := (rng.Int64N(16) + 1) * 4096
+				off := int64(w)*span + rng.Int64N((span-n)/4096+1)*4096
+				p := pattern(int(n), byte(rng.IntN(256)))
+				if err := e.WriteAt(ctx, p, off); err != nil {
+					t.Errorf("engine write: %v", err)
+					return
+				}
+				mu.Lock()
+				copy(model[off:], p)
+				mu.Unlock()
+			}
+		}()
+	}
+	return half, func() []byte {
+		wg.Wait()
+		return model
 	}
 }
