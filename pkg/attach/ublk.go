@@ -46,9 +46,10 @@ import (
 //
 // Release is the planned way to the same state, for a handover to a new
 // process. Linux 6.12 has no command for it (UBLK_U_CMD_QUIESCE_DEV came
-// with 6.14), so Release makes the kernel do what it does when a server
-// dies, after answering what the server has in hand. What ublk_drv.c
-// does, as read in 6.12: a queue's FETCH commands are cancelable
+// later, with UBLK_F_QUIESCE), so Release makes the kernel do what it
+// does when a server dies, after answering what the server has in hand.
+// What ublk_drv.c does, as read in the 6.12 stable series (the guest
+// tests run 6.12.95): a queue's FETCH commands are cancelable
 // io_uring commands. When the ring that carries them goes (its last
 // file reference is closed, which a dying process does too), io_uring
 // cancels them, and ublk's cancel function, at its first call for the
