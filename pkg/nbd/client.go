@@ -559,6 +559,12 @@ func (cl *Client) do(ctx context.Context, attempt func(c *conn, deadline time.Ti
 		if !resendable(err) {
 			return cl.check(err)
 		}
+		if !time.Now().Before(dl) {
+			// await checks the deadline only when it waits; a server that
+			// takes connections and drops them at once must not keep a
+			// request going.
+			return fmt.Errorf("%w (not sent again: the request's timeout passed): %w", err, context.DeadlineExceeded)
+		}
 		lost = c
 	}
 }
