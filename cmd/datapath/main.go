@@ -79,7 +79,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.dp.HolderSocket, "holder-socket", "", "the FUSE descriptor holder (quorumctl fuse-holder) this process puts its FUSE+loop devices' connections into, so that they outlive it; empty: one in --state-dir, started if none runs")
 	fs.StringVar(&o.dp.StateDir, "state-dir", "/run/quorum-csi/state", "folder of the staged volumes' records, device state, FUSE descriptor holders' sockets and the lock that keeps one data path per node")
 	fs.StringVar(&o.dp.Frontend, "frontend", "auto", "how staged volumes become block devices: ublk (/dev/ublkbN; Linux 6.4+ with ublk_drv), fuse-loop (/dev/loopN over a private FUSE file), or auto (ublk when /dev/ublk-control exists on Linux 6.4+, else fuse-loop)")
-	fs.DurationVar(&o.dp.RequestTimeout, "nbd-timeout", 10*time.Second, "how long a request to a replica server may take before that replica is left out (it resyncs when it answers again)")
+	fs.DurationVar(&o.dp.RequestTimeout, "nbd-timeout", 10*time.Second, "how long a request to a replica server may take, waiting for a reconnect included, before that replica is left out (it resyncs when it answers again); a server that restarts within it costs no replica")
 	fs.DurationVar(&o.dp.ProbeInterval, "probe-interval", 2*time.Second, "how often faulty replicas are asked whether they answer again")
 	fs.Int64Var(&o.dp.ScrubRate, "scrub-rate", 4<<20, "bytes per second of the background scrub of each staged volume, which votes across replicas and repairs minorities (0: none)")
 	fs.DurationVar(&o.dp.ScrubInterval, "scrub-interval", 24*time.Hour, "time between background scrub passes of a staged volume; the first starts at stage")

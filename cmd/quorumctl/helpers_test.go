@@ -188,6 +188,10 @@ func (a *attached) wait() {
 			a.t.Fatalf("attach exited with %v\n%s", a.err, a.logs())
 		}
 	case <-time.After(60 * time.Second):
+		// SIGQUIT makes the Go runtime print every goroutine to the
+		// logs: where the attach hangs.
+		a.cmd.Process.Signal(syscall.SIGQUIT)
+		time.Sleep(3 * time.Second)
 		a.t.Fatalf("attach did not exit within 60s\n%s", a.logs())
 	}
 	// Tests of other packages run at the same time and may get the same

@@ -57,8 +57,10 @@ func (s *server) uri(name string) string { return "nbd://" + s.addr + "/" + name
 
 // TestNBDReplicaServerKilled: a 3-replica device, one replica local and
 // two behind replica servers; fio writes and verifies while one server
-// is killed with SIGKILL and later restarted. fio sees no error, the
-// replica comes back and resyncs, and the replicas end identical.
+// is killed with SIGKILL and stays dead longer than --nbd-timeout (the
+// writes wait for it that long, then leave it out), then is restarted.
+// fio sees no error, the replica comes back and resyncs, and the
+// replicas end identical.
 func TestNBDReplicaServerKilled(t *testing.T) {
 	dir := kernelTest(t, "fio")
 	ps := replicas(t, dir, "512M", "a.img", "b.img", "c.img")
@@ -75,6 +77,39 @@ func TestNBDReplicaServerKilled(t *testing.T) {
 	waitChild(t, dir, ps[0], 2, "healthy", 60*time.Second)
 	if !strings.Contains(a.logs(), `"event":"REPORT_BAD"`) {
 		t.Errorf("no REPORT_BAD for the lost replica in the log")
+	}
+	a.stop(syscall.SIGTERM)
+	sb.stop()
+	sc.stop()
+	assertIdentical(t, ps...)
+}
+
+// TestNBDReplicaServerRestarted: as TestNBDReplicaServerKilled, but the
+// killed server is back 500ms later, well within --nbd-timeout, as in a
+// rolling upgrade of the nodes' data paths. The replica is never left
+// out: no REPORT_BAD, the client logs the loss and the reconnect, fio
+// sees no error and the replicas end identical.
+func TestNBDReplicaServerRestarted(t *testing.T) {
+	dir := kernelTest(t, "fio")
+	ps := replicas(t, dir, "256M", "a.img", "b.img", "c.img")
+	sb := serve(t, nil, "--listen", "127.0.0.1:0", "--export", "b="+ps[1])
+	sc := serve(t, nil, "--listen", "127.0.0.1:0", "--export", "c="+ps[2])
+	a := attach(t, dir, "--epoch", "1", "--probe-interval", "200ms", "--nbd-timeout", "10s", ps[0], sb.uri("b"), sc.uri("c"))
+	wait := fioVerify(t, a.dev, "64M")
+	time.Sleep(time.Second)
+	sc.kill()
+	time.Sleep(500 * time.Millisecond)
+	sc = serve(t, nil, "--listen", sc.addr, "--export", "c="+ps[2])
+	wait()
+	if st := status(t, dir, ps[0]); st[2].State != "healthy" {
+		t.Errorf("replica c after a restart within the timeout: %+v", st[2])
+	}
+	logs := a.logs()
+	if strings.Contains(logs, `"event":"REPORT_BAD"`) {
+		t.Errorf("a restart within the timeout left the replica out:\n%s", logs)
+	}
+	if !strings.Contains(logs, "connection lost") || !strings.Contains(logs, "reconnected") {
+		t.Errorf("the log does not show the loss and the reconnect:\n%s", logs)
 	}
 	a.stop(syscall.SIGTERM)
 	sb.stop()

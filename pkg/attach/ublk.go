@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -42,6 +43,36 @@ import (
 // END_USER_RECOVERY) and serves the waiting requests, so a filesystem on
 // it sees no error. A clean Detach removes the device and the file. Until
 // an attach comes back, the device's users wait.
+//
+// Release is the planned way to the same state, for a handover to a new
+// process. Linux 6.12 has no command for it (UBLK_U_CMD_QUIESCE_DEV came
+// later, with UBLK_F_QUIESCE), so Release makes the kernel do what it
+// does when a server dies, after answering what the server has in hand.
+// What ublk_drv.c does, as read in the 6.12 stable series (the guest
+// tests run 6.12.95): a queue's FETCH commands are cancelable
+// io_uring commands. When the ring that carries them goes (its last
+// file reference is closed, which a dying process does too), io_uring
+// cancels them, and ublk's cancel function, at its first call for the
+// queue (ublk_abort_requests), quiesces the disk's request queue, marks
+// the queue canceling, so that new requests are requeued (with
+// USER_RECOVERY) instead of handed out, and fails every request the
+// server holds unanswered (ublk_abort_queue): with RECOVERY_REISSUE
+// "failing" is a requeue, so nothing the server took and did not answer
+// is lost. Then each FETCH still outstanding completes with
+// UBLK_IO_RES_ABORT (ublk_cancel_cmd), and quiesce_work waits until no
+// request is started and sets the device QUIESCED. A request dispatched
+// just before the cancel, whose FETCH completes by task work on the
+// queue's thread, is skipped by the cancel; the task work requeues it
+// when that thread is exiting (or gone, the work then runs elsewhere),
+// but would hand it to a server that no longer reads its ring if the
+// thread were alive: the request would stay started and quiesce_work
+// would wait forever. START_USER_RECOVERY moreover warns unless each old
+// queue thread is exiting, and needs the character device closed. So
+// Release stops handing out requests, answers those in hand, lets each
+// queue's thread exit (a goroutine that ends locked to its thread takes
+// the thread with it; the main thread, which cannot exit, never serves a
+// queue), closes the rings only then, closes the character device, and
+// waits for QUIESCED. The state file stays for the next attach.
 
 const (
 	ublkControl = "/dev/ublk-control"
@@ -141,6 +172,12 @@ type ublkDevice struct {
 	ctrlFile *os.File
 
 	stateFile string
+	takenBack bool // Attach recovered a device another process served
+
+	// releasing makes the queue threads hand out no more requests and
+	// exit once they answered those in hand; giveUp makes them exit at
+	// once (Release's ctx ended).
+	releasing, giveUp atomic.Bool
 
 	stopOnce sync.Once
 	stopErr  error
@@ -169,13 +206,13 @@ func AttachUblk(ctx context.Context, vol Volume, opts UblkOptions) (_ Device, er
 	recovering := false
 	if d.stateFile != "" {
 		if d.id, recovering, err = d.takeBack(ctx); err != nil {
-			d.release()
+			d.abandon()
 			return nil, fmt.Errorf("ublk: %w", err)
 		}
 	}
 	if !recovering {
 		if err := d.add(opts); err != nil {
-			d.release()
+			d.abandon()
 			return nil, err
 		}
 	}
@@ -186,7 +223,7 @@ func AttachUblk(ctx context.Context, vol Volume, opts UblkOptions) (_ Device, er
 		if recovering {
 			// Leave the device quiesced, its users waiting, for another
 			// attempt: removing it would fail their requests.
-			d.release()
+			d.abandon()
 		} else {
 			d.stop()
 		}
@@ -208,7 +245,7 @@ func AttachUblk(ctx context.Context, vol Volume, opts UblkOptions) (_ Device, er
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
-			uq.serve(ready)
+			uq.run(ready)
 		}()
 		if err := <-ready; err != nil {
 			return nil, fmt.Errorf("ublk: queue %d: %w", q, err)
@@ -221,7 +258,8 @@ func AttachUblk(ctx context.Context, vol Volume, opts UblkOptions) (_ Device, er
 		if err := d.control(ublkCmdEndRecovery, d.id, nil, uint64(os.Getpid())); err != nil {
 			return nil, fmt.Errorf("ublk: end recovery of device %d: %w", d.id, err)
 		}
-		opts.Logf("took back ublk device %s from a process that died", d.Path())
+		d.takenBack = true
+		opts.Logf("took back ublk device %s from a process that died or released it", d.Path())
 	} else if err := d.control(ublkCmdStartDev, d.id, nil, uint64(os.Getpid())); err != nil {
 		return nil, fmt.Errorf("ublk: start device %d: %w", d.id, err)
 	}
@@ -459,11 +497,11 @@ func (d *ublkDevice) stop() error {
 	return d.stopErr
 }
 
-// release lets go of a device whose recovery failed without removing
+// abandon lets go of a device whose recovery failed without removing
 // it, for the caller to exit: the kernel takes the queues back when the
 // process ends (waiting here for their threads could wait forever, as
 // nothing completes their commands).
-func (d *ublkDevice) release() {
+func (d *ublkDevice) abandon() {
 	d.stopOnce.Do(func() {
 		d.ctrl.close()
 		d.ctrlFile.Close()
@@ -487,6 +525,14 @@ type ublkQueue struct {
 	// every hand-over, so answering allocates nothing.
 	spare    []ublkResult
 	handlers sync.WaitGroup // request goroutines still running
+
+	// Set by the queue's thread before it reports ready or ends, read
+	// after d.wg.Wait: its thread id, and, when it ended for Release,
+	// its ring (closed by Release once the thread is gone), the requests
+	// it left unanswered (Release's ctx ended) and those it held back.
+	tid              int
+	ring             *ublkRing
+	unanswered, held int
 }
 
 type ublkResult struct {
@@ -556,31 +602,77 @@ func (q *ublkQueue) armEvent(r *ublkRing) {
 	putU64(e, 32, eventUserData)
 }
 
-// serve is the queue's thread: it reports on ready once every tag has
-// its FETCH outstanding, then runs until the device stops.
-func (q *ublkQueue) serve(ready chan<- error) {
+// run serves the queue on a thread of its own that is never the
+// process's main thread: Release needs the thread to exit, and the
+// runtime cannot end the main thread (a goroutine that ends locked to
+// it leaves it parked instead).
+func (q *ublkQueue) run(ready chan<- error) {
 	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
+	if unix.Gettid() == unix.Getpid() {
+		// While this goroutine holds the main thread, the one started
+		// here cannot be scheduled on it.
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			q.run(ready)
+		}()
+		<-done
+		runtime.UnlockOSThread()
+		return
+	}
+	if q.serve(ready) {
+		runtime.UnlockOSThread()
+	}
+	// Released: the goroutine ends locked to its thread, so the runtime
+	// ends the thread, which is what ublk needs to see (see the package
+	// documentation).
+}
+
+// serve is the queue's thread: it reports on ready once every tag has
+// its FETCH outstanding, then runs until the device stops (true) or is
+// released (false: the thread must exit, and the ring stays open in
+// q.ring for Release to close after that).
+func (q *ublkQueue) serve(ready chan<- error) (keepThread bool) {
 	r, err := newUblkRing(2*ublkQueueDepth, false)
 	if err != nil {
 		ready <- err
-		return
+		return true
 	}
-	defer r.close()
+	q.tid = unix.Gettid()
+	released := false
+	defer func() {
+		if released {
+			q.ring = r
+		} else {
+			r.close()
+		}
+	}()
 	for tag := range uint16(ublkQueueDepth) {
 		q.command(r, ublkIOFetch, tag, 0)
 	}
 	q.armEvent(r)
 	if err := r.enter(0); err != nil {
 		ready <- err
-		return
+		return true
 	}
 	ready <- nil
 	live := ublkQueueDepth // tags with a command outstanding or a request in hand
+	inHand := 0            // requests handed to goroutines, not yet committed
+	held := 0              // requests taken while releasing, left for the kernel to requeue
 	for live > 0 {
+		if q.d.releasing.Load() && (inHand == 0 || q.d.giveUp.Load()) {
+			// Hand in the answers queued by the last reap; the requests
+			// still held, and with giveUp those in hand, the kernel
+			// requeues when the ring goes.
+			if err := r.enter(0); err != nil {
+				q.d.logf("ublk queue %d: %v; the kernel requeues the requests whose answers it did not take", q.id, err)
+			}
+			released, q.unanswered, q.held = true, inHand, held
+			return false
+		}
 		if err := r.enter(1); err != nil {
 			q.d.logf("ublk queue %d: %v; the device stops serving", q.id, err)
-			return
+			return true
 		}
 		r.reap(func(ud uint64, res int32) {
 			switch {
@@ -592,11 +684,23 @@ func (q *ublkQueue) serve(ready chan<- error) {
 				for _, a := range done {
 					q.command(r, ublkIOCommit, a.tag, a.res)
 				}
+				inHand -= len(done)
 				q.spare = done[:0]
 				q.armEvent(r)
+			case res == 0 && q.d.releasing.Load():
+				held++
 			case res == 0:
+				// The descriptor is read here, by the thread, so that the
+				// descriptor area can go when the thread ends even if
+				// request goroutines outlive it (Release with giveUp).
+				tag := uint16(ud)
+				desc := q.descs[int(tag)*ublkDescSize:]
+				opFlags := *(*uint32)(unsafe.Pointer(&desc[0]))
+				n := int64(*(*uint32)(unsafe.Pointer(&desc[4]))) << 9
+				off := int64(*(*uint64)(unsafe.Pointer(&desc[8]))) << 9
+				inHand++
 				q.handlers.Add(1)
-				go q.handle(uint16(ud))
+				go q.handle(tag, opFlags, n, off)
 			default:
 				// UBLK_IO_RES_ABORT (-ENODEV) once the device stops;
 				// anything else is a command the kernel refused.
@@ -607,15 +711,20 @@ func (q *ublkQueue) serve(ready chan<- error) {
 			}
 		})
 	}
+	return true
 }
 
-// handle serves one request and hands its result to the queue thread.
-func (q *ublkQueue) handle(tag uint16) {
+// wake interrupts the queue thread's wait, so that it looks at the
+// release flags.
+func (q *ublkQueue) wake() {
+	one := [8]byte{1}
+	unix.Write(q.efd, one[:])
+}
+
+// handle serves one request (its descriptor's fields) and hands its
+// result to the queue thread.
+func (q *ublkQueue) handle(tag uint16, opFlags uint32, n, off int64) {
 	defer q.handlers.Done()
-	desc := q.descs[int(tag)*ublkDescSize:]
-	opFlags := *(*uint32)(unsafe.Pointer(&desc[0]))
-	n := int64(*(*uint32)(unsafe.Pointer(&desc[4]))) << 9
-	off := int64(*(*uint64)(unsafe.Pointer(&desc[8]))) << 9
 	ctx := context.Background()
 	var err error
 	res := int32(0)
@@ -650,13 +759,130 @@ func (q *ublkQueue) handle(tag uint16) {
 	q.done = append(q.done, ublkResult{tag, res})
 	q.mu.Unlock()
 	if wake {
-		one := [8]byte{1}
-		unix.Write(q.efd, one[:])
+		q.wake()
 	}
 }
 
+// Release hands the device over to a later AttachUblk with the same
+// state file (see the package documentation): the queue threads hand out
+// no more requests, answer those in hand and exit; then the rings and
+// the character device close, the kernel requeues what was held back
+// and quiesces the device, and Release waits for that. If ctx ends
+// before the requests in hand are answered, the threads exit anyway and
+// the kernel requeues those requests too, for the next attach to serve
+// again (they are idempotent block requests); Release then says how
+// many, and their buffers stay mapped for the rest of the process, as
+// their goroutines may still write into them. The caller must not let
+// the volume take new requests from elsewhere while they may still run.
 func (d *ublkDevice) Release(ctx context.Context) error {
-	return errors.New("ublk: release: not implemented yet")
+	if d.stateFile == "" {
+		return fmt.Errorf("ublk: release %s: no state file, so no later attach could take it back", d.Path())
+	}
+	err := fmt.Errorf("ublk: release %s: already detached or released", d.Path())
+	d.stopOnce.Do(func() {
+		d.stopErr = fmt.Errorf("ublk: %s was released to another process", d.Path())
+		err = d.release(ctx)
+	})
+	return err
 }
 
-func (d *ublkDevice) TakenBack() bool { return false }
+func (d *ublkDevice) release(ctx context.Context) error {
+	d.releasing.Store(true)
+	for _, q := range d.queues {
+		q.wake()
+	}
+	threads := make(chan struct{})
+	go func() {
+		d.wg.Wait()
+		close(threads)
+	}()
+	select {
+	case <-threads:
+	case <-ctx.Done():
+		d.giveUp.Store(true)
+		for _, q := range d.queues {
+			q.wake()
+		}
+		<-threads
+	}
+	var errs []error
+	unanswered, held := 0, 0
+	for _, q := range d.queues {
+		if q.ring == nil {
+			continue // its thread had stopped serving already and closed it
+		}
+		// The ring goes only once its thread is gone (see the package
+		// documentation).
+		if err := waitThreadGone(q.tid); err != nil {
+			errs = append(errs, fmt.Errorf("queue %d: %w", q.id, err))
+		}
+		q.ring.close()
+		q.ring = nil
+		unanswered += q.unanswered
+		held += q.held
+		if q.unanswered == 0 {
+			// Every answer was committed; a goroutine may still be
+			// returning from handing its answer in.
+			q.handlers.Wait()
+			q.close()
+		} else if q.descs != nil {
+			// The descriptor mapping holds the character device open;
+			// the buffers and the eventfd stay for the goroutines.
+			unix.Munmap(q.descs)
+			q.descs = nil
+		}
+	}
+	if d.char != nil {
+		d.char.Close()
+	}
+	// The kernel quiesces the device on its own once the rings are gone;
+	// that takes milliseconds and waits for nothing of ours, hence a
+	// fixed bound rather than ctx, which may have ended already.
+	if err := d.waitQuiesced(30 * time.Second); err != nil {
+		errs = append(errs, err)
+	}
+	d.ctrl.close()
+	d.ctrlFile.Close()
+	d.logf("released ublk device %s for another process to take back: %d request(s) held back and %d left unanswered, requeued by the kernel", d.Path(), held, unanswered)
+	if unanswered > 0 {
+		errs = append(errs, fmt.Errorf("%d request(s) in hand were left unanswered when the release's context ended: %w (the kernel requeued them for the next attach)", unanswered, ctx.Err()))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("ublk: release %s: %w", d.Path(), err)
+	}
+	return nil
+}
+
+// waitThreadGone waits until the thread tid of this process has exited.
+func waitThreadGone(tid int) error {
+	path := fmt.Sprintf("/proc/self/task/%d", tid)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("thread %d still runs 10s after its queue ended", tid)
+		}
+	}
+}
+
+// waitQuiesced waits until the kernel reports the device QUIESCED.
+func (d *ublkDevice) waitQuiesced(within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for {
+		info := make([]byte, 64)
+		if err := d.control(ublkCmdGetInfo, d.id, info, 0); err != nil {
+			return fmt.Errorf("device %d: %w", d.id, err)
+		}
+		state := *(*uint16)(unsafe.Pointer(&info[4]))
+		if state == ublkStateQuiesced {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("device %d: state %d, not quiesced %v after its queues closed", d.id, state, within)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (d *ublkDevice) TakenBack() bool { return d.takenBack }

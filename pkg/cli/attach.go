@@ -90,7 +90,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	epoch := fs.Uint64("epoch", 0, "epoch presented to replica servers for NBD replicas whose URI has no @epoch=N: it must not be older than the last attach's, and a newer one fences that attach")
 	frontend := fs.String("frontend", "auto", "how the volume becomes a block device: ublk (/dev/ublkbN), fuse-loop (/dev/loopN over a private FUSE file) or auto (ublk when /dev/ublk-control exists, else fuse-loop)")
 	metricsAddr := fs.String("metrics-address", "", "serve Prometheus metrics of the volume (requests, latency, events, replica states) at http://ADDR/metrics; empty: off")
-	nbdTimeout := fs.Duration("nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take before that replica is left out (it resyncs when it answers again)")
+	nbdTimeout := fs.Duration("nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take, waiting for a reconnect included, before that replica is left out (it resyncs when it answers again); a server that restarts within it costs no replica")
 	faults := faultFlag{}
 	fs.Var(faults, "fault-file", "REPLICA=FILE: while FILE exists, every request to REPLICA fails with EIO (for testing failure handling; repeatable)")
 	pos, err := parse(fs, args)
@@ -119,9 +119,9 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	defer stopProfile()
 	// Signals are caught from here on so that one arriving while we set
-	// up still ends in a clean detach.
+	// up still ends in a clean detach (or, SIGUSR1, a release).
 	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR1)
 	defer signal.Stop(sigs)
 
 	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
@@ -163,8 +163,8 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintln(stdout, dev.Path())
 
 	sig := <-sigs
-	log.Info("detaching", "signal", sig.String(), "device", dev.Path())
-	// A second signal gives up waiting for the device's users.
+	// A second signal gives up waiting for the device's users (or, on
+	// release, for the requests in hand).
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() {
 		select {
@@ -173,6 +173,11 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 		case <-ctx.Done():
 		}
 	}()
+	if sig == syscall.SIGUSR1 {
+		defer cancel()
+		return releaseDevice(ctx, av, log)
+	}
+	log.Info("detaching", "signal", sig.String(), "device", dev.Path())
 	derr := av.Detach(ctx)
 	cancel()
 	if errors.Is(derr, attach.ErrBusy) {
@@ -184,6 +189,23 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 		return derr
 	}
 	log.Info("detached", "device", dev.Path())
+	return nil
+}
+
+// releaseDevice answers SIGUSR1, the planned half of a handover to a new
+// process (an upgrade): the device is let go of, not removed, its users'
+// requests wait, and the next attach of the volume with the same
+// --state-dir takes it back. When ctx ends it stops waiting for the
+// requests in hand (the kernel requeues them for the next attach); the
+// volume is closed clean only when no request can still be running, else
+// the next attach recovers what was in flight.
+func releaseDevice(ctx context.Context, av *volume.Attached, log *slog.Logger) error {
+	path := av.Device.Path()
+	log.Info("releasing the device for the next attach to take back", "device", path)
+	if err := av.Release(ctx); err != nil {
+		return fmt.Errorf("%w (the replicas stay unclean: the next attach recovers what was in flight)", err)
+	}
+	log.Info("released", "device", path)
 	return nil
 }
 

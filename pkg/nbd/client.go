@@ -33,15 +33,18 @@ type Config struct {
 	// server that will not. ServerName defaults to Addr's host.
 	TLS *tls.Config
 	// Timeout bounds each request whose context has no deadline (default
-	// 30s). A request that times out fails alone; the connection stays.
-	// A request that cannot even be handed to the kernel within Timeout
-	// means the connection is stuck, and ends it.
+	// 30s), the time it waits for a reconnect included. A request that
+	// times out fails alone; the connection stays. A request that cannot
+	// even be handed to the kernel within Timeout means the connection is
+	// stuck, and ends it.
 	Timeout time.Duration
 	// DialTimeout bounds connecting and the handshake (default 10s).
 	DialTimeout time.Duration
 	// After a connection loss the client reconnects in the background,
 	// waiting MinBackoff (default 100ms) before the first attempt and
-	// doubling up to MaxBackoff (default 10s), with jitter.
+	// doubling up to MaxBackoff (default 2s), with jitter. The cap is
+	// small because requests wait for the reconnect: a server restarted
+	// within the requests' timeout must be found again well inside it.
 	MinBackoff, MaxBackoff time.Duration
 	// Logger receives connection losses and reconnects; default
 	// slog.Default().
@@ -58,8 +61,9 @@ type State int32
 
 const (
 	Connected State = iota
-	// Disconnected: the connection was lost; requests fail fast with
-	// ErrDisconnected while the client reconnects.
+	// Disconnected: the connection was lost; the client reconnects, and
+	// requests wait for it (each until its deadline) to be sent on the
+	// new connection.
 	Disconnected
 	// Fenced: a newer epoch took the export; requests fail with
 	// ErrFenced, for good.
@@ -98,10 +102,17 @@ type ExportInfo struct {
 // Client is an NBD client for one export. It implements quorum.Child:
 // many requests are in flight at once on one connection (a write lock
 // orders requests on the wire, one reader goroutine routes replies by
-// cookie), each with its own timeout. When the connection is lost, every
-// request in flight fails with ErrDisconnected, later requests fail at
-// once, and the client reconnects in the background; the engine sees
-// errors, marks the child faulty and leaves it to resync.
+// cookie), each with its own timeout. A lost connection is not a failure
+// of the requests it carried: the client reconnects in the background,
+// and every request in flight, and every new one, waits for the new
+// connection and is sent again on it, each until its own deadline.
+// Only a request whose deadline passes first fails (with ErrDisconnected
+// and context.DeadlineExceeded), so the engine marks the child faulty
+// only when its server stays away longer than the timeout, not when it
+// restarts. Resending is safe because every request the engine sends is
+// idempotent (a read, a write of given bytes, a flush, write-zeroes) and
+// the engine never has two overlapping requests of which one modifies
+// data in flight on one child (see the package documentation).
 type Client struct {
 	cfg  Config
 	log  *slog.Logger
@@ -114,6 +125,13 @@ type Client struct {
 	cur     *conn // nil unless Connected
 	state   State
 	lastErr error
+	// refused is set while the export the client last reached is not the
+	// one it had (compatible): requests fail at once with it rather than
+	// wait, since waiting cannot make the export right.
+	refused error
+	// changed is closed, and replaced, at every change a waiting request
+	// must see: a new connection, the loss of one, a final state, refused.
+	changed chan struct{}
 	wg      sync.WaitGroup // reconnect goroutine
 }
 
@@ -133,12 +151,12 @@ func Dial(ctx context.Context, cfg Config) (*Client, error) {
 		cfg.MinBackoff = 100 * time.Millisecond
 	}
 	if cfg.MaxBackoff < cfg.MinBackoff {
-		cfg.MaxBackoff = max(10*time.Second, cfg.MinBackoff)
+		cfg.MaxBackoff = max(2*time.Second, cfg.MinBackoff)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	cl := &Client{cfg: cfg, log: cfg.Logger.With("nbd", cfg.String())}
+	cl := &Client{cfg: cfg, log: cfg.Logger.With("nbd", cfg.String()), changed: make(chan struct{})}
 	cl.base, cl.cancel = context.WithCancel(context.Background())
 	c, err := cl.connect(ctx)
 	if err != nil {
@@ -185,19 +203,45 @@ func (cl *Client) setState(s State, err error) {
 	}
 }
 
-// current returns the live connection, or fails fast.
-func (cl *Client) current() (*conn, error) {
-	cl.mu.Lock()
-	defer cl.mu.Unlock()
-	switch cl.state {
-	case Connected:
-		return cl.cur, nil
-	case Fenced:
-		return nil, cl.lastErr
-	case Closed:
-		return nil, ErrClosed
+// notifyLocked wakes every request waiting in await; cl.mu is held.
+func (cl *Client) notifyLocked() {
+	close(cl.changed)
+	cl.changed = make(chan struct{})
+}
+
+// await returns the live connection other than lost (the one a request
+// just lost, which the client may not have noticed yet), waiting while
+// the client reconnects until ctx ends or deadline passes. It fails at
+// once when the client is fenced or closed, or reached an export that
+// changed.
+func (cl *Client) await(ctx context.Context, deadline time.Time, lost *conn) (*conn, error) {
+	var timer *time.Timer
+	for {
+		cl.mu.Lock()
+		state, cur, lastErr, refused, changed := cl.state, cl.cur, cl.lastErr, cl.refused, cl.changed
+		cl.mu.Unlock()
+		switch {
+		case state == Connected && cur != lost:
+			return cur, nil
+		case state == Fenced:
+			return nil, lastErr
+		case state == Closed:
+			return nil, ErrClosed
+		case state == Disconnected && refused != nil:
+			return nil, fmt.Errorf("%w (reconnecting): %w", ErrDisconnected, refused)
+		}
+		if timer == nil {
+			timer = time.NewTimer(time.Until(deadline))
+			defer timer.Stop()
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w (reconnecting, last error: %v): %w", ErrDisconnected, lastErr, ctx.Err())
+		case <-timer.C:
+			return nil, fmt.Errorf("%w: not reconnected within the request's timeout (last error: %v): %w", ErrDisconnected, lastErr, context.DeadlineExceeded)
+		}
 	}
-	return nil, fmt.Errorf("%w (reconnecting): %v", ErrDisconnected, cl.lastErr)
 }
 
 // lost is called once per connection, by its reader, when it ends.
@@ -217,6 +261,7 @@ func (cl *Client) lost(c *conn, err error) {
 		state = Fenced
 	}
 	cl.state, cl.lastErr = state, err
+	cl.notifyLocked()
 	if state == Disconnected {
 		cl.wg.Add(1)
 		go cl.reconnect()
@@ -225,23 +270,28 @@ func (cl *Client) lost(c *conn, err error) {
 	if state == Fenced {
 		cl.log.Error("nbd: fenced by a newer epoch; not reconnecting", "error", err)
 	} else {
-		cl.log.Warn("nbd: connection lost; reconnecting", "error", err)
+		cl.log.Warn("nbd: connection lost; reconnecting, requests wait for it", "error", err)
 	}
 	cl.setState(state, err)
 }
 
-// fence makes the client Fenced after a request was refused as fenced.
+// fence makes the client Fenced after a request was refused as fenced,
+// also when the server already closed that connection: the requests
+// waiting for a reconnect fail at once.
 func (cl *Client) fence(err error) {
 	cl.mu.Lock()
 	c := cl.cur
-	if cl.state != Connected {
+	if cl.state != Connected && cl.state != Disconnected {
 		cl.mu.Unlock()
 		return
 	}
 	cl.cur, cl.state, cl.lastErr = nil, Fenced, err
+	cl.notifyLocked()
 	cl.mu.Unlock()
 	cl.log.Error("nbd: fenced by a newer epoch; not reconnecting", "error", err)
-	c.kill(err)
+	if c != nil {
+		c.kill(err)
+	}
 	cl.setState(Fenced, err)
 }
 
@@ -276,10 +326,15 @@ func (cl *Client) reconnect() {
 		}
 		switch {
 		case err == nil:
-			cl.cur, cl.state, cl.lastErr = c, Connected, nil
+			cl.cur, cl.state, cl.lastErr, cl.refused = c, Connected, nil, nil
 			c.start()
+			cl.notifyLocked()
 		case errors.Is(err, ErrFenced):
 			cl.state, cl.lastErr = Fenced, err
+			cl.notifyLocked()
+		case errors.Is(err, ErrExportChanged):
+			cl.lastErr, cl.refused = err, err
+			cl.notifyLocked()
 		default:
 			cl.lastErr = err
 		}
@@ -305,14 +360,15 @@ func (cl *Client) reconnect() {
 func (cl *Client) compatible(n ExportInfo) error {
 	o := cl.info
 	if n.Size != o.Size || n.MinBlock > o.MinBlock || n.MaxBlock < o.MinBlock || n.Flags&FlagReadOnly != o.Flags&FlagReadOnly {
-		return fmt.Errorf("export changed across reconnect: size %d -> %d, block size %d -> %d, flags %v -> %v",
-			o.Size, n.Size, o.MinBlock, n.MinBlock, o.Flags, n.Flags)
+		return fmt.Errorf("%w: size %d -> %d, block size %d -> %d, flags %v -> %v",
+			ErrExportChanged, o.Size, n.Size, o.MinBlock, n.MinBlock, o.Flags, n.Flags)
 	}
 	return nil
 }
 
 // Close waits (up to Timeout) for requests in flight, disconnects
-// cleanly and stops reconnecting. Later requests fail with ErrClosed.
+// cleanly and stops reconnecting. Requests waiting for a reconnect, and
+// later ones, fail with ErrClosed.
 func (cl *Client) Close() error {
 	cl.mu.Lock()
 	if cl.state == Closed {
@@ -321,6 +377,7 @@ func (cl *Client) Close() error {
 	}
 	c := cl.cur
 	cl.cur, cl.state = nil, Closed
+	cl.notifyLocked()
 	cl.mu.Unlock()
 	cl.cancel()
 	if c != nil {
@@ -486,67 +543,103 @@ func (cl *Client) deadline(ctx context.Context) time.Time {
 	return time.Now().Add(cl.cfg.Timeout)
 }
 
+// do runs a request: attempt on the live connection, and again on the
+// next one whenever the connection is lost before the reply (resendable),
+// until the request's deadline. The deadline is fixed at the start, so
+// the waits for reconnects count against it.
+func (cl *Client) do(ctx context.Context, attempt func(c *conn, deadline time.Time) error) error {
+	dl := cl.deadline(ctx)
+	var lost *conn
+	for {
+		c, err := cl.await(ctx, dl, lost)
+		if err != nil {
+			return err
+		}
+		err = attempt(c, dl)
+		if !resendable(err) {
+			return cl.check(err)
+		}
+		if !time.Now().Before(dl) {
+			// await checks the deadline only when it waits; a server that
+			// takes connections and drops them at once must not keep a
+			// request going.
+			return fmt.Errorf("%w (not sent again: the request's timeout passed): %w", err, context.DeadlineExceeded)
+		}
+		lost = c
+	}
+}
+
+// resendable reports whether a request failed only because its
+// connection went away, or because the server answered that it is
+// shutting down (NBD_ESHUTDOWN, which it sends instead of serving the
+// request), so that it may be sent again on the next connection. A
+// connection the server broke with bytes that are no NBD (a protocol
+// violation) fails its requests for good, and so does fencing.
+func resendable(err error) bool {
+	var pe *ProtocolError
+	if err == nil || errors.Is(err, ErrFenced) || errors.As(err, &pe) {
+		return false
+	}
+	return errors.Is(err, ErrDisconnected) || errors.Is(err, ESHUTDOWN)
+}
+
 func (cl *Client) single(ctx context.Context, req Request, payload []byte, ext *[]Extent) error {
-	c, err := cl.current()
-	if err != nil {
-		return err
-	}
-	call, err := c.submit(ctx, req, payload, nil)
-	if err != nil {
-		return cl.check(err)
-	}
-	err = c.wait(ctx, call, cl.deadline(ctx))
-	if ext != nil && err == nil {
-		*ext = call.extents
-	}
-	return cl.check(err)
+	return cl.do(ctx, func(c *conn, dl time.Time) error {
+		call, err := c.submit(ctx, req, payload, nil)
+		if err != nil {
+			return err
+		}
+		if err := c.wait(ctx, call, dl); err != nil {
+			return err
+		}
+		if ext != nil {
+			*ext = call.extents
+		}
+		return nil
+	})
 }
 
 func (cl *Client) singleRead(ctx context.Context, req Request, p []byte) error {
-	c, err := cl.current()
-	if err != nil {
-		return err
-	}
-	call, err := c.submit(ctx, req, nil, p)
-	if err != nil {
-		return cl.check(err)
-	}
-	return cl.check(c.wait(ctx, call, cl.deadline(ctx)))
+	return cl.do(ctx, func(c *conn, dl time.Time) error {
+		call, err := c.submit(ctx, req, nil, p)
+		if err != nil {
+			return err
+		}
+		return c.wait(ctx, call, dl)
+	})
 }
 
 // batch submits every request, then waits for all; on the first error
-// it abandons the rest so that none writes into p after we return.
+// it abandons the rest, so that none writes into bufs after the attempt
+// (a later attempt, or the caller, owns them then).
 func (cl *Client) batch(ctx context.Context, reqs []Request, bufs [][]byte) error {
-	c, err := cl.current()
-	if err != nil {
-		return err
-	}
-	dl := cl.deadline(ctx)
-	calls := make([]*call, 0, len(reqs))
-	defer func() {
+	return cl.do(ctx, func(c *conn, dl time.Time) error {
+		calls := make([]*call, 0, len(reqs))
+		defer func() {
+			for _, call := range calls {
+				call.abandon()
+			}
+		}()
+		for i, req := range reqs {
+			var payload, dst []byte
+			if req.Command == CmdWrite {
+				payload = bufs[i]
+			} else {
+				dst = bufs[i]
+			}
+			call, err := c.submit(ctx, req, payload, dst)
+			if err != nil {
+				return err
+			}
+			calls = append(calls, call)
+		}
 		for _, call := range calls {
-			call.abandon()
+			if err := c.wait(ctx, call, dl); err != nil {
+				return err
+			}
 		}
-	}()
-	for i, req := range reqs {
-		var payload, dst []byte
-		if req.Command == CmdWrite {
-			payload = bufs[i]
-		} else {
-			dst = bufs[i]
-		}
-		call, err := c.submit(ctx, req, payload, dst)
-		if err != nil {
-			return cl.check(err)
-		}
-		calls = append(calls, call)
-	}
-	for _, call := range calls {
-		if err := c.wait(ctx, call, dl); err != nil {
-			return cl.check(err)
-		}
-	}
-	return nil
+		return nil
+	})
 }
 
 // check turns a fenced refusal into ErrFenced and fences the client.
@@ -636,7 +729,7 @@ func (c *conn) submit(ctx context.Context, req Request, payload, dst []byte) (*c
 	if c.err != nil {
 		err := c.err
 		c.mu.Unlock()
-		return nil, fmt.Errorf("%w: %v", ErrDisconnected, err)
+		return nil, fmt.Errorf("%w: %w", ErrDisconnected, err)
 	}
 	c.cookie++
 	cl.req.Cookie = c.cookie
@@ -782,7 +875,9 @@ func (c *conn) readLoop() {
 	c.raw.Close()
 	lostErr := err
 	if !errors.Is(err, ErrFenced) {
-		lostErr = fmt.Errorf("%w: connection lost: %v", ErrDisconnected, err)
+		// %w twice: the client resends requests that ErrDisconnected
+		// alone explains, not those of a server that broke the protocol.
+		lostErr = fmt.Errorf("%w: connection lost: %w", ErrDisconnected, err)
 	}
 	for _, cl := range pending {
 		c.complete(cl, lostErr)

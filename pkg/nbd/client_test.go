@@ -196,116 +196,6 @@ func TestClientTimeoutKeepsConnection(t *testing.T) {
 	}
 }
 
-func TestClientReconnects(t *testing.T) {
-	checkNoGoroutines(t)
-	m := newMem(1<<20, 512)
-	s1 := memServer(t, "tcp", m)
-	var states []State
-	var mu sync.Mutex
-	c := dial(t, s1, Config{
-		Export: "mem", MinBackoff: 10 * time.Millisecond, MaxBackoff: 80 * time.Millisecond,
-		OnStateChange: func(s State, err error) {
-			mu.Lock()
-			states = append(states, s)
-			mu.Unlock()
-		},
-	})
-	ctx := context.Background()
-	if err := c.WriteAt(ctx, pattern(4096, 1), 0); err != nil {
-		t.Fatal(err)
-	}
-	// Requests in flight when the server dies fail with ErrDisconnected.
-	entered, stuck := make(chan struct{}), make(chan struct{})
-	t.Cleanup(func() { close(stuck) }) // runs before the server's cleanup
-	m.setBefore(func(op string, off, length int64) error {
-		if op == "read" {
-			close(entered)
-			<-stuck // a hung disk: no answer until the test ends
-		}
-		return nil
-	})
-	errc := make(chan error, 1)
-	go func() { errc <- c.ReadAt(ctx, make([]byte, 512), 0) }()
-	<-entered
-	addr := s1.Addr
-	closeAbruptly(t, s1)
-	if err := <-errc; !errors.Is(err, ErrDisconnected) {
-		t.Fatalf("request in flight at connection loss: %v", err)
-	}
-	// While down, requests fail fast.
-	start := time.Now()
-	if err := c.ReadAt(ctx, make([]byte, 512), 0); !errors.Is(err, ErrDisconnected) {
-		t.Fatalf("request while disconnected: %v", err)
-	}
-	if d := time.Since(start); d > 50*time.Millisecond {
-		t.Fatalf("request while disconnected took %v", d)
-	}
-	time.Sleep(300 * time.Millisecond) // several failed attempts, backoff capped
-
-	// The server comes back on the same address; so does the client.
-	m.setBefore(nil)
-	s2 := restartOn(t, "tcp", addr, m)
-	_ = s2
-	waitState(t, c, Connected)
-	got := make([]byte, 4096)
-	if err := c.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, pattern(4096, 1)) {
-		t.Fatalf("read after reconnect: %v", err)
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	if len(states) < 2 || states[0] != Disconnected || states[len(states)-1] != Connected {
-		t.Fatalf("state changes %v", states)
-	}
-}
-
-// closeAbruptly stops a server without waiting for handlers stuck in the
-// backend (as a crash would).
-func closeAbruptly(t *testing.T, ts *testServer) {
-	ts.beginClose()
-	ts.mu.Lock()
-	for c := range ts.conns {
-		c.raw.Close()
-	}
-	ts.mu.Unlock()
-}
-
-func restartOn(t *testing.T, network, addr string, b Backend) *Server {
-	t.Helper()
-	s, err := NewServer(ServerConfig{Exports: []Export{{Name: "mem", Backend: b}}, Logger: testLogger(t)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var l net.Listener
-	for i := 0; ; i++ {
-		if l, err = net.Listen(network, addr); err == nil {
-			break
-		}
-		if i == 50 {
-			t.Fatal(err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	done := make(chan struct{})
-	go func() { s.Serve(l); close(done) }()
-	t.Cleanup(func() { s.Close(); <-done })
-	return s
-}
-
-func waitState(t *testing.T, c *Client, want State) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		s, err := c.State()
-		if s == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("state %v (%v), want %v", s, err, want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func TestClientBlockStatus(t *testing.T) {
 	m := newMem(1<<20, 4096)
 	ts := startServer(t, "unix", ServerConfig{Exports: []Export{{Name: "holey", Backend: holeyBackend{m}}}})
@@ -353,39 +243,60 @@ func TestClientCloseWaitsAndRefuses(t *testing.T) {
 // structured replies, then hands the transmission phase to script.
 func scriptedServer(t *testing.T, info ExportInfo, script func(r io.Reader, w io.Writer)) *Client {
 	t.Helper()
-	cs, ss := net.Pipe()
-	go func() {
-		defer ss.Close()
-		WriteGreeting(ss, FlagFixedNewstyle|FlagNoZeroes)
-		ReadClientFlags(ss)
-		for {
-			o, err := ReadOption(ss, 1<<16)
-			if err != nil {
-				return
-			}
-			switch o.Option {
-			case OptStructuredReply:
-				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepAck})
-			case OptSetMetaContext:
-				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepMetaContext, Data: AppendMetaContextReply(nil, 7, MetaBaseAllocation)})
-				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepAck})
-			case OptGo:
-				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepInfo, Data: Info{Type: InfoExport, Size: uint64(info.Size), Flags: info.Flags}.Append(nil)})
-				WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepAck})
-				script(ss, ss)
-				return
-			}
+	return scriptedServers(t, info, time.Hour, script)
+}
+
+// scriptedServers is scriptedServer for a client that reconnects: the
+// n-th connection (the first is Dial's) runs the n-th script, after
+// minBackoff; dialling past the last script fails.
+func scriptedServers(t *testing.T, info ExportInfo, minBackoff time.Duration, scripts ...func(r io.Reader, w io.Writer)) *Client {
+	t.Helper()
+	var mu sync.Mutex
+	next := 0
+	dialScript := func(context.Context, string, string) (net.Conn, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if next == len(scripts) {
+			return nil, errors.New("no more scripted connections")
 		}
-	}()
+		script := scripts[next]
+		next++
+		cs, ss := net.Pipe()
+		go runScript(ss, info, script)
+		return cs, nil
+	}
 	c, err := Dial(context.Background(), Config{
-		Export: "x", Logger: testLogger(t), MinBackoff: time.Hour,
-		Dial: func(context.Context, string, string) (net.Conn, error) { return cs, nil },
+		Export: "x", Logger: testLogger(t), MinBackoff: minBackoff, MaxBackoff: minBackoff, Dial: dialScript,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+func runScript(ss net.Conn, info ExportInfo, script func(r io.Reader, w io.Writer)) {
+	defer ss.Close()
+	WriteGreeting(ss, FlagFixedNewstyle|FlagNoZeroes)
+	ReadClientFlags(ss)
+	for {
+		o, err := ReadOption(ss, 1<<16)
+		if err != nil {
+			return
+		}
+		switch o.Option {
+		case OptStructuredReply:
+			WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepAck})
+		case OptSetMetaContext:
+			WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepMetaContext, Data: AppendMetaContextReply(nil, 7, MetaBaseAllocation)})
+			WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepAck})
+		case OptGo:
+			WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepInfo, Data: Info{Type: InfoExport, Size: uint64(info.Size), Flags: info.Flags}.Append(nil)})
+			WriteOptionReply(ss, OptionReply{Option: o.Option, Type: RepAck})
+			script(ss, ss)
+			return
+		}
+	}
 }
 
 func TestClientAssemblesStructuredReads(t *testing.T) {
@@ -518,22 +429,35 @@ func scriptedPlain(t *testing.T, m *memBackend) *Client {
 	return c
 }
 
+// TestClientSoftDisconnectOnShutdown: a write answered with
+// NBD_ESHUTDOWN makes the client disconnect softly (NBD_CMD_DISC), as the
+// protocol asks, and the write is sent again on the next connection,
+// where it succeeds: the server said it is going away, not that the
+// write failed.
 func TestClientSoftDisconnectOnShutdown(t *testing.T) {
 	sawDisc := make(chan bool, 1)
-	c := scriptedServer(t, ExportInfo{Size: 1 << 20, Flags: FlagHasFlags}, func(r io.Reader, w io.Writer) {
+	resent := make(chan Request, 1)
+	c := scriptedServers(t, ExportInfo{Size: 1 << 20, Flags: FlagHasFlags}, 10*time.Millisecond, func(r io.Reader, w io.Writer) {
 		q, _ := ReadRequest(r)
 		io.CopyN(io.Discard, r, int64(q.Length))
 		p := AppendErrorChunk(nil, ErrorChunk{Errno: ESHUTDOWN, Message: "going down"})
 		w.Write(append(AppendChunkHeader(nil, ReplyFlagDone, ChunkError, q.Cookie, uint32(len(p))), p...))
 		q, err := ReadRequest(r)
 		sawDisc <- err == nil && q.Command == CmdDisc
+	}, func(r io.Reader, w io.Writer) {
+		q, _ := ReadRequest(r)
+		io.CopyN(io.Discard, r, int64(q.Length))
+		w.Write(AppendSimpleReply(nil, q.Cookie, 0))
+		resent <- q
+		io.Copy(io.Discard, r)
 	})
-	err := c.WriteAt(context.Background(), make([]byte, 512), 0)
-	if !errors.Is(err, ESHUTDOWN) {
-		t.Fatalf("write answered with ESHUTDOWN: %v", err)
+	if err := c.WriteAt(context.Background(), make([]byte, 512), 4096); err != nil {
+		t.Fatalf("write answered with ESHUTDOWN, then sent again: %v", err)
 	}
 	if !<-sawDisc {
 		t.Fatal("client did not send NBD_CMD_DISC after ESHUTDOWN")
 	}
-	waitState(t, c, Disconnected)
+	if q := <-resent; q.Command != CmdWrite || q.Offset != 4096 || q.Length != 512 {
+		t.Fatalf("sent again as %+v", q)
+	}
 }

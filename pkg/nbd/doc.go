@@ -31,13 +31,58 @@
 //     Each request has a timeout (its context's deadline or
 //     Config.Timeout); a request that times out or is cancelled fails
 //     alone and its late reply is discarded, never written into a buffer
-//     the caller got back. When the connection is lost, every request in
-//     flight fails with ErrDisconnected, later ones fail at once, and the
-//     client reconnects in the background with capped exponential
-//     backoff; the engine marks the child faulty and resync brings it
-//     back. Discard is WRITE_ZEROES without NO_HOLE (never TRIM, after
-//     which a range may read as anything), WriteZeroes is WRITE_ZEROES
-//     with NO_HOLE.
+//     the caller got back. A lost connection is not a failure (see
+//     "Connection losses" below). Discard is WRITE_ZEROES without NO_HOLE
+//     (never TRIM, after which a range may read as anything), WriteZeroes
+//     is WRITE_ZEROES with NO_HOLE.
+//
+// # Connection losses
+//
+// A replica server goes away for a moment whenever its node's data-path
+// process restarts or is upgraded, which a rolling upgrade does node
+// after node. If the client failed the requests in flight, every volume
+// with a replica there would lose that replica until a resync, and two
+// restarts in a row could take a 2-of-3 volume below its threshold. So
+// the client reconnects in the background (capped exponential backoff
+// with jitter), and the requests in flight at the loss, and those made
+// meanwhile, wait for the new connection and are sent again on it. Each
+// waits until its own deadline (its context's, or Config.Timeout from
+// when it was made): a request whose deadline passes first fails with
+// ErrDisconnected and context.DeadlineExceeded, so a server that stays
+// away longer than the timeout still costs the engine that child, as
+// before. A reply of NBD_ESHUTDOWN is treated as a loss too: the request
+// is sent again once the server is back. Requests fail at once, without
+// waiting, when the client is fenced (ErrFenced, for good), when the
+// export it reached again has another size, block size or read-only
+// flag (ErrExportChanged), when the connection ended in a protocol
+// violation, and after Close (ErrClosed).
+//
+// Sending a request again is safe because every request of the engine is
+// idempotent: a read, a write of given bytes, a flush, write-zeroes with
+// or without NO_HOLE (Discard). And a copy sent again cannot overtake a
+// later request to the same bytes from the engine: package quorum holds
+// a range for every request (rangeTable in pkg/quorum/rangelock.go,
+// acquired by Engine.modify and Engine.ReadAt in engine.go, by the
+// resync's copyRegion and finishResync in resync.go and by Scrub in
+// scrub.go), and a request that modifies data waits there for every
+// earlier overlapping request and excludes every later one until all
+// children answered it. The only writes under a shared range are the
+// repairs of a voting read (Engine.rewrite), and those write the winning
+// bytes, the same for every reader of that range. Flush takes no range:
+// sent again, it covers at least what it covered the first time. The
+// client sends a request again only once its previous send is over: the
+// old connection's reader has ended and will write into no buffer. What
+// it cannot know is whether the server executed the first send. A server
+// process that restarted has no copy left; one that survived the loss
+// (the connection broke, not the server) may still be running the first
+// copy, which could then land after a later write to the same bytes. The
+// window is the server's own I/O time, and the resend comes after at
+// least half of MinBackoff; a connection that breaks silently is only
+// declared lost after Timeout (TCP_USER_TIMEOUT), when the requests it
+// carried have timed out and are not sent again. Likewise a flush sent
+// again to a server whose machine rebooted covers only what its disks
+// kept: a reboot takes longer than the timeout, and so costs the child
+// as before.
 //
 // # TLS
 //

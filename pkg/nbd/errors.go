@@ -139,9 +139,16 @@ var (
 	// again (see the package documentation).
 	ErrFenced = errors.New("fenced: a newer epoch holds the export")
 	// ErrDisconnected is wrapped by requests that a client fails because
-	// its connection is down (they may or may not have reached the
-	// server), and by requests made while it reconnects.
+	// it has no connection: those whose deadline or context ended while
+	// the client reconnected (with context.DeadlineExceeded or the
+	// context's error), and those in flight on a connection that a
+	// protocol violation ended. A connection loss alone fails nothing:
+	// the requests are sent again on the next connection.
 	ErrDisconnected = errors.New("not connected")
+	// ErrExportChanged is wrapped by requests that a client fails because
+	// the export it reconnected to is not the one it had: another size,
+	// block size or read-only flag. The client keeps trying to reconnect.
+	ErrExportChanged = errors.New("export changed across reconnect")
 	// ErrClosed is wrapped by requests made after Client.Close.
 	ErrClosed = errors.New("client closed")
 	// ErrServerClosed is returned by Server.Serve after Shutdown or Close.

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -126,19 +127,25 @@ func TestRemoteReplicas(t *testing.T) {
 	assertSame(t, ps)
 }
 
+// TestRemoteReplicaReturnsAndResyncs: a replica server that stays away
+// longer than the request timeout costs the volume that replica (the
+// first write waits for it that long), and the replica resyncs when its
+// server is back.
 func TestRemoteReplicaReturnsAndResyncs(t *testing.T) {
 	dir := t.TempDir()
 	ps := newReplicas(t, dir, 4<<20, "a", "b", "c")
 	srvB := startReplicaServer(t, "127.0.0.1:0", ps[1])
 	srvC := startReplicaServer(t, "127.0.0.1:0", ps[2])
 	ctx := context.Background()
-	v, err := Open(ctx, []string{ps[0], srvB.uri(0), srvC.uri(0)}, Options{Epoch: 3})
+	const timeout = time.Second
+	v, err := Open(ctx, []string{ps[0], srvB.uri(0), srvC.uri(0)}, Options{Epoch: 3, RequestTimeout: timeout})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer v.closeFiles()
 	addrC := srvC.addr
 	srvC.stop()
+	start := time.Now()
 	for i := range 16 {
 		if err := v.WriteAt(ctx, bytes.Repeat([]byte{byte(i + 1)}, 4096), int64(i)<<18); err != nil {
 			t.Fatalf("write with c down: %v", err)
@@ -146,6 +153,9 @@ func TestRemoteReplicaReturnsAndResyncs(t *testing.T) {
 	}
 	if !v.Faulty(2) {
 		t.Fatal("c is down but not faulty")
+	}
+	if d := time.Since(start); d < timeout-100*time.Millisecond {
+		t.Fatalf("c faulty after %v, before its requests' timeout of %v", d, timeout)
 	}
 	startReplicaServer(t, addrC, ps[2])
 	deadline := time.Now().Add(30 * time.Second)
@@ -159,6 +169,80 @@ func TestRemoteReplicaReturnsAndResyncs(t *testing.T) {
 	if err := v.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestRemoteReplicaServerRestarts: replica servers restarted one after
+// the other during writes (a rolling upgrade of the nodes' data paths),
+// each back within the request timeout. The volume loses no replica and
+// raises no event, its writes (data, and journal records on the
+// sidecar exports) all succeed, and it closes clean with the replicas
+// identical.
+func TestRemoteReplicaServerRestarts(t *testing.T) {
+	dir := t.TempDir()
+	ps := newReplicas(t, dir, 4<<20, "a", "b", "c")
+	srvs := []*replicaServer{startReplicaServer(t, "127.0.0.1:0", ps[1]), startReplicaServer(t, "127.0.0.1:0", ps[2])}
+	ctx := context.Background()
+	var events []quorum.Event
+	var mu sync.Mutex
+	v, err := Open(ctx, []string{ps[0], srvs[0].uri(0), srvs[1].uri(0)}, Options{
+		Epoch: 4, RequestTimeout: 10 * time.Second,
+		OnEvent: func(e quorum.Event) { mu.Lock(); events = append(events, e); mu.Unlock() },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.closeFiles()
+	stop := make(chan struct{})
+	written := make(chan error, 1)
+	go func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				written <- nil
+				return
+			default:
+			}
+			p := bytes.Repeat([]byte{byte(i + 1)}, 64<<10)
+			if err := v.WriteAt(ctx, p, int64(i%64)<<16); err != nil {
+				written <- err
+				return
+			}
+		}
+	}()
+	for k, s := range srvs {
+		time.Sleep(200 * time.Millisecond)
+		addr := s.addr
+		s.stop()
+		time.Sleep(300 * time.Millisecond)
+		srvs[k] = startReplicaServer(t, addr, s.paths...)
+	}
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	if err := <-written; err != nil {
+		t.Fatalf("write across the restarts: %v", err)
+	}
+	for i := range 3 {
+		if v.Faulty(i) {
+			t.Errorf("replica %d faulty after restarts within the timeout", i)
+		}
+	}
+	mu.Lock()
+	if len(events) > 0 {
+		t.Errorf("events across restarts within the timeout: %+v", events)
+	}
+	mu.Unlock()
+	if err := v.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range srvs {
+		s.stop()
+	}
+	for _, p := range ps {
+		if m := meta(t, p); m.State != replica.StateClean {
+			t.Errorf("%s after close: %+v", p, m)
+		}
+	}
+	assertSame(t, ps)
 }
 
 func TestRemoteFencing(t *testing.T) {

@@ -35,8 +35,10 @@ type Options struct {
 	// the last attach's, and taking the replicas over fences that attach.
 	Epoch uint64
 	// RequestTimeout bounds each request to a remote replica (default
-	// 30s); one that takes longer fails, and the replica is left out
-	// until it answers again.
+	// 30s), the wait for a reconnect included: a replica server that
+	// restarts within it costs a stall, not the replica (see package
+	// nbd). A request that takes longer fails, and the replica is left
+	// out until it answers again.
 	RequestTimeout time.Duration
 	// Logger receives the NBD clients' connection losses and reconnects.
 	Logger *slog.Logger
