@@ -437,7 +437,12 @@ func (fl *fuseLoop) Detach(ctx context.Context) error {
 	}
 	fl.conn.close()
 	fl.conn = nil
-	return fl.forget()
+	// The device is gone; what is left to tidy is no reason to report
+	// it still attached.
+	if err := fl.forget(); err != nil {
+		fl.logf("%v", err)
+	}
+	return nil
 }
 
 // forget drops the connection from the holders and removes the state

@@ -44,6 +44,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -472,15 +473,25 @@ func Get(dir, name string) (fd int, sock string, err error) {
 	return -1, "", fmt.Errorf("get %s from the holders in %s: %w", name, dir, ErrNotHeld)
 }
 
-// Drop makes every holder in dir close what it holds as name.
+// Drop makes every holder in dir close what it holds as name. A holder
+// that goes away meanwhile (one that exits once empty, as its last
+// connection ended) holds nothing any more, which is no error.
 func Drop(dir, name string) error {
 	var errs []error
 	for _, sock := range Sockets(dir) {
-		if _, _, err := call(sock, request{Op: "drop", Name: name}, -1); err != nil {
+		_, _, err := call(sock, request{Op: "drop", Name: name}, -1)
+		if err != nil && !gone(err) {
 			errs = append(errs, fmt.Errorf("holder %s: drop %s: %w", sock, name, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// gone reports whether err says the holder closed or refused the
+// connection.
+func gone(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ENOENT)
 }
 
 // List returns the names the holder at sock holds.
@@ -531,15 +542,22 @@ func removeIfDead(path string) bool {
 // Start starts a holder of its own at sock: argv with "--socket sock"
 // appended, in a session of its own with stdio on /dev/null, so that
 // signals to the caller's process group or terminal do not reach it and
-// it does not keep the caller's output open. It returns once a holder
+// it does not keep the caller's output open, and in / so that it does
+// not keep the caller's working folder busy. It returns once a holder
 // answers at sock (another one that won a race counts).
 func Start(argv []string, sock string) error {
 	if len(argv) == 0 {
 		return errors.New("holder: no command to start one")
 	}
+	sock, err := filepath.Abs(sock)
+	if err != nil {
+		return fmt.Errorf("holder: %w", err)
+	}
 	args := append(slices.Clone(argv[1:]), "--socket", sock)
 	cmd := exec.Command(argv[0], args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	// Not to keep the caller's working folder (a mount point?) busy.
+	cmd.Dir = "/"
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("holder: start %s: %w", strings.Join(argv, " "), err)
 	}
