@@ -119,9 +119,9 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	defer stopProfile()
 	// Signals are caught from here on so that one arriving while we set
-	// up still ends in a clean detach.
+	// up still ends in a clean detach (or, SIGUSR1, a release).
 	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGUSR1)
 	defer signal.Stop(sigs)
 
 	if err := os.MkdirAll(*stateDir, 0o700); err != nil {
@@ -163,8 +163,8 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintln(stdout, dev.Path())
 
 	sig := <-sigs
-	log.Info("detaching", "signal", sig.String(), "device", dev.Path())
-	// A second signal gives up waiting for the device's users.
+	// A second signal gives up waiting for the device's users (or, on
+	// release, for the requests in hand).
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() {
 		select {
@@ -173,6 +173,11 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 		case <-ctx.Done():
 		}
 	}()
+	if sig == syscall.SIGUSR1 {
+		defer cancel()
+		return releaseDevice(ctx, av, log)
+	}
+	log.Info("detaching", "signal", sig.String(), "device", dev.Path())
 	derr := av.Detach(ctx)
 	cancel()
 	if errors.Is(derr, attach.ErrBusy) {
@@ -184,6 +189,21 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 		return derr
 	}
 	log.Info("detached", "device", dev.Path())
+	return nil
+}
+
+// releaseDevice answers SIGUSR1, the planned half of a handover to a new
+// process (an upgrade): the device is let go of, not removed, its users'
+// requests wait, and the next attach of the volume with the same
+// --state-dir takes it back. When ctx ends it stops waiting for the
+// requests in hand (the kernel gives them to the next attach). The
+// volume is closed clean only when no request can still be running.
+func releaseDevice(ctx context.Context, av *volume.Attached, log *slog.Logger) error {
+	log.Info("releasing the device for the next attach to take back", "device", av.Device.Path())
+	if err := av.Release(ctx); err != nil {
+		return fmt.Errorf("%w (the replicas stay unclean: the next attach recovers what was in flight)", err)
+	}
+	log.Info("released", "device", av.Device.Path())
 	return nil
 }
 
