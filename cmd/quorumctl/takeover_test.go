@@ -97,7 +97,7 @@ type fioJob struct {
 // log, the replicas end identical, and the holder that kept the FUSE
 // connection meanwhile is gone after the detach.
 func TestFUSETakeoverAfterKill(t *testing.T) {
-	takeover(t, func(a *attached) {
+	takeover(t, false, func(a *attached) {
 		a.cmd.Process.Kill()
 		<-a.exited
 	})
@@ -105,9 +105,9 @@ func TestFUSETakeoverAfterKill(t *testing.T) {
 
 // TestFUSEHandover: the same with a planned handover: on SIGUSR1 the
 // attach answers what it holds, leaves the device to the next attach and
-// exits 0.
+// exits 0; nothing needs to be resent.
 func TestFUSEHandover(t *testing.T) {
-	takeover(t, func(a *attached) {
+	takeover(t, true, func(a *attached) {
 		a.cmd.Process.Signal(syscall.SIGUSR1)
 		select {
 		case <-a.exited:
@@ -120,7 +120,10 @@ func TestFUSEHandover(t *testing.T) {
 	})
 }
 
-func takeover(t *testing.T, stop func(*attached)) {
+// takeover runs fio on ext4 on a fuse-loop device, stops the attach
+// with stop while fio writes, and has a new attach take the device back;
+// planned: the stop answered every request it had taken.
+func takeover(t *testing.T, planned bool, stop func(*attached)) {
 	dir := kernelTest(t, "fio", "mkfs.ext4", "mount", "umount", "findmnt", "dmesg")
 	ps := replicas(t, dir, "1G", "a.img", "b.img", "c.img")
 	mnt := filepath.Join(dir, "mnt")
@@ -186,6 +189,11 @@ func takeover(t *testing.T, stop func(*attached)) {
 		t.Fatalf("fio: error %d after %d writes\n%s", job.Error, job.Write.IOs, fioOut.String())
 	}
 	t.Logf("stall: max %.0f ms (fio's longest write completion)", rep.Jobs[0].Write.ClatN.Max/1e6)
+	resent := strings.Contains(b.logs(), "resent by the kernel")
+	if planned && resent {
+		t.Errorf("after a release the kernel resent requests:\n%s", b.logs())
+	}
+	t.Logf("the kernel resent requests the stopped attach had taken: %v", resent)
 
 	data := make([]byte, 1<<20)
 	rand.Read(data)

@@ -176,6 +176,8 @@ type fuseConn struct {
 
 	endMu  sync.Mutex
 	endErr error // why the first reader returned
+
+	resent sync.Once
 }
 
 // newFUSEConn serves fd with n readers; it takes fd, which close
@@ -259,6 +261,11 @@ func (c *fuseConn) serve(r *reader, n int) bool {
 	if err != nil {
 		c.logf("fuse: %v", err)
 	} else {
+		if h.Unique&uniqueResend != 0 {
+			c.resent.Do(func() {
+				c.logf("serving requests that the previous server had taken and not answered, resent by the kernel")
+			})
+		}
 		answer, errno = c.fs.serve(h, args, r)
 	}
 	if errno != 0 {

@@ -201,7 +201,8 @@ func (fl *fuseLoop) keep(opts FUSELoopOptions, st fuseLoopState) {
 // putHolder puts the connection into our own holder
 // (HolderDir/holder-HolderName.sock) if it answers, else into any holder
 // that answers in HolderDir, else into our own started with
-// HolderCommand.
+// HolderCommand. A holder that exits once empty may refuse a put while
+// it exits, so this tries three times.
 func (fl *fuseLoop) putHolder(opts FUSELoopOptions, name string) error {
 	if opts.HolderDir == "" {
 		return errors.New("no holder folder")
@@ -211,26 +212,33 @@ func (fl *fuseLoop) putHolder(opts FUSELoopOptions, name string) error {
 		own = holder.Socket(opts.HolderDir, opts.HolderName)
 	}
 	var errs []error
-	for _, sock := range append([]string{own}, holder.Sockets(opts.HolderDir)...) {
-		if sock == "" {
-			continue
+	for attempt := 0; ; attempt++ {
+		for _, sock := range append([]string{own}, holder.Sockets(opts.HolderDir)...) {
+			if sock == "" {
+				continue
+			}
+			err := holder.Put(sock, name, fl.conn.fd)
+			if err == nil {
+				return nil
+			}
+			errs = append(errs, err)
 		}
-		err := holder.Put(sock, name, fl.conn.fd)
-		if err == nil {
-			return nil
+		if own == "" || len(opts.HolderCommand) == 0 {
+			return errors.Join(append(errs, fmt.Errorf("none answers in %s", opts.HolderDir))...)
 		}
-		errs = append(errs, err)
+		if attempt == 2 {
+			return errors.Join(errs...)
+		}
+		if attempt > 0 {
+			time.Sleep(100 * time.Millisecond)
+		}
+		if err := os.MkdirAll(opts.HolderDir, 0o700); err != nil {
+			return fmt.Errorf("holder folder: %w", err)
+		}
+		if err := holder.Start(opts.HolderCommand, own); err != nil {
+			errs = append(errs, err)
+		}
 	}
-	if own == "" || len(opts.HolderCommand) == 0 {
-		return errors.Join(append(errs, fmt.Errorf("none answers in %s", opts.HolderDir))...)
-	}
-	if err := os.MkdirAll(opts.HolderDir, 0o700); err != nil {
-		return fmt.Errorf("holder folder: %w", err)
-	}
-	if err := holder.Start(opts.HolderCommand, own); err != nil {
-		return err
-	}
-	return holder.Put(own, name, fl.conn.fd)
 }
 
 // takeBackFUSELoop takes the device that opts.StateFile names back, or
