@@ -89,16 +89,8 @@ type Options struct {
 	// HolderSocket is the holder (in HolderDir) this process puts its
 	// FUSE connections into: a deployment runs one beside the serving
 	// process and names it. Empty: any live holder in HolderDir, one
-	// started if none runs.
+	// started if none runs (this program again, see holder.Start).
 	HolderSocket string
-	// HolderName names our own holder, HolderDir/holder-NAME.sock, which
-	// Attach puts the FUSE connection into (any other holder that
-	// answers in HolderDir if ours does not).
-	HolderName string
-	// HolderCommand starts our own holder when no holder answers in
-	// HolderDir: a command line to which Attach appends "--socket PATH".
-	// The holder runs in a session of its own, so it outlives us.
-	HolderCommand []string
 	// Logf receives progress messages.
 	Logf func(format string, args ...any)
 }
@@ -112,7 +104,7 @@ func Attach(ctx context.Context, frontend string, v Volume, o Options) (Device, 
 	case FrontendFUSELoop:
 		return AttachFUSELoop(ctx, v, FUSELoopOptions{
 			StateDir: o.StateDir, BlockSize: o.BlockSize, StateFile: o.StateFile,
-			HolderDir: o.HolderDir, HolderName: o.HolderName, HolderCommand: o.HolderCommand, Logf: o.Logf,
+			HolderDir: o.HolderDir, HolderSocket: o.HolderSocket, Logf: o.Logf,
 		})
 	}
 	return nil, fmt.Errorf("attach: frontend %q is not ublk or fuse-loop", frontend)

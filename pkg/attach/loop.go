@@ -27,10 +27,11 @@ import (
 // dies, the connection ends and the readers read ENODEV.
 //
 // Takeover: with a StateFile, the connection's /dev/fuse descriptor is
-// also kept by a descriptor holder (package holder) and the state file
-// says which loop device, which connection and what its INIT settled.
-// When the serving process dies, the connection lives on in the holder,
-// the device's users wait, and the next AttachFUSELoop with the same
+// also kept by a descriptor holder (package holder), with the loop
+// device held open beside it, and the state file says which loop device,
+// which connection and what its INIT settled. When the serving process
+// dies, the connection and the device live on in the holder, the
+// device's users wait, and the next AttachFUSELoop with the same
 // state file fetches the descriptor, checks that the loop device still
 // sits on that connection's file, serves what waited and asks the kernel
 // to resend what the dead process had read but not answered
@@ -47,11 +48,10 @@ type FUSELoopOptions struct {
 	// BlockSize is the loop device's logical block size: the largest
 	// direct-I/O granularity of the volume's replicas. 512 if zero.
 	BlockSize int64
-	// StateFile, HolderDir, HolderName and HolderCommand: see Options.
-	StateFile     string
-	HolderDir     string
-	HolderName    string
-	HolderCommand []string
+	// StateFile, HolderDir and HolderSocket: see Options.
+	StateFile    string
+	HolderDir    string
+	HolderSocket string
 	// Readers is how many requests are served at once; defaultReaders
 	// if zero.
 	Readers int
@@ -65,13 +65,14 @@ type fuseLoop struct {
 	num  int
 	id   loopID // the backing file, to tell our device from a later one with the same number
 	logf func(string, ...any)
-	// stateFile and holderName are set while the device is kept for a
-	// successor.
-	stateFile  string
-	holderDir  string
-	holderName string
-	takenBack  bool
-	released   bool
+	// holderDir and holderSocket say where the device is kept;
+	// stateFile and holderName are set while it is kept for a successor.
+	holderDir    string
+	holderSocket string
+	stateFile    string
+	holderName   string
+	takenBack    bool
+	released     bool
 }
 
 // loopID names a loop device's backing file (LOOP_GET_STATUS64's
@@ -120,7 +121,7 @@ func newFUSELoop(ctx context.Context, vol Volume, opts FUSELoopOptions) (fl *fus
 	if err != nil {
 		return nil, fmt.Errorf("attach: mount point: %w", err)
 	}
-	fl = &fuseLoop{num: -1, logf: opts.Logf}
+	fl = &fuseLoop{num: -1, logf: opts.Logf, holderDir: opts.HolderDir, holderSocket: opts.HolderSocket}
 	mounted := false
 	defer func() {
 		if mounted {
@@ -185,8 +186,7 @@ func (fl *fuseLoop) keep(opts FUSELoopOptions, st fuseLoopState) {
 		return
 	}
 	st.Holder = fmt.Sprintf("%s@%d:%d", filepath.Base(opts.StateFile), unix.Major(st.LoopDevice), unix.Minor(st.LoopDevice))
-	fl.holderDir = opts.HolderDir
-	if err := fl.putHolder(opts, st.Holder); err != nil {
+	if err := fl.putHolder(st.Holder); err != nil {
 		fl.logf("no descriptor holder keeps the FUSE connection of %s (%v): it dies with this process", fl.Path(), err)
 		return
 	}
@@ -198,47 +198,60 @@ func (fl *fuseLoop) keep(opts FUSELoopOptions, st fuseLoopState) {
 	fl.stateFile, fl.holderName = opts.StateFile, st.Holder
 }
 
-// putHolder puts the connection into our own holder
-// (HolderDir/holder-HolderName.sock) if it answers, else into any holder
-// that answers in HolderDir, else into our own started with
-// HolderCommand. A holder that exits once empty may refuse a put while
-// it exits, so this tries three times.
-func (fl *fuseLoop) putHolder(opts FUSELoopOptions, name string) error {
-	if opts.HolderDir == "" {
+// putHolder puts the connection into opts.HolderSocket, or, with none
+// named, into a holder that answers in HolderDir, else into one it
+// starts (holder-PROGRAM.sock: quorumctl's is holder-quorumctl.sock). A
+// named holder may still be starting (a container beside us),
+// and one that exits once empty refuses puts while it exits: it tries
+// for a few seconds.
+func (fl *fuseLoop) putHolder(name string) error {
+	if fl.holderSocket == "" && fl.holderDir == "" {
 		return errors.New("no holder folder")
 	}
-	own := ""
-	if opts.HolderName != "" {
-		own = holder.Socket(opts.HolderDir, opts.HolderName)
+	// The holder keeps the loop device open as well: with autoclear it
+	// would otherwise go when we die while nobody else has it open.
+	var with []int
+	if fl.loop != nil {
+		with = append(with, int(fl.loop.Fd()))
 	}
-	var errs []error
-	for attempt := 0; ; attempt++ {
-		for _, sock := range append([]string{own}, holder.Sockets(opts.HolderDir)...) {
-			if sock == "" {
-				continue
-			}
-			err := holder.Put(sock, name, fl.conn.fd)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		socks := []string{fl.holderSocket}
+		if fl.holderSocket == "" {
+			socks = holder.Sockets(fl.holderDir)
+		}
+		var errs []error
+		for _, sock := range socks {
+			err := holder.Put(sock, name, fl.conn.fd, with...)
 			if err == nil {
 				return nil
 			}
 			errs = append(errs, err)
 		}
-		if own == "" || len(opts.HolderCommand) == 0 {
-			return errors.Join(append(errs, fmt.Errorf("none answers in %s", opts.HolderDir))...)
-		}
-		if attempt == 2 {
+		if time.Now().After(deadline) {
 			return errors.Join(errs...)
 		}
-		if attempt > 0 {
-			time.Sleep(100 * time.Millisecond)
+		if len(socks) == 0 {
+			if err := os.MkdirAll(fl.holderDir, 0o700); err != nil {
+				return fmt.Errorf("holder folder: %w", err)
+			}
+			if err := holder.Start(holder.Socket(fl.holderDir, programName())); err != nil {
+				return err
+			}
+			continue
 		}
-		if err := os.MkdirAll(opts.HolderDir, 0o700); err != nil {
-			return fmt.Errorf("holder folder: %w", err)
-		}
-		if err := holder.Start(opts.HolderCommand, own); err != nil {
-			errs = append(errs, err)
-		}
+		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// programName is this program's file name, which names the holder it
+// starts.
+func programName() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return "quorum"
+	}
+	return filepath.Base(exe)
 }
 
 // takeBackFUSELoop takes the device that opts.StateFile names back, or
@@ -275,7 +288,7 @@ func takeBackFUSELoop(vol Volume, opts FUSELoopOptions) (*fuseLoop, error) {
 		holder.Drop(opts.HolderDir, st.Holder)
 		return nil, forget("its FUSE connection has ended")
 	}
-	fl := &fuseLoop{num: st.Loop, id: st.loopID(), logf: opts.Logf, holderDir: opts.HolderDir, takenBack: true}
+	fl := &fuseLoop{num: st.Loop, id: st.loopID(), logf: opts.Logf, holderDir: opts.HolderDir, holderSocket: opts.HolderSocket, takenBack: true}
 	fs := &fileSystem{vol: vol, ino: st.LoopInode}
 	if fl.conn, err = newFUSEConn(fd, fs, st.FUSE, opts.Readers, opts.Logf); err != nil {
 		return nil, fmt.Errorf("attach: take back %s: %w", dev, err)
@@ -303,7 +316,7 @@ func takeBackFUSELoop(vol Volume, opts FUSELoopOptions) (*fuseLoop, error) {
 		loop.Close()
 		return nil, fmt.Errorf("attach: take back %s: %w", dev, err)
 	}
-	if err := fl.putHolder(opts, st.Holder); err != nil {
+	if err := fl.putHolder(st.Holder); err != nil {
 		opts.Logf("taking back %s: %v; it stays in the holder it was in", dev, err)
 	}
 	fl.stateFile, fl.holderName = opts.StateFile, st.Holder
@@ -414,9 +427,14 @@ func (fl *fuseLoop) Detach(ctx context.Context) error {
 	if fl.conn == nil {
 		return nil
 	}
+	// Closing our handle and the holders' lets autoclear detach the
+	// device as soon as its last user (a mount, a process) lets go.
+	if fl.holderName != "" {
+		if err := holder.Drop(fl.holderDir, fl.holderName); err != nil {
+			return fmt.Errorf("detach %s: %w", fl.Path(), err)
+		}
+	}
 	if fl.loop != nil {
-		// Closing our handle lets autoclear detach the device as soon as
-		// its last user (a mount, a process) lets go.
 		if err := fl.loop.Close(); err != nil {
 			return fmt.Errorf("detach %s: %w", fl.Path(), err)
 		}
@@ -432,6 +450,7 @@ func (fl *fuseLoop) Detach(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
+			fl.keepAgain()
 			return fmt.Errorf("detach %s: %w; it stays attached", fl.Path(), ErrBusy)
 		case <-tick.C:
 		}
@@ -451,6 +470,24 @@ func (fl *fuseLoop) Detach(ctx context.Context) error {
 		fl.logf("%v", err)
 	}
 	return nil
+}
+
+// keepAgain undoes the start of a detach that gave up: the device, still
+// served, is held open and kept in a holder again.
+func (fl *fuseLoop) keepAgain() {
+	f, id, err := openLoop(fl.num, os.O_RDONLY)
+	if err != nil || id != fl.id {
+		if f != nil {
+			f.Close()
+		}
+		return
+	}
+	fl.loop = f
+	if fl.holderName != "" {
+		if err := fl.putHolder(fl.holderName); err != nil {
+			fl.logf("%s is no longer kept for a successor: %v", fl.Path(), err)
+		}
+	}
 }
 
 // forget drops the connection from the holders and removes the state
@@ -501,8 +538,7 @@ func (fl *fuseLoop) ForceDetach() error {
 
 // Release stops serving and leaves the device, its holder and its state
 // file to the next attach: requests that arrive meanwhile wait in the
-// kernel. A device nobody has open clears itself when we close ours, as
-// after a crash.
+// kernel, and the holder keeps the device open.
 func (fl *fuseLoop) Release(ctx context.Context) error {
 	if fl.released {
 		return nil

@@ -49,8 +49,9 @@ func (l *testLog) String() string {
 }
 
 // takeoverSetup runs a holder in this process and returns the options
-// of attaches that keep their device in it.
-func takeoverSetup(t *testing.T, dir string) (FUSELoopOptions, *testLog) {
+// of attaches that keep their device in it, and a function that stops
+// it.
+func takeoverSetup(t *testing.T, dir string) (FUSELoopOptions, *testLog, func()) {
 	t.Helper()
 	holders := filepath.Join(dir, "holders")
 	if err := os.Mkdir(holders, 0o700); err != nil {
@@ -66,18 +67,19 @@ func takeoverSetup(t *testing.T, dir string) (FUSELoopOptions, *testLog) {
 		defer close(done)
 		h.Serve(ctx)
 	}()
-	t.Cleanup(func() {
+	stop := func() {
 		cancel()
 		<-done
-	})
+	}
+	t.Cleanup(stop)
 	log := &testLog{}
 	return FUSELoopOptions{
-		StateDir:   filepath.Join(dir, "state"),
-		StateFile:  filepath.Join(dir, "state", "fuse-loop-test"),
-		HolderDir:  holders,
-		HolderName: "test",
-		Logf:       log.logf,
-	}, log
+		StateDir:     filepath.Join(dir, "state"),
+		StateFile:    filepath.Join(dir, "state", "fuse-loop-test"),
+		HolderDir:    holders,
+		HolderSocket: holder.Socket(holders, "test"),
+		Logf:         log.logf,
+	}, log, stop
 }
 
 // served tracks the device currently attached, for a forced detach if
@@ -140,7 +142,7 @@ func notDone(t *testing.T, what string, ch <-chan error) {
 func TestFUSELoopTakeover(t *testing.T) {
 	testutil.RequireKernel(t)
 	dir := testutil.KernelDir(t)
-	opts, log := takeoverSetup(t, dir)
+	opts, log, _ := takeoverSetup(t, dir)
 	vol := &memVolume{data: make([]byte, 32<<20), failAt: -1}
 
 	// The reader that takes the first write at 12 MiB drops it, as if
@@ -259,7 +261,7 @@ func TestFUSELoopTakeover(t *testing.T) {
 func TestFUSELoopStateFile(t *testing.T) {
 	testutil.RequireKernel(t)
 	dir := testutil.KernelDir(t)
-	opts, log := takeoverSetup(t, dir)
+	opts, log, stopHolder := takeoverSetup(t, dir)
 	vol := &memVolume{data: make([]byte, 8<<20), failAt: -1}
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		t.Fatal(err)
@@ -295,25 +297,37 @@ func TestFUSELoopStateFile(t *testing.T) {
 		t.Fatalf("state file of the new device: %+v %v", st, err)
 	}
 
-	// Released with nobody using it, the device clears itself, its
-	// connection ends and the holder lets it go.
+	// Released with nobody using it, the device stays: the holder keeps
+	// it open.
 	if err := dev.Release(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	s.dev = nil
-	sock := holder.Socket(opts.HolderDir, "test")
+	again := s.attach(t, vol, opts)
+	if !again.TakenBack() || again.Path() != dev.Path() {
+		t.Fatalf("attach after a release with nobody using the device: %s, taken back %v\n%s", again.Path(), again.TakenBack(), log)
+	}
+
+	// A holder that ends takes the connection and the device with it
+	// once nobody uses the device; the next attach makes a new one.
+	if err := again.Release(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s.dev = nil
+	stopHolder()
+	backing := testutil.LoopID{Device: st.LoopDevice, Inode: st.LoopInode}
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if names, _ := holder.List(sock); len(names) == 0 {
+		if id, bound := testutil.LoopBacking(dev.Path()); !bound || id != backing {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("the holder kept the connection of a device that cleared itself")
+			t.Fatalf("%s stayed after its holder ended", dev.Path())
 		}
 	}
 	dev = s.attach(t, vol, opts)
 	testutil.TrackLoop(t, dev.Path())
-	if dev.TakenBack() {
-		t.Fatal("took back a device that had cleared itself")
+	if dev.TakenBack() || !log.has("no descriptor holder keeps the FUSE connection of "+dev.Path()) {
+		t.Fatalf("attach after the holder ended: taken back %v\n%s", dev.TakenBack(), log)
 	}
 	if err := dev.Detach(context.Background()); err != nil {
 		t.Fatal(err)

@@ -342,6 +342,15 @@ func (d *ublkDevice) takeBack(ctx context.Context) (id uint32, recovering bool, 
 	}
 }
 
+// writeFileAtomic replaces path with data (temporary file, rename).
+func writeFileAtomic(path string, data []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
 // control runs one control command on the device and waits for it.
 func (d *ublkDevice) control(nr, id uint32, buf []byte, data uint64) error {
 	d.ctrlMu.Lock()

@@ -16,27 +16,34 @@
 // type SOCK_SEQPACKET; every message is one JSON object, descriptors
 // travel beside it as SCM_RIGHTS:
 //
-//	{"op":"put","name":N}  + a descriptor  hold it as N (replacing what N held)
-//	{"op":"get","name":N}                  answered with a duplicate of N
-//	{"op":"drop","name":N}                 close N (nothing held as N is fine)
-//	{"op":"list"}                          {"names":[...]}
+//	{"op":"put","name":N}  + descriptors  hold them as N (replacing what N held)
+//	{"op":"get","name":N}                 answered with a duplicate of N's first
+//	{"op":"drop","name":N}                close N's (nothing held as N is fine)
+//	{"op":"list"}                         {"names":[...]}
+//
+// The first descriptor of a put is the /dev/fuse one; block devices may
+// follow, kept open with it: a loop device on the connection's file,
+// which would otherwise clear itself (autoclear) when the server that
+// held it open dies while nobody else has it open.
 //
 // Every answer is {"ok":true,...} or {"error":"...","notHeld":bool}. A
 // holder takes only /dev/fuse descriptors whose connection lives, and
-// drops one by itself once its connection ends (the kernel reports
-// POLLERR on it once the FUSE superblock is gone); with ExitWhenEmpty it
-// ends once it holds nothing.
+// drops one, with what it keeps beside it, by itself once its connection
+// ends (the kernel reports POLLERR on it once the FUSE superblock is
+// gone); with ExitWhenEmpty it ends once it holds nothing. Killing a
+// holder thus ends the connections only it kept, and lets their loop
+// devices clear themselves once unused.
 //
 // Holders listen in one folder, at holder-NAME.sock. Servers put into
 // their own holder and fetch by trying every socket in the folder, so a
 // new holder (a new version) and an old one can hand over without
 // talking to each other; a socket file that refuses connections is the
-// leftover of a dead holder and is removed. quorumctl attach starts its
-// own (quorumctl fuse-holder --exit-when-empty, at
-// holder-quorumctl.sock); a Kubernetes node runs one as a container of
-// its own beside the node plugin, sharing the folder. A holder must
-// outlive the servers: stopping it while no server runs ends the
-// connections it alone holds.
+// leftover of a dead holder and is removed. A server that finds no
+// holder starts one (Start: quorumctl attach's is holder-quorumctl.sock,
+// and exits once it holds nothing); a Kubernetes node runs one as a
+// container of its own beside the data path (quorumctl fuse-holder),
+// sharing the folder. A holder must outlive the servers: stopping it
+// while no server runs ends the connections it alone holds.
 package holder
 
 import (
@@ -48,10 +55,10 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -83,6 +90,18 @@ type response struct {
 // maxMessage bounds a message; names are short.
 const maxMessage = 64 << 10
 
+// entry is what is held under a name: a FUSE connection's descriptor
+// and those kept open with it.
+type entry struct {
+	fuse int
+	with []int
+}
+
+func (e entry) fds() []int { return append([]int{e.fuse}, e.with...) }
+
+// maxFDs bounds the descriptors of a put.
+const maxFDs = 4
+
 // Options configure a holder.
 type Options struct {
 	// ExitWhenEmpty ends Serve once the holder holds nothing: after the
@@ -104,8 +123,8 @@ type Server struct {
 	wake int // eventfd: the held set changed
 
 	mu       sync.Mutex
-	held     map[string]int // name -> descriptor
-	toClose  []int          // dropped, closed by the poller (which may be polling them)
+	held     map[string]entry
+	toClose  []int // dropped, closed by the poller (which may be polling them)
 	everHeld bool
 	exiting  bool
 	empty    chan struct{} // closed once ExitWhenEmpty ends the holder
@@ -143,7 +162,7 @@ func Listen(path string, opts Options) (*Server, error) {
 		l.Close()
 		return nil, fmt.Errorf("holder: eventfd: %w", err)
 	}
-	return &Server{l: l, path: path, ino: st.Ino, opts: opts, wake: wake, held: map[string]int{}, empty: make(chan struct{})}, nil
+	return &Server{l: l, path: path, ino: st.Ino, opts: opts, wake: wake, held: map[string]entry{}, empty: make(chan struct{})}, nil
 }
 
 // Serve answers requests until ctx ends or, with ExitWhenEmpty, the
@@ -182,8 +201,10 @@ func (s *Server) Serve(ctx context.Context) error {
 	<-polled
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for name, fd := range s.held {
-		unix.Close(fd)
+	for name, e := range s.held {
+		for _, fd := range e.fds() {
+			unix.Close(fd)
+		}
 		delete(s.held, name)
 	}
 	unix.Close(s.wake)
@@ -203,7 +224,7 @@ func (s *Server) accept() {
 func (s *Server) serveConn(c *net.UnixConn) {
 	defer c.Close()
 	buf := make([]byte, maxMessage)
-	oob := make([]byte, unix.CmsgSpace(4*4))
+	oob := make([]byte, unix.CmsgSpace(4*maxFDs))
 	for {
 		n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
 		if err != nil || n == 0 {
@@ -243,11 +264,16 @@ func (s *Server) serveConn(c *net.UnixConn) {
 func (s *Server) do(req request, fds []int) (response, int) {
 	switch req.Op {
 	case "put":
-		if req.Name == "" || len(fds) != 1 {
-			return response{Error: "put wants a name and one descriptor"}, -1
+		if req.Name == "" || len(fds) == 0 {
+			return response{Error: "put wants a name and a descriptor"}, -1
 		}
 		if err := checkFUSE(fds[0]); err != nil {
 			return response{Error: err.Error()}, -1
+		}
+		for _, fd := range fds[1:] {
+			if err := checkBlock(fd); err != nil {
+				return response{Error: err.Error()}, -1
+			}
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -255,20 +281,24 @@ func (s *Server) do(req request, fds []int) (response, int) {
 			return response{Error: "the holder is exiting"}, -1
 		}
 		if old, ok := s.held[req.Name]; ok {
-			s.toClose = append(s.toClose, old)
+			s.toClose = append(s.toClose, old.fds()...)
 		}
-		s.held[req.Name], fds[0] = fds[0], -1
+		e := entry{fuse: fds[0], with: slices.Clone(fds[1:])}
+		for i := range fds {
+			fds[i] = -1
+		}
+		s.held[req.Name] = e
 		s.everHeld = true
 		s.signal()
 		return response{OK: true}, -1
 	case "get":
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		fd, ok := s.held[req.Name]
+		e, ok := s.held[req.Name]
 		if !ok {
 			return response{Error: fmt.Sprintf("%q is not held here", req.Name), NotHeld: true}, -1
 		}
-		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+		dup, err := unix.FcntlInt(uintptr(e.fuse), unix.F_DUPFD_CLOEXEC, 0)
 		if err != nil {
 			return response{Error: fmt.Sprintf("duplicate %q: %v", req.Name, err)}, -1
 		}
@@ -292,12 +322,12 @@ func (s *Server) do(req request, fds []int) (response, int) {
 }
 
 func (s *Server) dropLocked(name string) {
-	fd, ok := s.held[name]
+	e, ok := s.held[name]
 	if !ok {
 		return
 	}
 	delete(s.held, name)
-	s.toClose = append(s.toClose, fd)
+	s.toClose = append(s.toClose, e.fds()...)
 	s.signal()
 	s.exitIfEmpty(false)
 }
@@ -337,9 +367,9 @@ func (s *Server) poll() {
 		}
 		names := make([]string, 0, len(s.held))
 		fds := []unix.PollFd{{Fd: int32(s.wake), Events: unix.POLLIN}}
-		for name, fd := range s.held {
+		for name, e := range s.held {
 			names = append(names, name)
-			fds = append(fds, unix.PollFd{Fd: int32(fd)})
+			fds = append(fds, unix.PollFd{Fd: int32(e.fuse)})
 		}
 		s.mu.Unlock()
 		if _, err := unix.Poll(fds, -1); err != nil && err != unix.EINTR {
@@ -350,7 +380,7 @@ func (s *Server) poll() {
 		unix.Read(s.wake, buf[:])
 		s.mu.Lock()
 		for i, p := range fds[1:] {
-			if p.Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 && s.held[names[i]] == int(p.Fd) {
+			if p.Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 && s.held[names[i]].fuse == int(p.Fd) {
 				s.opts.Logf("holder: dropped %s: its FUSE connection ended", names[i])
 				s.dropLocked(names[i])
 			}
@@ -375,6 +405,18 @@ func checkFUSE(fd int) error {
 	return nil
 }
 
+// checkBlock accepts a block device, kept open beside a connection.
+func checkBlock(fd int) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("stat the descriptor: %v", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return errors.New("a descriptor kept with a connection is not a block device")
+	}
+	return nil
+}
+
 func receivedFDs(oob []byte) []int {
 	msgs, err := unix.ParseSocketControlMessage(oob)
 	if err != nil {
@@ -389,9 +431,9 @@ func receivedFDs(oob []byte) []int {
 	return fds
 }
 
-// call sends one request to the holder at sock and returns its answer
-// and the descriptor that came with it (-1 if none).
-func call(sock string, req request, fd int) (response, int, error) {
+// call sends one request, with fds, to the holder at sock and returns
+// its answer and the descriptor that came with it (-1 if none).
+func call(sock string, req request, fds ...int) (response, int, error) {
 	c, err := net.DialTimeout("unixpacket", sock, 5*time.Second)
 	if err != nil {
 		return response{}, -1, err
@@ -401,23 +443,23 @@ func call(sock string, req request, fd int) (response, int, error) {
 	uc.SetDeadline(time.Now().Add(10 * time.Second))
 	b, _ := json.Marshal(req)
 	var rights []byte
-	if fd >= 0 {
-		rights = unix.UnixRights(fd)
+	if len(fds) > 0 {
+		rights = unix.UnixRights(fds...)
 	}
 	if _, _, err := uc.WriteMsgUnix(b, rights, nil); err != nil {
 		return response{}, -1, err
 	}
 	buf := make([]byte, maxMessage)
-	oob := make([]byte, unix.CmsgSpace(4*4))
+	oob := make([]byte, unix.CmsgSpace(4*maxFDs))
 	n, oobn, _, _, err := uc.ReadMsgUnix(buf, oob)
 	if err != nil {
 		return response{}, -1, err
 	}
-	fds := receivedFDs(oob[:oobn])
+	received := receivedFDs(oob[:oobn])
 	got := -1
-	if len(fds) > 0 {
-		got = fds[0]
-		for _, f := range fds[1:] {
+	if len(received) > 0 {
+		got = received[0]
+		for _, f := range received[1:] {
 			unix.Close(f)
 		}
 	}
@@ -441,9 +483,10 @@ func call(sock string, req request, fd int) (response, int, error) {
 	return resp, got, nil
 }
 
-// Put hands fd to the holder at sock as name; fd stays the caller's.
-func Put(sock, name string, fd int) error {
-	if _, _, err := call(sock, request{Op: "put", Name: name}, fd); err != nil {
+// Put hands fuse, a /dev/fuse descriptor, and with it the block devices
+// with, to the holder at sock as name; they stay the caller's too.
+func Put(sock, name string, fuse int, with ...int) error {
+	if _, _, err := call(sock, request{Op: "put", Name: name}, append([]int{fuse}, with...)...); err != nil {
 		return fmt.Errorf("holder %s: put %s: %w", sock, name, err)
 	}
 	return nil
@@ -455,7 +498,7 @@ func Put(sock, name string, fd int) error {
 func Get(dir, name string) (fd int, sock string, err error) {
 	var errs []error
 	for _, sock := range Sockets(dir) {
-		_, fd, err := call(sock, request{Op: "get", Name: name}, -1)
+		_, fd, err := call(sock, request{Op: "get", Name: name})
 		if err == nil {
 			if fd < 0 {
 				return -1, "", fmt.Errorf("holder %s: get %s: answer without a descriptor", sock, name)
@@ -479,7 +522,7 @@ func Get(dir, name string) (fd int, sock string, err error) {
 func Drop(dir, name string) error {
 	var errs []error
 	for _, sock := range Sockets(dir) {
-		_, _, err := call(sock, request{Op: "drop", Name: name}, -1)
+		_, _, err := call(sock, request{Op: "drop", Name: name})
 		if err != nil && !gone(err) {
 			errs = append(errs, fmt.Errorf("holder %s: drop %s: %w", sock, name, err))
 		}
@@ -496,7 +539,7 @@ func gone(err error) bool {
 
 // List returns the names the holder at sock holds.
 func List(sock string) ([]string, error) {
-	resp, _, err := call(sock, request{Op: "list"}, -1)
+	resp, _, err := call(sock, request{Op: "list"})
 	if err != nil {
 		return nil, fmt.Errorf("holder %s: list: %w", sock, err)
 	}
@@ -539,27 +582,48 @@ func removeIfDead(path string) bool {
 	return true
 }
 
-// Start starts a holder of its own at sock: argv with "--socket sock"
-// appended, in a session of its own with stdio on /dev/null, so that
-// signals to the caller's process group or terminal do not reach it and
-// it does not keep the caller's output open, and in / so that it does
-// not keep the caller's working folder busy. It returns once a holder
-// answers at sock (another one that won a race counts).
-func Start(argv []string, sock string) error {
-	if len(argv) == 0 {
-		return errors.New("holder: no command to start one")
+// startEnv, in a process's environment, makes this package's init serve
+// as a holder at the socket it names and exit, instead of running the
+// program: Start starts a holder from any program that links this
+// package (quorumctl, the data path, a test binary) by running it again.
+const startEnv = "QUORUM_FUSE_HOLDER_SOCKET"
+
+func init() {
+	sock := os.Getenv(startEnv)
+	if sock == "" {
+		return
 	}
+	os.Unsetenv(startEnv)
+	s, err := Listen(sock, Options{ExitWhenEmpty: true})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	s.Serve(ctx)
+	stop()
+	os.Exit(0)
+}
+
+// Start starts a holder of its own at sock, which exits once it holds
+// nothing: this program again (see startEnv; its arguments say what it
+// is, as quorumctl fuse-holder would take them), in a session of its
+// own with stdio on /dev/null, so that signals to the caller's process
+// group or terminal do not reach it and it does not keep the caller's
+// output open, and in / so that it does not keep the caller's working
+// folder busy. It returns once a holder answers at sock (another one
+// that won a race counts).
+func Start(sock string) error {
 	sock, err := filepath.Abs(sock)
 	if err != nil {
 		return fmt.Errorf("holder: %w", err)
 	}
-	args := append(slices.Clone(argv[1:]), "--socket", sock)
-	cmd := exec.Command(argv[0], args...)
+	cmd := exec.Command("/proc/self/exe", "fuse-holder", "--exit-when-empty", "--socket", sock)
+	cmd.Env = append(os.Environ(), startEnv+"="+sock)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	// Not to keep the caller's working folder (a mount point?) busy.
 	cmd.Dir = "/"
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("holder: start %s: %w", strings.Join(argv, " "), err)
+		return fmt.Errorf("holder: start one at %s: %w", sock, err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
@@ -570,11 +634,11 @@ func Start(argv []string, sock string) error {
 			if Live(sock) {
 				return nil
 			}
-			return fmt.Errorf("holder: %s exited: %v", strings.Join(argv, " "), err)
+			return fmt.Errorf("holder: the one started at %s exited: %v", sock, err)
 		case <-time.After(10 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("holder: %s does not answer at %s after 10s", strings.Join(argv, " "), sock)
+			return fmt.Errorf("holder: the one started at %s does not answer after 10s", sock)
 		}
 	}
 	return nil

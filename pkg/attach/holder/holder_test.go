@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -123,6 +124,9 @@ func TestPutGetDrop(t *testing.T) {
 	if err := Put(sock, "null", int(f.Fd())); err == nil {
 		t.Error("the holder took /dev/null")
 	}
+	if err := Put(sock, "with-null", fd, int(f.Fd())); err == nil {
+		t.Error("the holder kept /dev/null beside a connection")
+	}
 	unmounted, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -131,6 +135,45 @@ func TestPutGetDrop(t *testing.T) {
 	if err := Put(sock, "unmounted", unmounted); err == nil {
 		t.Error("the holder took a /dev/fuse that was never mounted")
 	}
+}
+
+// TestKeepsBlockDevice: a block device put beside a connection stays
+// open until the name is dropped, so a loop device with autoclear does
+// not go meanwhile.
+func TestKeepsBlockDevice(t *testing.T) {
+	testutil.RequireKernel(t)
+	testutil.RequireTools(t, "losetup")
+	dir := testutil.KernelDir(t)
+	sock, _ := serve(t, dir, "a", Options{})
+	fd, _ := mountFUSE(t, dir, "m")
+	img := filepath.Join(dir, "img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dev := strings.TrimSpace(testutil.Run(t, "losetup", "-f", "--show", img))
+	bound := func() bool {
+		_, err := os.Stat("/sys/block/" + filepath.Base(dev) + "/loop")
+		return err == nil
+	}
+	f, err := os.Open(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Put(sock, "vol", fd, int(f.Fd())); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	// Detaching a device that is open only marks it to clear itself on
+	// its last close.
+	testutil.Run(t, "losetup", "-d", dev)
+	time.Sleep(100 * time.Millisecond)
+	if !bound() {
+		t.Fatal("the loop device went while the holder kept it open")
+	}
+	if err := Drop(dir, "vol"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the loop device gone once dropped", func() bool { return !bound() })
 }
 
 // TestConnectionEndDrops: once a held connection's superblock is gone
