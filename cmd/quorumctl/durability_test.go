@@ -67,7 +67,8 @@ var (
 	badRE     = regexp.MustCompile(`verify: .* offset (\d+), length`)
 )
 
-// TestKillDuringWrites: quorumctl attach is killed with SIGKILL while fio
+// TestKillDuringWrites: quorumctl attach, and the holder that would keep
+// its device for a successor, are killed with SIGKILL while fio
 // writes. The next attach recovers the write intent before offering the
 // device; fio then verifies every block whose write it saw acknowledged,
 // and the replicas are identical.
@@ -89,6 +90,12 @@ func TestKillDuringWrites(t *testing.T) {
 	time.Sleep(2500 * time.Millisecond)
 	a.cmd.Process.Kill()
 	<-a.exited
+	// The whole data path crashes: without the descriptor holder too,
+	// a fuse-loop device would wait for the next attach to take it back
+	// (TestFUSETakeoverAfterKill) instead of failing fio's writes.
+	if pid := holderPID(t, a.stateDir); pid > 0 {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
 	if fio.Wait() == nil {
 		t.Fatalf("fio finished before the kill; make its job longer:\n%s", fioOut.String())
 	}

@@ -157,6 +157,7 @@ type attached struct {
 	*daemon
 	dev      string
 	stateDir string
+	backing  testutil.LoopID // the device's backing file, for a loop device
 }
 
 // attach starts quorumctl attach with its state under dir and waits for
@@ -168,6 +169,9 @@ func attach(t *testing.T, dir string, args ...string) *attached {
 	if !strings.HasPrefix(a.dev, "/dev/") {
 		a.cmd.Process.Kill()
 		t.Fatalf("attach printed %q first, want a device path\n%s", a.dev, a.logs())
+	}
+	if strings.HasPrefix(a.dev, "/dev/loop") {
+		a.backing = testutil.TrackLoop(t, a.dev)
 	}
 	return a
 }
@@ -197,8 +201,8 @@ func (a *attached) wait() {
 	// Tests of other packages run at the same time and may get the same
 	// loop device right after us: only a binding to our own FUSE file
 	// counts.
-	if b, err := os.ReadFile("/sys/block/" + filepath.Base(a.dev) + "/loop/backing_file"); err == nil && strings.HasPrefix(string(b), a.stateDir+"/") {
-		a.t.Fatalf("%s still bound to %s after detach", a.dev, b)
+	if id, ok := testutil.LoopBacking(a.dev); ok && id == a.backing {
+		a.t.Fatalf("%s still bound to its FUSE file after detach", a.dev)
 	}
 }
 

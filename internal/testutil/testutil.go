@@ -8,7 +8,10 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // InCI reports whether missing prerequisites must fail instead of skip.
@@ -78,6 +81,12 @@ func KernelDir(t testing.TB) string {
 			t.Errorf("test left a loop device behind: %s", l)
 			exec.Command("losetup", "-d", l).Run()
 		}
+		for _, l := range untrack(t) {
+			if id, ok := LoopBacking(l.dev); ok && id == l.id {
+				t.Errorf("test left a loop device behind: %s", l.dev)
+				exec.Command("losetup", "-d", l.dev).Run()
+			}
+		}
 		if err := os.RemoveAll(dir); err != nil {
 			t.Errorf("remove test folder: %v", err)
 		}
@@ -113,4 +122,58 @@ type logWriter struct{ t testing.TB }
 func (w logWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
+}
+
+// LoopID names a loop device's backing file: its device and inode
+// numbers (LOOP_GET_STATUS64's lo_device and lo_inode).
+type LoopID struct{ Device, Inode uint64 }
+
+// LoopBacking returns the backing file of the loop device dev, false if
+// it has none.
+func LoopBacking(dev string) (LoopID, bool) {
+	f, err := os.Open(dev)
+	if err != nil {
+		return LoopID{}, false
+	}
+	defer f.Close()
+	info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
+	if err != nil {
+		return LoopID{}, false
+	}
+	return LoopID{info.Device, info.Inode}, true
+}
+
+type trackedLoop struct {
+	dev string
+	id  LoopID
+}
+
+var (
+	trackedMu sync.Mutex
+	tracked   = map[testing.TB][]trackedLoop{}
+)
+
+// TrackLoop adds the loop device dev, as it is bound now, to what
+// KernelDir's check covers (call KernelDir first): fuse-loop devices sit
+// on a file whose mount is detached, so their backing file is not under
+// the test's folder. The device must be gone, or bound to another file,
+// when the test ends.
+func TrackLoop(t testing.TB, dev string) LoopID {
+	t.Helper()
+	id, ok := LoopBacking(dev)
+	if !ok {
+		t.Fatalf("%s has no backing file", dev)
+	}
+	trackedMu.Lock()
+	defer trackedMu.Unlock()
+	tracked[t] = append(tracked[t], trackedLoop{dev, id})
+	return id
+}
+
+func untrack(t testing.TB) []trackedLoop {
+	trackedMu.Lock()
+	defer trackedMu.Unlock()
+	l := tracked[t]
+	delete(tracked, t)
+	return l
 }

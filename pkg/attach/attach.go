@@ -2,9 +2,12 @@
 // interface (Device) with two frontends. ublk (ublk.go) is the fast path
 // on kernels with ublk_drv: the kernel hands block requests to us through
 // io_uring and /dev/ublkbN is the device. FUSE+loop works on every kernel
-// with FUSE and loop: the volume is served as one file in a private FUSE
-// mount and a loop device with direct I/O sits on that file. Either way
-// every block request reaches the engine with no page cache in between.
+// with FUSE and loop: the volume is served as one file on a FUSE
+// connection of our own (loop.go) and a loop device with direct I/O
+// sits on that file. Either way every block request reaches the engine
+// with no page cache in between, and with a state file a new process
+// takes over a device that a dead or released one served, without an
+// I/O error for its users.
 package attach
 
 import (
@@ -79,12 +82,14 @@ type Options struct {
 	StateFile string
 	// HolderDir holds the sockets of FUSE descriptor holders (fuse-loop,
 	// with StateFile): processes that keep the FUSE connection open while
-	// no server runs, so that a new one can pick it up.
+	// no server runs, so that a new one can pick it up (package holder).
+	// Without a holder that answers there the device dies with the
+	// process, as without StateFile.
 	HolderDir string
 	// HolderSocket is the holder (in HolderDir) this process puts its
 	// FUSE connections into: a deployment runs one beside the serving
 	// process and names it. Empty: any live holder in HolderDir, one
-	// started if none runs.
+	// started if none runs (this program again, see holder.Start).
 	HolderSocket string
 	// Logf receives progress messages.
 	Logf func(format string, args ...any)
@@ -97,7 +102,10 @@ func Attach(ctx context.Context, frontend string, v Volume, o Options) (Device, 
 	case FrontendUblk:
 		return AttachUblk(ctx, v, UblkOptions{BlockSize: o.BlockSize, StateFile: o.StateFile, Logf: o.Logf})
 	case FrontendFUSELoop:
-		return AttachFUSELoop(ctx, v, FUSELoopOptions{StateDir: o.StateDir, BlockSize: o.BlockSize, Logf: o.Logf})
+		return AttachFUSELoop(ctx, v, FUSELoopOptions{
+			StateDir: o.StateDir, BlockSize: o.BlockSize, StateFile: o.StateFile,
+			HolderDir: o.HolderDir, HolderSocket: o.HolderSocket, Logf: o.Logf,
+		})
 	}
 	return nil, fmt.Errorf("attach: frontend %q is not ublk or fuse-loop", frontend)
 }

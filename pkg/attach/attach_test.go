@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -88,6 +87,7 @@ func TestFUSELoop(t *testing.T) {
 			dev.ForceDetach()
 		}
 	}()
+	backing := testutil.TrackLoop(t, dev.Path())
 	name := filepath.Base(dev.Path())
 	if b, _ := os.ReadFile("/sys/block/" + name + "/size"); strings.TrimSpace(string(b)) != strconv.Itoa(32<<20/512) {
 		t.Errorf("device size %s sectors, want %d", b, 32<<20/512)
@@ -162,7 +162,7 @@ func TestFUSELoop(t *testing.T) {
 		t.Fatal(err)
 	}
 	detached = true
-	if out, _ := exec.Command("losetup", "-n", "-O", "BACK-FILE", dev.Path()).Output(); len(bytes.TrimSpace(out)) > 0 {
-		t.Errorf("%s still bound: %s", dev.Path(), out)
+	if id, bound := testutil.LoopBacking(dev.Path()); bound && id == backing {
+		t.Errorf("%s still bound after detach", dev.Path())
 	}
 }

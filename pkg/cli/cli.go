@@ -40,6 +40,7 @@ func commands() []command {
 		{"scrub", "vote across replicas offline and repair minorities", runScrub},
 		{"status", "show the replicas of an attached volume: state, dirty bytes, resync progress", runStatus},
 		{"bench", "drive the engine in-process like qemu-img bench", runBench},
+		{"fuse-holder", "keep fuse-loop devices' FUSE connections while no attach serves them, in the foreground", runFUSEHolder},
 	}
 }
 
@@ -84,7 +85,7 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: quorumctl COMMAND [flags] ...")
 	fmt.Fprintln(w, "\ncommands:")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-9s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-11s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w, "\nquorumctl COMMAND -h shows a command's flags.")
 }

@@ -1,0 +1,345 @@
+package attach
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/quorum-csi/quorum-csi/internal/alignbuf"
+	"github.com/quorum-csi/quorum-csi/internal/testutil"
+	"github.com/quorum-csi/quorum-csi/pkg/attach/holder"
+)
+
+// testLog collects what an attach logs, also from its readers after
+// the test function returned.
+type testLog struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *testLog) logf(format string, args ...any) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lines = append(l.lines, fmt.Sprintf(format, args...))
+}
+
+func (l *testLog) has(s string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, line := range l.lines {
+		if strings.Contains(line, s) {
+			return true
+		}
+	}
+	return false
+}
+
+func (l *testLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.lines, "\n")
+}
+
+// takeoverSetup runs a holder in this process and returns the options
+// of attaches that keep their device in it, and a function that stops
+// it.
+func takeoverSetup(t *testing.T, dir string) (FUSELoopOptions, *testLog, func()) {
+	t.Helper()
+	holders := filepath.Join(dir, "holders")
+	if err := os.Mkdir(holders, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	h, err := holder.Listen(holder.Socket(holders, "test"), holder.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		h.Serve(ctx)
+	}()
+	stop := func() {
+		cancel()
+		<-done
+	}
+	t.Cleanup(stop)
+	log := &testLog{}
+	return FUSELoopOptions{
+		StateDir:     filepath.Join(dir, "state"),
+		StateFile:    filepath.Join(dir, "state", "fuse-loop-test"),
+		HolderDir:    holders,
+		HolderSocket: holder.Socket(holders, "test"),
+		Logf:         log.logf,
+	}, log, stop
+}
+
+// served tracks the device currently attached, for a forced detach if
+// the test fails.
+type served struct{ dev Device }
+
+func (s *served) attach(t *testing.T, vol Volume, opts FUSELoopOptions) Device {
+	t.Helper()
+	dev, err := AttachFUSELoop(context.Background(), vol, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.dev = dev
+	return dev
+}
+
+func pattern(n int, seed byte) []byte {
+	b := alignbuf.Make(n, 0)
+	for i := range b {
+		b[i] = byte(i%251) ^ seed
+	}
+	return b
+}
+
+// writeAsync writes p at off through f in the background.
+func writeAsync(f *os.File, p []byte, off int64) <-chan error {
+	ch := make(chan error, 1)
+	go func() {
+		_, err := f.WriteAt(p, off)
+		ch <- err
+	}()
+	return ch
+}
+
+func waitDone(t *testing.T, what string, ch <-chan error) {
+	t.Helper()
+	select {
+	case err := <-ch:
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: still waiting after 10s", what)
+	}
+}
+
+func notDone(t *testing.T, what string, ch <-chan error) {
+	t.Helper()
+	select {
+	case err := <-ch:
+		t.Fatalf("%s finished (err %v) while no server answered it", what, err)
+	case <-time.After(300 * time.Millisecond):
+	}
+}
+
+// TestFUSELoopTakeover: a released fuse-loop device is taken back by the
+// next attach: same device, data intact, and a write issued while no
+// server ran completes. A request whose reader died before answering is
+// sent again to the next server.
+func TestFUSELoopTakeover(t *testing.T) {
+	testutil.RequireKernel(t)
+	dir := testutil.KernelDir(t)
+	opts, log, _ := takeoverSetup(t, dir)
+	vol := &memVolume{data: make([]byte, 32<<20), failAt: -1}
+
+	// The reader that takes the first write at 12 MiB drops it, as if
+	// its process died; the hook notes the request coming back.
+	var dropped, resent atomic.Bool
+	testHookServe = func(h inHeader, args []byte) bool {
+		if h.Opcode != opWrite {
+			return false
+		}
+		if in, _, _ := parseWriteIn(args); in.Offset != 12<<20 {
+			return false
+		}
+		if h.Unique&uniqueResend != 0 {
+			resent.Store(true)
+			return false
+		}
+		return dropped.CompareAndSwap(false, true)
+	}
+	var s served
+	t.Cleanup(func() {
+		if s.dev != nil {
+			s.dev.ForceDetach()
+		}
+		testHookServe = nil
+	})
+
+	first := s.attach(t, vol, opts)
+	if first.TakenBack() {
+		t.Fatal("a new device says it was taken back")
+	}
+	backing := testutil.TrackLoop(t, first.Path())
+	if _, err := os.Stat(opts.StateFile); err != nil {
+		t.Fatalf("no state file: %v\n%s", err, log)
+	}
+	// The device's user across the handovers: without one a released
+	// device clears itself.
+	f, err := os.OpenFile(first.Path(), os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	data := pattern(1<<20, 1)
+	if _, err := f.WriteAt(data, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := first.Release(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s.dev = nil
+	late := pattern(4096, 2)
+	wrote := writeAsync(f, late, 8<<20)
+	notDone(t, "a write after the release", wrote)
+
+	second := s.attach(t, vol, opts)
+	if !second.TakenBack() || second.Path() != first.Path() {
+		t.Fatalf("second attach: %s, taken back %v; want %s taken back\n%s", second.Path(), second.TakenBack(), first.Path(), log)
+	}
+	if !log.has("took back fuse-loop device " + first.Path()) {
+		t.Errorf("no takeover logged:\n%s", log)
+	}
+	waitDone(t, "the write that waited for the second server", wrote)
+	got := alignbuf.Make(1<<20, 0)
+	if _, err := f.ReadAt(got, 4<<20); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back after the takeover: %v", err)
+	}
+
+	dying := pattern(4096, 3)
+	wrote = writeAsync(f, dying, 12<<20)
+	for deadline := time.Now().Add(10 * time.Second); !dropped.Load(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the write at 12 MiB never reached a reader")
+		}
+	}
+	notDone(t, "a write whose reader died", wrote)
+	if err := second.Release(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s.dev = nil
+	third := s.attach(t, vol, opts)
+	if !third.TakenBack() || third.Path() != first.Path() {
+		t.Fatalf("third attach: %s, taken back %v\n%s", third.Path(), third.TakenBack(), log)
+	}
+	waitDone(t, "the write whose reader died", wrote)
+	if !resent.Load() {
+		t.Error("the dropped write did not come back marked as resent")
+	}
+	vol.mu.Lock()
+	intact := bytes.Equal(vol.data[4<<20:5<<20], data) && bytes.Equal(vol.data[8<<20:8<<20+4096], late) && bytes.Equal(vol.data[12<<20:12<<20+4096], dying)
+	vol.mu.Unlock()
+	if !intact {
+		t.Fatal("the volume lacks a write made across a handover")
+	}
+
+	f.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := third.Detach(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s.dev = nil
+	if _, err := os.Stat(opts.StateFile); !os.IsNotExist(err) {
+		t.Errorf("state file after detach: %v", err)
+	}
+	if names, err := holder.List(holder.Socket(opts.HolderDir, "test")); err != nil || len(names) != 0 {
+		t.Errorf("holder after detach: %v %v", names, err)
+	}
+	if id, bound := testutil.LoopBacking(first.Path()); bound && id == backing {
+		t.Errorf("%s still bound after detach", first.Path())
+	}
+}
+
+// TestFUSELoopStateFile: a state file that cannot be read is an error;
+// one whose connection no holder keeps is forgotten and a new device
+// made, as is one whose device cleared itself after a release.
+func TestFUSELoopStateFile(t *testing.T) {
+	testutil.RequireKernel(t)
+	dir := testutil.KernelDir(t)
+	opts, log, stopHolder := takeoverSetup(t, dir)
+	vol := &memVolume{data: make([]byte, 8<<20), failAt: -1}
+	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ content, want string }{
+		{`{"version":1,"loop":`, "corrupt"},
+		{`{"version":9,"loop":3}`, "version 9"},
+		{`{"version":1,"loop":3,"holder":"x","size":8388608,"fuse":{"minor":40,"maxWrite":1048576},"extra":1}`, "corrupt"},
+	} {
+		os.WriteFile(opts.StateFile, []byte(tc.content), 0o600)
+		if _, err := AttachFUSELoop(context.Background(), vol, opts); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("state %s: err %v, want one saying %q", tc.content, err, tc.want)
+		}
+	}
+
+	var s served
+	t.Cleanup(func() {
+		if s.dev != nil {
+			s.dev.ForceDetach()
+		}
+	})
+	nobody := fuseLoopState{Loop: 3, LoopDevice: 99, LoopInode: 99, Holder: "nobody@0:99", Size: vol.Size(), FUSE: fuseParams{Minor: 40, MaxWrite: 1 << 20}}
+	if err := writeFUSELoopState(opts.StateFile, nobody); err != nil {
+		t.Fatal(err)
+	}
+	dev := s.attach(t, vol, opts)
+	testutil.TrackLoop(t, dev.Path())
+	if dev.TakenBack() || !log.has("cannot take back fuse-loop device /dev/loop3: no holder") {
+		t.Fatalf("attach over a state file whose connection nobody keeps: taken back %v\n%s", dev.TakenBack(), log)
+	}
+	st, err := readFUSELoopState(opts.StateFile)
+	if err != nil || st.Loop != int(mustAtoi(t, strings.TrimPrefix(dev.Path(), "/dev/loop"))) {
+		t.Fatalf("state file of the new device: %+v %v", st, err)
+	}
+
+	// Released with nobody using it, the device stays: the holder keeps
+	// it open.
+	if err := dev.Release(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s.dev = nil
+	again := s.attach(t, vol, opts)
+	if !again.TakenBack() || again.Path() != dev.Path() {
+		t.Fatalf("attach after a release with nobody using the device: %s, taken back %v\n%s", again.Path(), again.TakenBack(), log)
+	}
+
+	// A holder that ends takes the connection and the device with it
+	// once nobody uses the device; the next attach makes a new one.
+	if err := again.Release(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s.dev = nil
+	stopHolder()
+	backing := testutil.LoopID{Device: st.LoopDevice, Inode: st.LoopInode}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if id, bound := testutil.LoopBacking(dev.Path()); !bound || id != backing {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s stayed after its holder ended", dev.Path())
+		}
+	}
+	dev = s.attach(t, vol, opts)
+	testutil.TrackLoop(t, dev.Path())
+	if dev.TakenBack() || !log.has("no descriptor holder keeps the FUSE connection of "+dev.Path()) {
+		t.Fatalf("attach after the holder ended: taken back %v\n%s", dev.TakenBack(), log)
+	}
+	if err := dev.Detach(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s.dev = nil
+}
+
+func mustAtoi(t *testing.T, s string) int64 {
+	t.Helper()
+	var n int64
+	if _, err := fmt.Sscan(s, &n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
