@@ -357,4 +357,3 @@ func (c *cluster) scrubRepairsFifoVolume(t *testing.T) {
 	c.sameReplicas(t, c.qv(t, vol))
 	c.deleteClaim(t, "scrub", vol, images)
 }
-
