@@ -2,10 +2,12 @@ package cluster
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -43,7 +45,8 @@ type fioRun struct {
 	node      string
 	vol       string
 	uid       string
-	kernelLog int // lines of the kernel log before the run
+	device    string // the volume's device on node, e.g. loop3
+	kernelLog int    // lines of the kernel log before the run
 }
 
 func (c *cluster) startFio(t *testing.T, name, node string) *fioRun {
@@ -51,8 +54,10 @@ func (c *cluster) startFio(t *testing.T, name, node string) *fioRun {
 	c.apply(t, pvc(name, "quorum-fifo", "256Mi", false))
 	c.apply(t, pod(name, node, name, false, fioScript))
 	c.waitPod(t, name, "Running", 3*time.Minute)
-	r := &fioRun{c: c, name: name, node: node, kernelLog: len(kernelLog(t))}
+	r := &fioRun{c: c, name: name, node: node}
 	r.vol = c.volumeOf(t, name)
+	r.device = c.stagedDevice(t, node, r.vol)
+	r.kernelLog = len(kernelLog(t, r.device))
 	r.uid = strings.TrimSpace(c.kubectl("-n", appNamespace, "get", "pod", name, "-o", "jsonpath={.metadata.uid}"))
 	r.waitRounds(t, 1, 3*time.Minute)
 	if qv := c.qv(t, r.vol); !qvtest.Ready(qv) {
@@ -108,7 +113,7 @@ func (r *fioRun) finish(t *testing.T) {
 		}
 	}
 	t.Logf("fio: %d rounds of 64 MiB randwrite with verify, 0 errors; stall: max %d ms over %d probe writes", strings.Count(logs, " ok\n"), maxMS, n)
-	if bad := kernelLog(t)[r.kernelLog:]; len(bad) > 0 {
+	if bad := kernelLog(t, r.device)[r.kernelLog:]; len(bad) > 0 {
 		t.Errorf("I/O errors in the kernel log during the run:\n%s", strings.Join(bad, "\n"))
 	}
 	c.deletePod(t, r.name)
@@ -119,16 +124,39 @@ func (r *fioRun) finish(t *testing.T) {
 	c.nodeClean(t, r.node, r.vol)
 }
 
-// kernelLog returns the kernel's I/O error lines (block layer, ext4,
-// FUSE) since boot; callers compare counts.
-func kernelLog(t *testing.T) []string {
+// stagedDevice is the device (its name, loop3) the data path on node
+// serves the volume as, from its record.
+func (c *cluster) stagedDevice(t *testing.T, node, vol string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(c.root, "nodes", node, "run-quorum-csi", "state", "volumes", vol+".json"))
+	if err != nil {
+		t.Fatalf("the data path's record of %s on %s: %v", vol, node, err)
+	}
+	var rec struct {
+		Device string `json:"device"`
+	}
+	if err := json.Unmarshal(b, &rec); err != nil || rec.Device == "" {
+		t.Fatalf("the data path's record of %s on %s: %v: %s", vol, node, err, b)
+	}
+	return filepath.Base(rec.Device)
+}
+
+// kernelLog returns the kernel's I/O error lines (block layer, ext4)
+// about dev since boot; callers compare counts. Other devices are left
+// out: the kernel log is the machine's, and other tests may fail I/O on
+// their own devices on purpose.
+func kernelLog(t *testing.T, dev string) []string {
 	t.Helper()
 	out, err := exec.Command("dmesg").Output()
 	if err != nil {
 		t.Fatalf("dmesg: %v", err)
 	}
 	var bad []string
+	ours := regexp.MustCompile(`\b` + regexp.QuoteMeta(dev) + `\b`)
 	for _, l := range strings.Split(string(out), "\n") {
+		if !ours.MatchString(l) {
+			continue
+		}
 		if strings.Contains(l, "I/O error") || strings.Contains(l, "EXT4-fs error") || strings.Contains(l, "Buffer I/O") ||
 			strings.Contains(l, "EXT4-fs warning") && strings.Contains(l, "I/O") {
 			bad = append(bad, l)
