@@ -59,7 +59,7 @@ func (c *cluster) startFio(t *testing.T, name, node string) *fioRun {
 	r.device = c.stagedDevice(t, node, r.vol)
 	r.kernelLog = len(kernelLog(t, r.device))
 	r.uid = strings.TrimSpace(c.kubectl("-n", appNamespace, "get", "pod", name, "-o", "jsonpath={.metadata.uid}"))
-	r.waitRounds(t, 1, 3*time.Minute)
+	r.waitRounds(t, 1, 6*time.Minute)
 	if qv := c.qv(t, r.vol); !qvtest.Ready(qv) {
 		t.Fatalf("volume %s before the test: phase %s, replicas %+v", r.vol, qv.Status.Phase, qv.Status.Replicas)
 	}
@@ -252,7 +252,7 @@ func (c *cluster) nodePluginKilled(t *testing.T) {
 	r := c.startFio(t, "plugkill", "node1")
 	at := r.rounds(t)
 	c.killAndWait(t, "node1", "node", "node", "quorum-node")
-	r.waitRounds(t, at+1, 3*time.Minute)
+	r.waitRounds(t, at+1, 6*time.Minute)
 	r.finish(t)
 }
 
@@ -267,7 +267,7 @@ func (c *cluster) dataPathKilled(t *testing.T) {
 	if qv := c.qv(t, r.vol); len(qv.Status.Attachments) != 1 {
 		t.Fatalf("attachments after the kill: %+v", qv.Status.Attachments)
 	}
-	r.waitRounds(t, at+1, 3*time.Minute)
+	r.waitRounds(t, at+1, 6*time.Minute)
 	c.waitQV(t, r.vol, "DataPathReady True on node1", time.Minute, func(qv *v1alpha1.QuorumVolume) bool {
 		return attachmentReady(qv, "node1") == "True"
 	})
@@ -300,7 +300,7 @@ func (c *cluster) nodeRolloutRestart(t *testing.T) {
 	c.waitDaemonSetReady(t, "quorum-csi-node")
 	c.waitDaemonSetReady(t, "quorum-csi-datapath")
 	t.Logf("both DaemonSets rolled over three nodes in %s", time.Since(began).Round(time.Second))
-	r.waitRounds(t, at+1, 3*time.Minute)
+	r.waitRounds(t, at+1, 6*time.Minute)
 	r.finish(t)
 }
 
@@ -333,7 +333,7 @@ func (c *cluster) helmUpgrade(t *testing.T) {
 	if !strings.Contains(logs, "asking it to hand over") {
 		t.Errorf("no data path asked its predecessor to hand over:\n%s", logs)
 	}
-	r.waitRounds(t, at+1, 3*time.Minute)
+	r.waitRounds(t, at+1, 6*time.Minute)
 	r.finish(t)
 }
 
