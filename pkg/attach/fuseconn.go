@@ -324,11 +324,12 @@ func (c *fuseConn) stop(ctx context.Context) error {
 	}
 }
 
-// resend asks the kernel to queue again what a dead server had read and
-// not answered; the readers get those requests with uniqueResend set.
-func (c *fuseConn) resend() error {
+// resend asks the kernel to queue again every request read from the
+// /dev/fuse descriptor fd's connection and not answered: what a dead
+// server had taken. Readers get them with uniqueResend set.
+func resend(fd int) error {
 	var msg [outHeaderSize]byte
-	if _, err := unix.Write(c.fd, msg[:putNotify(msg[:], notifyResend)]); err != nil {
+	if _, err := unix.Write(fd, msg[:putNotify(msg[:], notifyResend)]); err != nil {
 		return fmt.Errorf("fuse: notify resend: %w", err)
 	}
 	return nil
