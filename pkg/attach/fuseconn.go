@@ -235,16 +235,22 @@ func (c *fuseConn) waitRead(r *reader) (int, error) {
 	c.pollMu.Lock()
 	defer c.pollMu.Unlock()
 	fds := []unix.PollFd{{Fd: int32(c.fd), Events: unix.POLLIN}, {Fd: int32(c.stopFD), Events: unix.POLLIN}}
+	// Poll before reading: the caller has just found nothing, and poll
+	// returns at once if a request came meanwhile (it reports the state,
+	// not a change).
 	for {
+		if c.stopping.Load() {
+			return 0, errStopped
+		}
+		if _, err := unix.Poll(fds, -1); err != nil && err != unix.EINTR {
+			return 0, fmt.Errorf("poll /dev/fuse: %w", err)
+		}
 		if c.stopping.Load() {
 			return 0, errStopped
 		}
 		n, err := unix.Read(c.fd, r.request())
 		if err != unix.EAGAIN {
 			return n, err
-		}
-		if _, err := unix.Poll(fds, -1); err != nil && err != unix.EINTR {
-			return 0, fmt.Errorf("poll /dev/fuse: %w", err)
 		}
 	}
 }
