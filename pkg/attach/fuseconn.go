@@ -235,16 +235,22 @@ func (c *fuseConn) waitRead(r *reader) (int, error) {
 	c.pollMu.Lock()
 	defer c.pollMu.Unlock()
 	fds := []unix.PollFd{{Fd: int32(c.fd), Events: unix.POLLIN}, {Fd: int32(c.stopFD), Events: unix.POLLIN}}
+	// Poll before reading: the caller has just found nothing, and poll
+	// returns at once if a request came meanwhile (it reports the state,
+	// not a change).
 	for {
+		if c.stopping.Load() {
+			return 0, errStopped
+		}
+		if _, err := unix.Poll(fds, -1); err != nil && err != unix.EINTR {
+			return 0, fmt.Errorf("poll /dev/fuse: %w", err)
+		}
 		if c.stopping.Load() {
 			return 0, errStopped
 		}
 		n, err := unix.Read(c.fd, r.request())
 		if err != unix.EAGAIN {
 			return n, err
-		}
-		if _, err := unix.Poll(fds, -1); err != nil && err != unix.EINTR {
-			return 0, fmt.Errorf("poll /dev/fuse: %w", err)
 		}
 	}
 }
@@ -324,11 +330,12 @@ func (c *fuseConn) stop(ctx context.Context) error {
 	}
 }
 
-// resend asks the kernel to queue again what a dead server had read and
-// not answered; the readers get those requests with uniqueResend set.
-func (c *fuseConn) resend() error {
+// resend asks the kernel to queue again every request read from the
+// /dev/fuse descriptor fd's connection and not answered: what a dead
+// server had taken. Readers get them with uniqueResend set.
+func resend(fd int) error {
 	var msg [outHeaderSize]byte
-	if _, err := unix.Write(c.fd, msg[:putNotify(msg[:], notifyResend)]); err != nil {
+	if _, err := unix.Write(fd, msg[:putNotify(msg[:], notifyResend)]); err != nil {
 		return fmt.Errorf("fuse: notify resend: %w", err)
 	}
 	return nil

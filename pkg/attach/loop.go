@@ -37,8 +37,10 @@ import (
 // to resend what the dead process had read but not answered
 // (FUSE_NOTIFY_RESEND, Linux 6.9). Those requests may thus be served
 // twice: for block reads and writes of the same data that is harmless.
-// The caller recovers the engine's write intent before Attach, so the
-// order is: recover, serve, resend.
+// The caller recovers the engine's write intent before Attach, so no
+// request reaches an engine that has not recovered. The resend comes
+// before our readers start: the kernel moves back every request read
+// and not answered, and would take those our readers are serving too.
 
 // FUSELoopOptions configure AttachFUSELoop.
 type FUSELoopOptions struct {
@@ -288,13 +290,20 @@ func takeBackFUSELoop(vol Volume, opts FUSELoopOptions) (*fuseLoop, error) {
 		holder.Drop(opts.HolderDir, st.Holder)
 		return nil, forget("its FUSE connection has ended")
 	}
+	// Resent before any reader runs: the kernel moves back every request
+	// read and not answered, ours too once we read.
+	if err := resend(fd); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("attach: take back %s: %w", dev, err)
+	}
 	fl := &fuseLoop{num: st.Loop, id: st.loopID(), logf: opts.Logf, holderDir: opts.HolderDir, holderSocket: opts.HolderSocket, takenBack: true}
 	fs := &fileSystem{vol: vol, ino: st.LoopInode}
 	if fl.conn, err = newFUSEConn(fd, fs, st.FUSE, opts.Readers, opts.Logf); err != nil {
 		return nil, fmt.Errorf("attach: take back %s: %w", dev, err)
 	}
-	// The readers run before the device is looked at, so that whatever
-	// the kernel asks the server meanwhile is answered.
+	// The device is looked at once the readers run, so that whatever the
+	// kernel asks the server meanwhile is answered. The holder kept it
+	// open, so it sits on this connection unless the state file lies.
 	loop, id, err := openLoop(st.Loop, os.O_RDONLY)
 	if err != nil || id != st.loopID() {
 		fl.conn.stop(context.Background())
@@ -309,13 +318,6 @@ func takeBackFUSELoop(vol Volume, opts FUSELoopOptions) (*fuseLoop, error) {
 		return nil, forget("it no longer sits on this volume's FUSE file (%v); the FUSE connection is closed", err)
 	}
 	fl.loop = loop
-	if err := fl.conn.resend(); err != nil {
-		// The connection stays in its holder for another attempt.
-		fl.conn.stop(context.Background())
-		fl.conn.close()
-		loop.Close()
-		return nil, fmt.Errorf("attach: take back %s: %w", dev, err)
-	}
 	if err := fl.putHolder(st.Holder); err != nil {
 		opts.Logf("taking back %s: %v; it stays in the holder it was in", dev, err)
 	}

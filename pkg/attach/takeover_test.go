@@ -96,6 +96,25 @@ func (s *served) attach(t *testing.T, vol Volume, opts FUSELoopOptions) Device {
 	return dev
 }
 
+// release hands the served device over.
+func (s *served) release(t *testing.T) {
+	t.Helper()
+	if err := s.dev.Release(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s.dev = nil
+}
+
+// takeBack attaches again and expects the device at path taken back.
+func (s *served) takeBack(t *testing.T, vol Volume, opts FUSELoopOptions, path string, log *testLog) Device {
+	t.Helper()
+	dev := s.attach(t, vol, opts)
+	if !dev.TakenBack() || dev.Path() != path {
+		t.Fatalf("attach: %s, taken back %v; want %s taken back\n%s", dev.Path(), dev.TakenBack(), path, log)
+	}
+	return dev
+}
+
 func pattern(n int, seed byte) []byte {
 	b := alignbuf.Make(n, 0)
 	for i := range b {
@@ -189,18 +208,12 @@ func TestFUSELoopTakeover(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if err := first.Release(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	s.dev = nil
+	s.release(t)
 	late := pattern(4096, 2)
 	wrote := writeAsync(f, late, 8<<20)
 	notDone(t, "a write after the release", wrote)
 
-	second := s.attach(t, vol, opts)
-	if !second.TakenBack() || second.Path() != first.Path() {
-		t.Fatalf("second attach: %s, taken back %v; want %s taken back\n%s", second.Path(), second.TakenBack(), first.Path(), log)
-	}
+	s.takeBack(t, vol, opts, first.Path(), log)
 	if !log.has("took back fuse-loop device " + first.Path()) {
 		t.Errorf("no takeover logged:\n%s", log)
 	}
@@ -218,14 +231,8 @@ func TestFUSELoopTakeover(t *testing.T) {
 		}
 	}
 	notDone(t, "a write whose reader died", wrote)
-	if err := second.Release(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	s.dev = nil
-	third := s.attach(t, vol, opts)
-	if !third.TakenBack() || third.Path() != first.Path() {
-		t.Fatalf("third attach: %s, taken back %v\n%s", third.Path(), third.TakenBack(), log)
-	}
+	s.release(t)
+	third := s.takeBack(t, vol, opts, first.Path(), log)
 	waitDone(t, "the write whose reader died", wrote)
 	if !resent.Load() {
 		t.Error("the dropped write did not come back marked as resent")
@@ -299,21 +306,12 @@ func TestFUSELoopStateFile(t *testing.T) {
 
 	// Released with nobody using it, the device stays: the holder keeps
 	// it open.
-	if err := dev.Release(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	s.dev = nil
-	again := s.attach(t, vol, opts)
-	if !again.TakenBack() || again.Path() != dev.Path() {
-		t.Fatalf("attach after a release with nobody using the device: %s, taken back %v\n%s", again.Path(), again.TakenBack(), log)
-	}
+	s.release(t)
+	s.takeBack(t, vol, opts, dev.Path(), log)
 
 	// A holder that ends takes the connection and the device with it
 	// once nobody uses the device; the next attach makes a new one.
-	if err := again.Release(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	s.dev = nil
+	s.release(t)
 	stopHolder()
 	backing := testutil.LoopID{Device: st.LoopDevice, Inode: st.LoopInode}
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
