@@ -171,11 +171,14 @@ func serve(o options, log logr.Logger) error {
 	}
 
 	// The agent serves this node's replicas, the staged volumes' local
-	// ones among them: it runs first, and the volumes are taken back
-	// while it comes up (TakeOver retries).
+	// ones among them: it runs first, and the volumes are taken back as
+	// soon as it serves the replicas on disk (before it has reached the
+	// API server; TakeOver still retries for the other nodes' replicas).
 	agentCtx, stopAgent := context.WithCancel(ctx)
 	defer stopAgent()
 	agentDone := make(chan error, 1)
+	serving := make(chan struct{})
+	o.agent.Serving = func() { close(serving) }
 	go func() { agentDone <- agent.Run(agentCtx, rc, o.agent) }()
 
 	// letGo ends this process's service, once: for a successor that
@@ -211,6 +214,12 @@ func serve(o options, log logr.Logger) error {
 	defer hs.Close()
 
 	start := time.Now()
+	select {
+	case <-serving:
+	case err := <-agentDone:
+		agentDone <- err // for letGo
+		return errors.Join(fmt.Errorf("node agent stopped before it served: %w", err), letGo("the node agent stopped"))
+	}
 	svc.TakeOver(ctx)
 	log.Info("data path ready", "volumes", len(svc.List()), "took", time.Since(start).String(), "frontend", svc.Frontend(), "socket", o.socket)
 

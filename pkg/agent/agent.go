@@ -71,6 +71,10 @@ type Config struct {
 	// Logger receives structured logs; the NBD server logs through it
 	// too.
 	Logger logr.Logger
+	// Serving, if set, is called once the NBD server listens with the
+	// replicas on disk exported, before the agent reaches the API
+	// server: the data path takes its staged volumes back from then on.
+	Serving func()
 }
 
 // FieldManager is the field manager of node's status reports.
@@ -171,6 +175,30 @@ func Run(ctx context.Context, rc *rest.Config, cfg Config) (err error) {
 	undo = append(undo, srv.Close)
 	m := newMetrics()
 	set := &replicaSet{dir: cfg.DataDir, srv: srv, m: m, log: log, served: map[string]*served{}}
+	// Clients (the staged volumes, this node's and others') wait for a
+	// restarted agent: it serves what it has before it asks the API
+	// server anything.
+	set.serveOnDisk()
+	undo = append(undo, set.stopAll)
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	listeners := []net.Listener{l}
+	if ul != nil {
+		listeners = append(listeners, ul)
+	}
+	serveErr := make(chan error, len(listeners))
+	for _, l := range listeners {
+		go func() {
+			err := srv.Serve(l)
+			if !errors.Is(err, nbd.ErrServerClosed) {
+				cancel() // the agent is useless without its server
+			}
+			serveErr <- err
+		}()
+	}
+	if cfg.Serving != nil {
+		cfg.Serving()
+	}
 	mgr, err := newManager(rc, cfg, log)
 	if err != nil {
 		return err
@@ -212,22 +240,6 @@ func Run(ctx context.Context, rc *rest.Config, cfg Config) (err error) {
 		return fmt.Errorf("node agent: %w", err)
 	}
 
-	runCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	listeners := []net.Listener{l}
-	if ul != nil {
-		listeners = append(listeners, ul)
-	}
-	serveErr := make(chan error, len(listeners))
-	for _, l := range listeners {
-		go func() {
-			err := srv.Serve(l)
-			if !errors.Is(err, nbd.ErrServerClosed) {
-				cancel() // the agent is useless without its server
-			}
-			serveErr <- err
-		}()
-	}
 	log.Info("node agent running", "nbd", l.Addr().String(), "localSocket", cfg.LocalSocket, "endpoint", ep, "tls", cfg.TLS != nil, "dataDir", cfg.DataDir, "namespace", cfg.Namespace)
 	if cfg.TLS == nil {
 		log.Info("WARNING: serving replicas without TLS: anyone who can reach the address and present a current epoch can write (give --tls-dir)")
@@ -304,8 +316,14 @@ func logOrphans(ctx context.Context, c client.Reader, set *replicaSet, node stri
 			continue
 		}
 		for _, rep := range reps {
-			if !placed[vol+"/"+rep] {
-				log.Info("orphaned replica image: no QuorumVolume places it on this node; left in place", "path", set.replicaPath(vol, rep))
+			if placed[vol+"/"+rep] {
+				continue
+			}
+			log.Info("orphaned replica image: no QuorumVolume places it on this node; left in place", "path", set.replicaPath(vol, rep))
+			if stopped, err := set.stopUnconfirmed(vol); err != nil {
+				log.Error(err, "stop serving an orphaned replica served from disk at start", "volume", vol)
+			} else if stopped {
+				log.Info("stopped serving the orphaned replica served from disk at start", "volume", vol)
 			}
 		}
 	}

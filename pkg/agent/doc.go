@@ -49,6 +49,13 @@
 // state stays the controller's, and the image is kept until the entry
 // leaves the status.
 //
+// At start, before it reaches the API server, the agent serves every
+// volume folder's one image under its metadata's ids, so that the
+// clients of an agent that restarts (a rolling upgrade of cmd/datapath)
+// reconnect within moments instead of after its first reconcile; the
+// reconciler then finds them served. One of them that no QuorumVolume
+// places on N is an orphan (below) and stops being served.
+//
 // Healthy means the image exists and is served. Whether it holds every
 // write is known to the attached node's engine, not to the agent.
 //
@@ -77,7 +84,7 @@
 //     agent deletes that image too, and stops reporting it.
 //   - Nothing else is deleted: an image the agent cannot attribute to an
 //     entry it saw removed, or to a volume being deleted, is an orphan.
-//     The agent logs orphans at start and leaves them. This includes an
+//     The agent logs orphans at start and leaves them on disk. This includes an
 //     entry removed while the agent was not running, and a volume that
 //     disappeared without a deletionTimestamp seen by the agent.
 //

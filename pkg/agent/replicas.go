@@ -47,6 +47,9 @@ type served struct {
 	file               *replica.File
 	backends           []*backend
 	closeExtents       func() error
+	// unconfirmed: served from disk at start (serveOnDisk), and no
+	// QuorumVolume has placed it here since.
+	unconfirmed bool
 }
 
 // errNotOurs refuses to delete an image that cannot be attributed to the
@@ -70,12 +73,42 @@ func (s *replicaSet) lookup(vol string) (served, bool) {
 	return *sv, true
 }
 
+// confirm is lookup that also marks the replica served from disk as
+// placed when it is replica rep of the volume with uid.
+func (s *replicaSet) confirm(vol, uid, rep string) (served, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sv, ok := s.served[vol]
+	if !ok {
+		return served{}, false
+	}
+	if sv.uid == uid && sv.replica == rep {
+		sv.unconfirmed = false
+	}
+	return *sv, true
+}
+
+// stopUnconfirmed stops serving the volume's replica if it was served
+// from disk at start and nothing placed it since.
+func (s *replicaSet) stopUnconfirmed(vol string) (bool, error) {
+	s.mu.Lock()
+	sv, ok := s.served[vol]
+	if !ok || !sv.unconfirmed {
+		s.mu.Unlock()
+		return false, nil
+	}
+	delete(s.served, vol)
+	s.m.served.Set(float64(len(s.served)))
+	s.mu.Unlock()
+	return true, s.release(vol, sv)
+}
+
 // ensure makes sure replica rep of the volume (name vol, uid) exists with
 // size bytes and is served. It creates a missing image, reuses one with
 // the right ids (an agent restart), grows a smaller one, and refuses, never
 // overwriting, an image that belongs to another volume or replica.
 func (s *replicaSet) ensure(vol, uid, rep string, size int64) error {
-	if cur, ok := s.lookup(vol); ok {
+	if cur, ok := s.confirm(vol, uid, rep); ok {
 		if cur.uid != uid || cur.replica != rep {
 			return fmt.Errorf("node already serves replica %s of volume %s (uid %s) as export %q; one replica per volume and node", cur.replica, vol, cur.uid, vol)
 		}
@@ -255,6 +288,41 @@ func (s *replicaSet) onDisk(vol string) ([]string, error) {
 	}
 	slices.Sort(reps)
 	return reps, nil
+}
+
+// serveOnDisk serves, before the agent reaches the API server, every
+// replica its data folder holds (one image per volume folder, with
+// readable metadata): an agent that restarts, in a rolling upgrade
+// above all, then answers its clients as soon as it listens instead of
+// after its first reconcile, which can take seconds. The reconciler
+// then finds them served; logOrphans stops serving the ones no
+// QuorumVolume places here.
+func (s *replicaSet) serveOnDisk() {
+	vols, err := s.volumesOnDisk()
+	if err != nil {
+		s.log.Error(err, "serve the replicas on disk at start")
+		return
+	}
+	for _, vol := range vols {
+		reps, err := s.onDisk(vol)
+		if err != nil || len(reps) != 1 {
+			// Left to the reconciler, which knows which one is placed.
+			continue
+		}
+		path := s.replicaPath(vol, reps[0])
+		m, err := replica.ReadMeta(path)
+		if err != nil || m.ReplicaID != reps[0] {
+			s.log.Info("replica image not served at start: its metadata does not name it", "path", path, "error", err)
+			continue
+		}
+		if err := s.serve(vol, m.VolumeID, reps[0], path); err != nil {
+			s.log.Error(err, "serve a replica on disk at start", "path", path)
+			continue
+		}
+		s.mu.Lock()
+		s.served[vol].unconfirmed = true
+		s.mu.Unlock()
+	}
 }
 
 // volumesOnDisk lists the volume folders under the data folder.

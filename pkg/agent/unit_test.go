@@ -4,17 +4,21 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
+	"github.com/quorum-csi/quorum-csi/pkg/replica"
 )
 
 func TestEndpoint(t *testing.T) {
@@ -201,4 +205,65 @@ func value(t *testing.T, c prometheus.Counter) float64 {
 		t.Fatal(err)
 	}
 	return m.GetCounter().GetValue()
+}
+
+// exports is an exportServer that records what is exported.
+type exports map[string]bool
+
+func (x exports) AddExport(e nbd.Export) error { x[e.Name] = true; return nil }
+func (x exports) RemoveExport(name string) error {
+	delete(x, name)
+	return nil
+}
+
+// TestServeOnDisk: a restarted agent serves the replicas it finds before
+// it reaches the API server; a placement confirms one, and only the
+// unconfirmed ones stop as orphans.
+func TestServeOnDisk(t *testing.T) {
+	dir := t.TempDir()
+	const size = 1 << 20
+	create := func(vol, file, uid, rep string) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Join(dir, vol), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := replica.CreateWithID(filepath.Join(dir, vol, file+imageSuffix), size, uid, rep); err != nil {
+			t.Fatal(err)
+		}
+	}
+	create("placed", "r1", "uid-placed", "r1")
+	create("orphan", "r2", "uid-orphan", "r2")
+	create("two", "a", "uid-two", "a")
+	create("two", "b", "uid-two", "b")
+	create("renamed", "r3", "uid-renamed", "other")
+
+	x := exports{}
+	set := &replicaSet{dir: dir, srv: x, m: newMetrics(), log: logr.Discard(), served: map[string]*served{}}
+	t.Cleanup(func() { set.stopAll() })
+	set.serveOnDisk()
+	for _, name := range []string{"placed", "orphan"} {
+		if !x[name] {
+			t.Errorf("export %s not served from disk: %v", name, x)
+		}
+	}
+	for _, name := range []string{"two", "renamed"} {
+		if x[name] {
+			t.Errorf("export %s served from disk, want it left to the reconciler", name)
+		}
+	}
+	if err := set.ensure("placed", "uid-placed", "r1", size); err != nil {
+		t.Fatalf("ensure the replica served from disk: %v", err)
+	}
+	if err := set.ensure("orphan", "uid-new", "r2", size); err == nil {
+		t.Error("ensure of another uid under a served export: no error")
+	}
+	for _, tc := range []struct {
+		vol            string
+		stop, exported bool
+	}{{"placed", false, true}, {"orphan", true, false}, {"two", false, false}} {
+		stopped, err := set.stopUnconfirmed(tc.vol)
+		if err != nil || stopped != tc.stop || x[tc.vol] != tc.exported {
+			t.Errorf("stopUnconfirmed(%s): %v, %v (exported %v), want stopped %v, exported %v", tc.vol, stopped, err, x[tc.vol], tc.stop, tc.exported)
+		}
+	}
 }
