@@ -66,6 +66,9 @@ func TestCluster(t *testing.T) {
 	t.Run("PVCExpansion", c.pvcExpansion)
 	t.Run("ScrubRepairsFifoVolume", c.scrubRepairsFifoVolume)
 	t.Run("NodePluginKilled", c.nodePluginKilled)
+	t.Run("DataPathKilled", c.dataPathKilled)
+	t.Run("NodeRolloutRestart", c.nodeRolloutRestart)
+	t.Run("HelmUpgrade", c.helmUpgrade)
 }
 
 // start builds what is missing, brings the cluster up and installs the

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
+	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 )
 
 // The data path scenarios: a pod writes and verifies with fio on its PVC
@@ -251,6 +252,87 @@ func (c *cluster) nodePluginKilled(t *testing.T) {
 	r := c.startFio(t, "plugkill", "node1")
 	at := r.rounds(t)
 	c.killAndWait(t, "node1", "node", "node", "quorum-node")
+	r.waitRounds(t, at+1, 6*time.Minute)
+	r.finish(t)
+}
+
+// dataPathKilled: the data path on the pod's node is killed with
+// SIGKILL; its restarted container takes the device back (the FUSE
+// connection kept by the holder, or ublk user recovery), recovers the
+// write intent and has the kernel resend what was in flight.
+func (c *cluster) dataPathKilled(t *testing.T) {
+	r := c.startFio(t, "dpkill", "node1")
+	at := r.rounds(t)
+	c.killAndWait(t, "node1", "datapath", "datapath", "quorum-datapath")
+	if qv := c.qv(t, r.vol); len(qv.Status.Attachments) != 1 {
+		t.Fatalf("attachments after the kill: %+v", qv.Status.Attachments)
+	}
+	r.waitRounds(t, at+1, 6*time.Minute)
+	c.waitQV(t, r.vol, "DataPathReady True on node1", time.Minute, func(qv *v1alpha1.QuorumVolume) bool {
+		return attachmentReady(qv, "node1") == "True"
+	})
+	r.finish(t)
+}
+
+// attachmentReady is the DataPathReady condition's status of node's
+// attachment ("" if none).
+func attachmentReady(qv *v1alpha1.QuorumVolume, node string) string {
+	for _, a := range qv.Status.Attachments {
+		if a.Node != node {
+			continue
+		}
+		for _, cond := range a.Conditions {
+			if cond.Type == v1alpha1.AttachmentDataPathReady {
+				return string(cond.Status)
+			}
+		}
+	}
+	return ""
+}
+
+// nodeRolloutRestart: kubectl rollout restart of both node DaemonSets
+// across all three nodes, as an operator does after changing a setting.
+func (c *cluster) nodeRolloutRestart(t *testing.T) {
+	r := c.startFio(t, "rollout", "node1")
+	at := r.rounds(t)
+	began := time.Now()
+	c.kubectl("-n", namespace, "rollout", "restart", "daemonset/quorum-csi-node", "daemonset/quorum-csi-datapath")
+	c.waitDaemonSetReady(t, "quorum-csi-node")
+	c.waitDaemonSetReady(t, "quorum-csi-datapath")
+	t.Logf("both DaemonSets rolled over three nodes in %s", time.Since(began).Round(time.Second))
+	r.waitRounds(t, at+1, 6*time.Minute)
+	r.finish(t)
+}
+
+// helmUpgrade: helm upgrade to node images with another tag: both
+// DaemonSets roll, the data path hands over to its successor on each
+// node.
+func (c *cluster) helmUpgrade(t *testing.T) {
+	const upgraded = "quorum-csi/node:upgrade"
+	for n := range nodeIPs {
+		sock := filepath.Join(c.root, "nodes", n, "run-containerd", "containerd.sock")
+		out, err := exec.Command("ctr", "-a", sock, "-n", "k8s.io", "images", "tag", "--force",
+			"docker.io/quorum-csi/node:dev", "docker.io/"+upgraded).CombinedOutput()
+		if err != nil {
+			t.Fatalf("tag the node image on %s: %v\n%s", n, err, out)
+		}
+	}
+	r := c.startFio(t, "upgrade", "node1")
+	at := r.rounds(t)
+	began := time.Now()
+	c.helm(t, "upgrade", "quorum-csi", c.chart(), "--reuse-values", "--set", "image.node="+upgraded, "--wait", "--timeout", "6m")
+	c.waitDaemonSetReady(t, "quorum-csi-node")
+	c.waitDaemonSetReady(t, "quorum-csi-datapath")
+	images := c.kubectl("-n", namespace, "get", "pods", "-l", "app.kubernetes.io/component in (node,datapath)",
+		"-o", "jsonpath={.items[*].spec.containers[*].image}")
+	if strings.Count(images, upgraded) != strings.Count(images, "quorum-csi/node:") {
+		t.Fatalf("node pods after the upgrade run %s, want %s everywhere", images, upgraded)
+	}
+	t.Logf("helm upgrade rolled both DaemonSets in %s", time.Since(began).Round(time.Second))
+	logs := c.kubectl("-n", namespace, "logs", "-l", "app.kubernetes.io/component=datapath", "-c", "datapath", "--tail=-1")
+	if !strings.Contains(logs, "asking it to hand over") {
+		t.Errorf("no data path asked its predecessor to hand over:\n%s", logs)
+	}
 	r.waitRounds(t, at+1, 6*time.Minute)
 	r.finish(t)
 }
