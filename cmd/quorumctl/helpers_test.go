@@ -106,6 +106,9 @@ func startDaemon(t *testing.T, argv ...string) (*daemon, string) {
 	t.Helper()
 	d := &daemon{t: t, exited: make(chan struct{})}
 	d.cmd = exec.Command(argv[0], argv[1:]...)
+	// The race detector sleeps a second before a process exits, which
+	// the handover tests would count as the stall of a handover.
+	d.cmd.Env = append(os.Environ(), "GORACE="+strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
 	d.cmd.Stderr = d
 	stdout, err := d.cmd.StdoutPipe()
 	if err != nil {

@@ -172,8 +172,12 @@ func takeover(t *testing.T, planned bool, stop func(*attached)) {
 
 	stopping := time.Now()
 	stop(a)
+	stopped := time.Now()
+
 	b := attach(t, dir, args...)
-	t.Logf("the second attach printed its device %s after the first was signalled", time.Since(stopping).Round(time.Millisecond))
+	defer func() { t.Log(b.logs()) }()
+	t.Logf("the first attach ended %s after it was signalled; the second printed its device %s later",
+		stopped.Sub(stopping).Round(time.Millisecond), time.Since(stopped).Round(time.Millisecond))
 	if b.dev != a.dev {
 		t.Fatalf("second attach: %s, want %s taken back\n%s", b.dev, a.dev, b.logs())
 	}
