@@ -15,7 +15,9 @@
 //     reads again once it holds them all.
 //   - Writes run inside extents of a committed write intent (the
 //     Journal), so that after a crash Recover only has to reconcile those
-//     extents.
+//     extents. It does so in the background, and before any request to
+//     an extent it has not reached, so a volume taken over after a crash
+//     serves at once and never shows two versions of a byte.
 //   - ReadPatternQuorum reads every healthy child and votes. The content
 //     that the most children returned wins if at least t children returned
 //     it; otherwise the read fails with a QUORUM_FAILURE. Children are

@@ -79,6 +79,7 @@ type Engine struct {
 	dirtyMu    sync.Mutex
 
 	intent     intentLog
+	recovery   recovery
 	journalMu  sync.Mutex
 	lastActive []int64 // extents in the last committed record
 
@@ -316,6 +317,9 @@ func (e *Engine) modify(ctx context.Context, op Op, off, length int64, fn func(c
 	if err := e.checkRange(op, off, length); err != nil {
 		return err
 	}
+	if err := e.recoverRange(ctx, off, length); err != nil {
+		return fmt.Errorf("%s at %d length %d: %w", op, off, length, err)
+	}
 	r, err := e.ranges.acquire(ctx, off, off+length, true)
 	if err != nil {
 		return fmt.Errorf("%s at %d length %d: %w", op, off, length, err)
@@ -383,6 +387,9 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off int64) error {
 	length := int64(len(p))
 	if err := e.checkRange(OpRead, off, length); err != nil {
 		return err
+	}
+	if err := e.recoverRange(ctx, off, length); err != nil {
+		return fmt.Errorf("read at %d length %d: %w", off, length, err)
 	}
 	r, err := e.ranges.acquire(ctx, off, off+length, false)
 	if err != nil {

@@ -2,13 +2,16 @@ package quorum
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 )
 
-// RecoverStats says what Recover did.
+// RecoverStats says what crash recovery did.
 type RecoverStats struct {
 	Extents  int   `json:"extents"`
 	Compared int64 `json:"comparedBytes"`
@@ -18,22 +21,43 @@ type RecoverStats struct {
 // recoverChunk is the unit of comparison during recovery.
 const recoverChunk = 1 << 20
 
-// recoverWorkers chunks are compared at a time, and the copies of each
-// are read at once: a takeover after a crash serves nothing until
-// recovery ends, and the replicas' disks and network answer a queue of
-// requests much faster than one at a time.
+// recoverWorkers extents are recovered at a time in the background, and
+// the copies of each chunk are read at once: the replicas' disks and
+// network answer a queue of requests much faster than one at a time.
 const recoverWorkers = 4
 
-// Recover makes the healthy children identical in the extents of a
-// record that was active when the last user of the volume stopped without
-// Shutdown (a crash). Only there can they differ: every write ran inside
-// a committed extent. The first healthy child that answers is the
-// source: a write acknowledged before the crash is on every healthy
-// child, so any of them holds it, and a write that was not acknowledged
-// may land either way. Children that are not in sync get the extents
-// added to their dirty maps, since their maps may lag there. Call it
-// before any I/O.
-func (e *Engine) Recover(ctx context.Context, active []int64) (RecoverStats, error) {
+// recovery is the crash recovery under way: the extents the children
+// may still differ in.
+type recovery struct {
+	// n counts the extents left, read without mu by every request.
+	n  atomic.Int64
+	mu sync.Mutex
+	// left maps each extent left to nil, or while it is being recovered
+	// to a channel closed when that attempt ends.
+	left map[int64]chan struct{}
+	st   RecoverStats
+	err  error         // the background recovery's failure
+	done chan struct{} // closed when the background recovery ends
+}
+
+// Recover starts crash recovery: it makes the healthy children identical
+// in the extents of a record that was active when the last user of the
+// volume stopped without Shutdown (a crash). Only there can they differ:
+// every write ran inside a committed extent. The first healthy child
+// that answers is the source: a write acknowledged before the crash is on
+// every healthy child, so any of them holds it, and a write that was not
+// acknowledged may land either way. Children that are not in sync get
+// the extents added to their dirty maps, since their maps may lag there.
+//
+// Call it once, before any I/O. It returns at once: an extent is
+// recovered when a request first touches it (the request waits for
+// that extent alone), and the rest in the background, so a volume taken
+// over after a crash serves again without first comparing up to the
+// whole write intent (4 GiB by default). The extents stay in the write
+// intent until they are recovered, through any commit or Shutdown, so
+// a crash during recovery leaves them to the next attach. Recovered
+// waits for the end.
+func (e *Engine) Recover(active []int64) {
 	e.journalMu.Lock()
 	e.lastActive = active
 	e.journalMu.Unlock()
@@ -48,62 +72,170 @@ func (e *Engine) Recover(ctx context.Context, active []int64) (RecoverStats, err
 	}
 	e.dirtyMu.Unlock()
 
-	type chunk struct{ off, n int64 }
-	chunks := make(chan chunk)
-	var (
-		mu     sync.Mutex // guards st and err
-		st     = RecoverStats{Extents: len(active)}
-		err    error
-		failed atomic.Bool
-		wg     sync.WaitGroup
-	)
-	for range recoverWorkers {
+	r := &e.recovery
+	r.left = make(map[int64]chan struct{}, len(active))
+	r.st.Extents = len(active)
+	r.done = make(chan struct{})
+	l := &e.intent
+	l.mu.Lock()
+	for _, x := range active {
+		r.left[x] = nil
+		// Pinned, as if a write were in flight there, until recovered:
+		// an extent evicted from the intent would leave the record.
+		l.active[x] = &extentUse{inflight: 1}
+	}
+	l.mu.Unlock()
+	r.n.Store(int64(len(active)))
+
+	todo := make(chan int64, len(active))
+	for _, x := range active {
+		todo <- x
+	}
+	close(todo)
+	var wg sync.WaitGroup
+	for range min(recoverWorkers, len(active)) {
 		wg.Add(1)
+		e.bgWG.Add(1)
 		go func() {
+			defer e.bgWG.Done()
 			defer wg.Done()
-			bufs := make([][]byte, len(e.children))
-			for i := range bufs {
-				bufs[i] = getBuf(recoverChunk)
-			}
-			defer func() {
-				for _, b := range bufs {
-					putBuf(b)
+			for x := range todo {
+				if err := e.recoverExtent(e.bg, x); err != nil {
+					r.mu.Lock()
+					r.err = cmp.Or(r.err, err)
+					r.mu.Unlock()
+					return
 				}
-			}()
-			for c := range chunks {
-				if failed.Load() {
-					continue
-				}
-				var cs RecoverStats
-				cerr := e.reconcile(ctx, bufs, c.off, c.n, &cs)
-				mu.Lock()
-				st.Compared += cs.Compared
-				st.Repaired += cs.Repaired
-				if cerr != nil && err == nil {
-					err = cerr
-					failed.Store(true)
-				}
-				mu.Unlock()
 			}
 		}()
 	}
-	for _, x := range active {
-		end := min((x+1)*extent, e.size)
-		for off := x * extent; off < end && !failed.Load(); off += recoverChunk {
-			chunks <- chunk{off, min(recoverChunk, end-off)}
+	e.bgWG.Add(1)
+	go func() {
+		defer e.bgWG.Done()
+		wg.Wait()
+		close(r.done)
+	}()
+}
+
+// Recovered waits until the crash recovery Recover started has ended
+// and says what it did; without Recover it returns at once. An error is
+// the reason the background recovery stopped (a quorum failure, or
+// Close); the extents left are recovered by the requests that touch
+// them, or by the next attach.
+func (e *Engine) Recovered(ctx context.Context) (RecoverStats, error) {
+	r := &e.recovery
+	if r.done != nil {
+		select {
+		case <-r.done:
+		case <-ctx.Done():
+			return RecoverStats{}, fmt.Errorf("wait for crash recovery: %w", ctx.Err())
 		}
 	}
-	close(chunks)
-	wg.Wait()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.st, r.err
+}
+
+// recoverRange recovers the extents of [off, off+length) that are left,
+// before a request touches them. It costs one atomic load once recovery
+// is over.
+func (e *Engine) recoverRange(ctx context.Context, off, length int64) error {
+	if e.recovery.n.Load() == 0 {
+		return nil
+	}
+	first, last := e.intent.extents(off, length)
+	for x := first; x <= last; x++ {
+		if err := e.recoverExtent(ctx, x); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// recoverExtent recovers extent x if it is left, or waits while another
+// goroutine does.
+func (e *Engine) recoverExtent(ctx context.Context, x int64) error {
+	r := &e.recovery
+	for {
+		r.mu.Lock()
+		ch, left := r.left[x]
+		if !left {
+			r.mu.Unlock()
+			return nil
+		}
+		if ch != nil {
+			r.mu.Unlock()
+			select {
+			case <-ch:
+				continue
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		ch = make(chan struct{})
+		r.left[x] = ch
+		r.mu.Unlock()
+
+		var st RecoverStats
+		err := e.reconcileExtent(ctx, x, &st)
+		r.mu.Lock()
+		r.st.Compared += st.Compared
+		r.st.Repaired += st.Repaired
+		if err == nil {
+			delete(r.left, x)
+			r.n.Add(-1)
+		} else {
+			r.left[x] = nil
+		}
+		close(ch)
+		r.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		l := &e.intent
+		l.mu.Lock()
+		if u := l.active[x]; u != nil {
+			u.inflight--
+		}
+		l.mu.Unlock()
+		return nil
+	}
+}
+
+// leftToRecover lists, ascending, the extents crash recovery has not
+// made identical yet.
+func (e *Engine) leftToRecover() []int64 {
+	r := &e.recovery
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Sorted(maps.Keys(r.left))
+}
+
+// reconcileExtent makes the healthy children identical in extent x, with
+// no request in it meanwhile.
+func (e *Engine) reconcileExtent(ctx context.Context, x int64, st *RecoverStats) error {
+	extent := e.cfg.ExtentSize
+	off, end := x*extent, min((x+1)*extent, e.size)
+	rr, err := e.ranges.acquire(ctx, off, end, true)
 	if err != nil {
-		return st, err
+		return err
 	}
-	e.faultMu.Lock()
-	defer e.faultMu.Unlock()
-	if err := e.commitRecord(ctx, []int64{}); err != nil {
-		return st, fmt.Errorf("recover: %w", err)
+	defer e.ranges.release(rr)
+	bufs := make([][]byte, len(e.children))
+	for i := range bufs {
+		bufs[i] = getBuf(recoverChunk)
 	}
-	return st, nil
+	defer func() {
+		for _, b := range bufs {
+			putBuf(b)
+		}
+	}()
+	for ; off < end; off += recoverChunk {
+		if err := e.reconcile(ctx, bufs, off, min(recoverChunk, end-off), st); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // reconcile reads n bytes at off from every healthy child at once (into
@@ -117,6 +249,11 @@ func (e *Engine) reconcile(ctx context.Context, bufs [][]byte, off, n int64, st 
 	errs := fanout(len(idx), func(k int) error {
 		return e.children[idx[k]].Child.ReadAt(ctx, bufs[idx[k]][:n], off)
 	})
+	if err := ctx.Err(); err != nil {
+		// Given up (Close, or the request that waited for it): no
+		// child is to blame.
+		return fmt.Errorf("recover at %d: %w", off, err)
+	}
 	src := -1
 	for k, i := range idx {
 		if errs[k] != nil {
@@ -132,6 +269,9 @@ func (e *Engine) reconcile(ctx context.Context, bufs [][]byte, off, n int64, st 
 			continue
 		}
 		if err := e.children[i].Child.WriteAt(ctx, bufs[src][:n], off); err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("recover at %d: %w", off, ctx.Err())
+			}
 			e.fault(i, OpWrite, off, n, fmt.Errorf("recover: %w", err))
 			continue
 		}
@@ -161,7 +301,10 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 	e.intent.mu.Unlock()
 	e.faultMu.Lock()
 	defer e.faultMu.Unlock()
-	return e.commitRecord(ctx, []int64{})
+	// Extents crash recovery has not reached stay in the record: the
+	// next attach recovers them. (Not nil, which commitRecord would take
+	// for the last record's extents.)
+	return e.commitRecord(ctx, append([]int64{}, e.leftToRecover()...))
 }
 
 // Quiesce makes a consistent cut of the volume while it stays open: it
@@ -171,6 +314,10 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 // recovery. Requests wait until resume is called (once); a ctx that ends
 // first gives up and lets them through.
 func (e *Engine) Quiesce(ctx context.Context) (resume func(), err error) {
+	// A cut holds no extent that the children may differ in.
+	if err := e.recoverRange(ctx, 0, e.size); err != nil {
+		return nil, fmt.Errorf("quiesce: finish crash recovery: %w", err)
+	}
 	rr, err := e.ranges.acquire(ctx, 0, e.size, true)
 	if err != nil {
 		return nil, fmt.Errorf("quiesce: %w", err)

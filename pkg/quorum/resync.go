@@ -152,6 +152,10 @@ func (e *Engine) resyncPass(ctx context.Context, i int) error {
 }
 
 func (e *Engine) copyRegion(ctx context.Context, i int, buf []byte, off int64) error {
+	// The healthy children agree here only once crash recovery has been.
+	if err := e.recoverRange(ctx, off, int64(len(buf))); err != nil {
+		return err
+	}
 	rr, err := e.ranges.acquire(ctx, off, off+int64(len(buf)), true)
 	if err != nil {
 		return err

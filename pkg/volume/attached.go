@@ -78,9 +78,9 @@ type Attached struct {
 // Attach assembles the replicas (recovering from a crash of the last
 // attach first), makes the block device, or takes back the device a
 // previous process served (see attach.Options.StateFile), and starts the
-// probe and the scrub. A device taken back is served only after the
-// engine recovered, so the requests its users had waiting see recovered
-// data.
+// probe and the scrub. Crash recovery runs in the background, and
+// before any request to an extent it has not reached, so the requests
+// the users of a device taken back had waiting see recovered data.
 func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 	a := &Attached{log: cmp.Or(cfg.Logger, slog.Default())}
 	// Events reach the metrics once they exist, after Open.
@@ -107,8 +107,7 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 		}
 	}()
 	if len(a.Unclean) > 0 {
-		a.log.Warn("the last attach did not detach cleanly; recovered the extents it had in flight", "replicas", a.Unclean,
-			"extents", a.Recovered.Extents, "comparedBytes", a.Recovered.Compared, "repairedBytes", a.Recovered.Repaired)
+		a.log.Warn("the last attach did not detach cleanly; recovering the extents it had in flight, in the background and before any request to one of them", "replicas", a.Unclean)
 	}
 	for _, p := range a.Stale {
 		a.log.Warn("replica missed writes; resyncing it in the background", "replica", p)
@@ -135,6 +134,21 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 	}
 	bg, stop := context.WithCancel(context.Background())
 	a.stop = stop
+	if len(a.Unclean) > 0 {
+		a.loops.Add(1)
+		go func() {
+			defer a.loops.Done()
+			start := time.Now()
+			st, err := a.Recovered(bg)
+			switch {
+			case bg.Err() != nil:
+			case err != nil:
+				a.log.Error("crash recovery stopped; requests recover the extents they touch, the next attach the rest", "volume", name, "error", err)
+			default:
+				a.log.Info("crash recovery done", "volume", name, "extents", st.Extents, "comparedBytes", st.Compared, "repairedBytes", st.Repaired, "took", time.Since(start).String())
+			}
+		}()
+	}
 	a.loops.Add(1)
 	go func() {
 		defer a.loops.Done()

@@ -63,16 +63,15 @@ type Volume struct {
 	Unclean []string
 	// Stale lists replicas that missed writes and are being resynced.
 	Stale []string
-	// Recovered says what crash recovery did at Open.
-	Recovered quorum.RecoverStats
-	scrub     scrubState
+	scrub scrubState
 }
 
 // Open opens and checks the replicas, in fifo order: paths of local
 // images, or NBD URIs of replicas on replica servers (nbd://, nbds://,
-// nbd+unix://). It recovers from a crash of the last attach (so that the
-// in-sync replicas are identical before any I/O) and starts resyncing
-// replicas that missed writes. Remote replicas are taken over first
+// nbd+unix://). It starts recovering from a crash of the last attach
+// (quorum.Engine.Recover: the in-sync replicas become identical where
+// they may differ, before any request there and in the background) and
+// resyncing replicas that missed writes. Remote replicas are taken over first
 // (fencing the last attach); beyond that nothing is written unless every
 // check passed.
 func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err error) {
@@ -191,9 +190,7 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 			return nil, fmt.Errorf("open volume: %w", err)
 		}
 	}
-	if v.Recovered, err = v.Engine.Recover(ctx, rec.active); err != nil {
-		return nil, fmt.Errorf("open volume: %w", err)
-	}
+	v.Engine.Recover(rec.active)
 	for i := range v.replicas {
 		v.StartResync(i)
 	}

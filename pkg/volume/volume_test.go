@@ -330,8 +330,9 @@ func TestCrashRecoveryOnOpen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(v.Unclean, ps) || v.Recovered.Extents != 1 || v.Recovered.Repaired != 64<<10 {
-		t.Errorf("unclean %v, recovered %+v: want all unclean and b's 64 KiB extent repaired", v.Unclean, v.Recovered)
+	st, err := v.Recovered(ctx)
+	if err != nil || !slices.Equal(v.Unclean, ps) || st.Extents != 1 || st.Repaired != 64<<10 {
+		t.Errorf("unclean %v, recovered %+v, %v: want all unclean and b's 64 KiB extent repaired", v.Unclean, st, err)
 	}
 	v.Close(ctx)
 	assertSame(t, ps)
