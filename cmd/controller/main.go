@@ -32,13 +32,14 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
 	"github.com/quorum-csi/quorum-csi/pkg/csi"
 )
 
 func main() {
 	var (
-		namespace   = flag.String("namespace", controller.DefaultNamespace, "driver namespace, where the node agents' Leases live")
+		namespace   = flag.String("namespace", contract.DefaultNamespace, "driver namespace, where the node agents' Leases live")
 		metricsAddr = flag.String("metrics-bind-address", ":8080", `address of the Prometheus endpoint; "0" disables it`)
 		probeAddr   = flag.String("health-probe-bind-address", ":8081", `address of /healthz and /readyz; "0" disables them`)
 		leaderElect = flag.Bool("leader-elect", true, "elect one active controller through a Lease in --namespace")

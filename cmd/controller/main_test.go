@@ -29,7 +29,7 @@ import (
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
-	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/csi"
 )
 
@@ -59,14 +59,14 @@ func TestBinary(t *testing.T) {
 	}
 	ctx := t.Context()
 	for _, o := range []client.Object{
-		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controller.DefaultNamespace}},
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: contract.DefaultNamespace}},
 		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{"kubernetes.io/hostname": "node-a"}}},
 	} {
 		if err := c.Create(ctx, o); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := controller.RenewLease(ctx, c, c, controller.DefaultNamespace, "node-a", time.Hour); err != nil {
+	if err := contract.RenewLease(ctx, c, c, contract.DefaultNamespace, "node-a", time.Hour); err != nil {
 		t.Fatal(err)
 	}
 

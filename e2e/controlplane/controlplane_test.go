@@ -45,6 +45,7 @@ import (
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
@@ -113,7 +114,7 @@ func startCluster(t *testing.T) *cluster {
 	cl.kubectl("apply", "-f", filepath.Join(filepath.Dir(self), "..", "..", "config", "crd"))
 	cl.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/quorumvolumes.quorum.csi.dev")
 	cl.poll("QuorumVolumes served", func() bool { return c.List(t.Context(), &v1alpha1.QuorumVolumeList{}) == nil })
-	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controller.DefaultNamespace}}); err != nil {
+	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: contract.DefaultNamespace}}); err != nil {
 		t.Fatalf("create namespace: %v", err)
 	}
 	ips := []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}
@@ -144,12 +145,12 @@ func (cl *cluster) startController() {
 		HealthProbeBindAddress:        "0",
 		LeaderElection:                true,
 		LeaderElectionID:              "quorum-controller",
-		LeaderElectionNamespace:       controller.DefaultNamespace,
+		LeaderElectionNamespace:       contract.DefaultNamespace,
 		LeaderElectionReleaseOnCancel: true,
 		LeaseDuration:                 ptr.To(4 * time.Second),
 		RenewDeadline:                 ptr.To(3 * time.Second),
 		RetryPeriod:                   ptr.To(500 * time.Millisecond),
-		Cache:                         controller.CacheOptions(controller.DefaultNamespace),
+		Cache:                         controller.CacheOptions(contract.DefaultNamespace),
 		// Both tests of this package start a controller of that name.
 		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
 	})
@@ -367,7 +368,7 @@ func (cl *cluster) waitEvent(volume, eventType, reason, text string) {
 func (cl *cluster) lease(node string) *coordinationv1.Lease {
 	cl.t.Helper()
 	l := &coordinationv1.Lease{}
-	if err := cl.c.Get(cl.t.Context(), client.ObjectKey{Namespace: controller.DefaultNamespace, Name: controller.LeaseName(node)}, l); err != nil {
+	if err := cl.c.Get(cl.t.Context(), client.ObjectKey{Namespace: contract.DefaultNamespace, Name: contract.LeaseName(node)}, l); err != nil {
 		cl.t.Fatalf("lease of %s: %v", node, err)
 	}
 	return l
@@ -489,7 +490,7 @@ func TestControlPlane(t *testing.T) {
 
 	// 3. Attach to n1 as ControllerPublish does, and open the volume over
 	// the three replica servers as NodeStage does.
-	epoch, err := controller.Attach(ctx, cl.c, "vol1", a1.node, false)
+	epoch, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), "vol1", a1.node, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -540,7 +541,7 @@ func TestControlPlane(t *testing.T) {
 	}
 
 	// 5. Agent 3 comes back on the same folder and address: it takes its
-	// expired Lease over as controller.RenewLease does, serves the same
+	// expired Lease over as contract.RenewLease does, serves the same
 	// image, reports it Healthy, the engine resyncs it, and the volume is
 	// Ready again.
 	expired := cl.lease(a3.node)
@@ -568,7 +569,7 @@ func TestControlPlane(t *testing.T) {
 	if err := v.Close(ctx); err != nil {
 		t.Fatalf("close: %v", err)
 	}
-	if err := controller.Detach(ctx, cl.c, "vol1", a1.node); err != nil {
+	if err := contract.Detach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), "vol1", a1.node); err != nil {
 		t.Fatal(err)
 	}
 	if qv = cl.get("vol1"); len(qv.Status.Attachments) != 0 || qv.Status.Epoch != epoch {
@@ -655,7 +656,7 @@ func TestStaleEpochRefused(t *testing.T) {
 	qv = cl.waitFor("moved", "phase Ready", qvtest.Ready)
 	a, b := cl.agents[0].node, cl.agents[1].node
 
-	epochA, err := controller.Attach(ctx, cl.c, qv.Name, a, false)
+	epochA, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, a, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -666,15 +667,15 @@ func TestStaleEpochRefused(t *testing.T) {
 	if err := va.WriteAt(ctx, block(1), 0); err != nil {
 		t.Fatalf("write on %s: %v", a, err)
 	}
-	if _, err := controller.Attach(ctx, cl.c, qv.Name, b, false); !errors.Is(err, controller.ErrAttachedElsewhere) {
+	if _, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, b, false); !errors.Is(err, contract.ErrAttachedElsewhere) {
 		t.Fatalf("attach to %s while attached to %s: %v, want ErrAttachedElsewhere", b, a, err)
 	}
 	// n1 is detached without closing the volume first, as when its node
 	// is unreachable: only the epoch keeps it from writing on.
-	if err := controller.Detach(ctx, cl.c, qv.Name, a); err != nil {
+	if err := contract.Detach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, a); err != nil {
 		t.Fatal(err)
 	}
-	epochB, err := controller.Attach(ctx, cl.c, qv.Name, b, false)
+	epochB, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, b, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -715,7 +716,7 @@ func TestStaleEpochRefused(t *testing.T) {
 	if err := vc.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := controller.Detach(ctx, cl.c, qv.Name, b); err != nil {
+	if err := contract.Detach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, b); err != nil {
 		t.Fatal(err)
 	}
 	for _, ag := range cl.agents {

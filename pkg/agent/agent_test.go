@@ -35,7 +35,7 @@ import (
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
-	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 	"github.com/quorum-csi/quorum-csi/pkg/replica"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
@@ -498,7 +498,7 @@ func allHealthy(rs map[string]v1alpha1.ReplicaStatus) bool {
 func (e *env) lease(node string) *coordinationv1.Lease {
 	e.t.Helper()
 	l := &coordinationv1.Lease{}
-	if err := e.c.Get(e.t.Context(), client.ObjectKey{Namespace: namespace, Name: controller.LeaseName(node)}, l); err != nil {
+	if err := e.c.Get(e.t.Context(), client.ObjectKey{Namespace: namespace, Name: contract.LeaseName(node)}, l); err != nil {
 		e.t.Fatal(err)
 	}
 	return l

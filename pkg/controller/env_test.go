@@ -33,6 +33,7 @@ import (
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 func TestMain(m *testing.M) {
@@ -76,7 +77,7 @@ func startEnv(t *testing.T) (*env, *kubetest.Server) {
 	}
 	e := &env{t: t, c: c}
 	e.installCRD()
-	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: DefaultNamespace}}); err != nil {
+	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: contract.DefaultNamespace}}); err != nil {
 		t.Fatalf("create namespace: %v", err)
 	}
 	return e, srv
@@ -90,7 +91,7 @@ func (e *env) startController(srv *kubetest.Server) *prometheus.Registry {
 		Scheme:                 e.c.Scheme(),
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
-		Cache:                  CacheOptions(DefaultNamespace),
+		Cache:                  CacheOptions(contract.DefaultNamespace),
 		// Every test starts its own controller named like the others.
 		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
 	})
@@ -147,7 +148,7 @@ func (e *env) deleteNode(name string) {
 // renew renews node's agent Lease once, as the agent does.
 func (e *env) renew(node string, d time.Duration) {
 	e.t.Helper()
-	if err := RenewLease(e.t.Context(), e.c, e.c, DefaultNamespace, node, d); err != nil {
+	if err := contract.RenewLease(e.t.Context(), e.c, e.c, contract.DefaultNamespace, node, d); err != nil {
 		e.t.Fatal(err)
 	}
 }
@@ -166,7 +167,7 @@ func (e *env) keepRenewing(node string, d time.Duration) (stop func()) {
 			case <-ctx.Done():
 				return
 			case <-tick.C:
-				if err := RenewLease(ctx, e.c, e.c, DefaultNamespace, node, d); err != nil && ctx.Err() == nil {
+				if err := contract.RenewLease(ctx, e.c, e.c, contract.DefaultNamespace, node, d); err != nil && ctx.Err() == nil {
 					e.t.Errorf("renew lease of %s: %v", node, err)
 				}
 			}

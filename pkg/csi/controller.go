@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"os"
 	"strconv"
 	"strings"
 
@@ -13,11 +14,12 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/events"
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
-	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 const (
@@ -36,7 +38,7 @@ const (
 	VolumeContextFSType = "fsType"
 
 	// FieldManager owns the QuorumVolume specs this service writes.
-	FieldManager = "quorum-csi-controller"
+	FieldManager = contract.CSIFieldManager
 )
 
 // Controller is the CSI Controller service. It holds no state of its own:
@@ -46,6 +48,7 @@ const (
 type Controller struct {
 	csipb.UnimplementedControllerServer
 	client client.Client
+	events events.EventRecorder
 	locks  inflight
 }
 
@@ -53,9 +56,11 @@ type Controller struct {
 // server rather than a cache: the answers (is the volume attached, does
 // it exist) decide deletions and attachments, and a lagging cache would
 // answer for a moment ago. c's scheme must know QuorumVolumes, Nodes and
-// events.k8s.io/v1 (controller.Attach records Events).
+// events.k8s.io/v1 (contract.Attach records Events through it).
 func NewController(c client.Client) *Controller {
-	return &Controller{client: c}
+	host, _ := os.Hostname()
+	rec := contract.NewEventRecorder(c, contract.ControllerFieldManager, contract.ControllerFieldManager+"-"+host)
+	return &Controller{client: c, events: rec}
 }
 
 // CreateVolume makes a QuorumVolume and returns at once, without waiting
@@ -187,7 +192,7 @@ func (s *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRe
 		return nil, err
 	}
 	defer release()
-	err = retry.OnError(controller.ConflictBackoff, kerrors.IsConflict, func() error {
+	err = retry.OnError(contract.ConflictBackoff, kerrors.IsConflict, func() error {
 		qv := &v1alpha1.QuorumVolume{}
 		if err := s.client.Get(ctx, client.ObjectKey{Name: id}, qv); err != nil {
 			return client.IgnoreNotFound(err)
@@ -210,7 +215,7 @@ func (s *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRe
 }
 
 // ControllerPublishVolume attaches the volume to the node
-// (controller.Attach) and hands the node its epoch. It does not wait for
+// (contract.Attach) and hands the node its epoch. It does not wait for
 // the replicas: the attachment only decides who may write and with which
 // epoch, and NodeStageVolume waits until the replicas can be assembled.
 // A single-node volume attached elsewhere, or a multi-node one with two
@@ -243,7 +248,7 @@ func (s *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.Con
 	} else if err != nil {
 		return nil, fmt.Errorf("get node %s: %w", node, err)
 	}
-	epoch, err := controller.Attach(ctx, s.client, id, node, multiNode(req.GetVolumeCapability()))
+	epoch, err := contract.Attach(ctx, s.client, s.events, id, node, multiNode(req.GetVolumeCapability()))
 	if err != nil {
 		return nil, err
 	}
@@ -280,7 +285,7 @@ func (s *Controller) ControllerUnpublishVolume(ctx context.Context, req *csipb.C
 		}
 	}
 	for _, n := range nodes {
-		if err := controller.Detach(ctx, s.client, id, n); err != nil {
+		if err := contract.Detach(ctx, s.client, s.events, id, n); err != nil {
 			return nil, err
 		}
 	}
@@ -343,7 +348,7 @@ func (s *Controller) ControllerExpandVolume(ctx context.Context, req *csipb.Cont
 	}
 	defer release()
 	var result int64
-	err = retry.OnError(controller.ConflictBackoff, kerrors.IsConflict, func() error {
+	err = retry.OnError(contract.ConflictBackoff, kerrors.IsConflict, func() error {
 		qv, err := s.getVolume(ctx, id)
 		if err != nil {
 			return err
@@ -579,7 +584,7 @@ func volumeHealth(qv *v1alpha1.QuorumVolume) *csipb.VolumeHealth {
 		return h
 	}
 	e := &csipb.VolumeHealth_VolumeHealthEntry{Status: t, Reason: string(qv.Status.Phase)}
-	if c := meta.FindStatusCondition(qv.Status.Conditions, controller.ConditionReady); c != nil {
+	if c := meta.FindStatusCondition(qv.Status.Conditions, contract.ConditionReady); c != nil {
 		e.Message = c.Message
 	}
 	h.HealthStatuses = []*csipb.VolumeHealth_VolumeHealthEntry{e}

@@ -12,7 +12,7 @@
 // StorageClass parameters (params.go) and returns at once; the
 // reconciler (package controller) places the replicas and the node
 // agents create them. ControllerPublishVolume and
-// ControllerUnpublishVolume are controller.Attach and controller.Detach,
+// ControllerUnpublishVolume are contract.Attach and contract.Detach,
 // which hand out the epoch the node presents to the replica servers.
 // ControllerExpandVolume grows spec.size, offline only: a published
 // volume is FAILED_PRECONDITION.

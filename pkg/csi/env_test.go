@@ -32,6 +32,7 @@ import (
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
 )
 
@@ -78,7 +79,7 @@ func startEnv(t *testing.T, opts ...envOption) *env {
 	}
 	e := &env{t: t, c: c, agent: "quorum-agent", rc: srv.Config}
 	e.installCRD()
-	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controller.DefaultNamespace}}); err != nil {
+	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: contract.DefaultNamespace}}); err != nil {
 		t.Fatalf("create namespace: %v", err)
 	}
 
@@ -86,7 +87,7 @@ func startEnv(t *testing.T, opts ...envOption) *env {
 		Scheme:                 scheme,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
-		Cache:                  controller.CacheOptions(controller.DefaultNamespace),
+		Cache:                  controller.CacheOptions(contract.DefaultNamespace),
 		Controller:             config.Controller{SkipNameValidation: ptr.To(true)},
 	})
 	if err != nil {
@@ -162,7 +163,7 @@ func (e *env) node(name string, labels ...string) {
 	if err := e.c.Create(e.t.Context(), n); err != nil {
 		e.t.Fatalf("create node %s: %v", name, err)
 	}
-	if err := controller.RenewLease(e.t.Context(), e.c, e.c, controller.DefaultNamespace, name, time.Hour); err != nil {
+	if err := contract.RenewLease(e.t.Context(), e.c, e.c, contract.DefaultNamespace, name, time.Hour); err != nil {
 		e.t.Fatal(err)
 	}
 }
