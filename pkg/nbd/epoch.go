@@ -4,10 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/quorum-csi/quorum-csi/internal/atomicfile"
 )
 
 // epochSep separates an export's name from the epoch a client presents
@@ -93,33 +94,8 @@ func (f EpochFile) LoadEpoch() (uint64, error) {
 }
 
 func (f EpochFile) StoreEpoch(e uint64) error {
-	path := string(f)
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, filepath.Base(path)+".tmp*")
-	if err != nil {
+	if err := atomicfile.WriteFile(string(f), []byte(strconv.FormatUint(e, 10)+"\n"), 0o600); err != nil {
 		return fmt.Errorf("store epoch %d: %w", e, err)
-	}
-	_, err = tmp.WriteString(strconv.FormatUint(e, 10) + "\n")
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("store epoch %d in %s: %w", e, path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("store epoch %d: sync %s: %w", e, dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("store epoch %d: sync %s: %w", e, dir, err)
 	}
 	return nil
 }
