@@ -30,15 +30,11 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/log"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/yaml"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
@@ -99,13 +95,7 @@ type cluster struct {
 // controller and an agent for each node on 127.0.0.2..4 with mutual TLS.
 func startCluster(t *testing.T) *cluster {
 	srv := kubetest.Start(t)
-	scheme := kruntime.NewScheme()
-	for _, add := range []func(*kruntime.Scheme) error{clientgoscheme.AddToScheme, v1alpha1.AddToScheme} {
-		if err := add(scheme); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c, err := client.New(srv.Config, client.Options{Scheme: scheme})
+	c, err := client.New(srv.Config, client.Options{Scheme: qvtest.Scheme(t)})
 	if err != nil {
 		t.Fatalf("client: %v", err)
 	}
@@ -123,7 +113,9 @@ func startCluster(t *testing.T) *cluster {
 	}
 	cl.startController()
 	for i, ip := range ips {
-		a := &nodeAgent{node: fmt.Sprintf("n%d", i+1), ip: ip, dataDir: t.TempDir(), listen: freeAddr(t, ip)}
+		// A fixed address rather than ip:0, so that a restarted agent
+		// serves where its replica's endpoint says.
+		a := &nodeAgent{node: fmt.Sprintf("n%d", i+1), ip: ip, dataDir: t.TempDir(), listen: kubetest.FreeAddr(t, ip)}
 		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: a.node, Labels: map[string]string{corev1.LabelHostname: a.node}}}
 		if err := c.Create(t.Context(), node); err != nil {
 			t.Fatalf("create node %s: %v", a.node, err)
@@ -137,12 +129,9 @@ func startCluster(t *testing.T) *cluster {
 // startController runs the controller manager as cmd/controller wires it,
 // leader election included (with short durations), until the test ends.
 func (cl *cluster) startController() {
-	t := cl.t
-	mgr, err := ctrl.NewManager(cl.srv.Config, ctrl.Options{
+	cl.srv.RunManager(cl.t, ctrl.Options{
 		Scheme:                        cl.c.Scheme(),
-		Logger:                        testLogger(t, "controller"),
-		Metrics:                       metricsserver.Options{BindAddress: "0"},
-		HealthProbeBindAddress:        "0",
+		Logger:                        kubetest.Logger(cl.t, "component", "controller"),
 		LeaderElection:                true,
 		LeaderElectionID:              "quorum-controller",
 		LeaderElectionNamespace:       contract.DefaultNamespace,
@@ -151,33 +140,16 @@ func (cl *cluster) startController() {
 		RenewDeadline:                 ptr.To(3 * time.Second),
 		RetryPeriod:                   ptr.To(500 * time.Millisecond),
 		Cache:                         controller.CacheOptions(contract.DefaultNamespace),
-		// Both tests of this package start a controller of that name.
-		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
-	})
-	if err != nil {
-		t.Fatalf("manager: %v", err)
-	}
-	r, err := controller.New(mgr.GetClient(), mgr.GetEventRecorder(controller.FieldManager), controller.Options{
-		// Each test's controller gets its own registry: two in one process
-		// would register quorum_volumes twice.
-		Registerer: prometheus.NewRegistry(),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := r.SetupWithManager(mgr); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
-	// Registered after kubetest.Start's cleanup, so it runs before the API
-	// server stops.
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("controller manager: %v", err)
+	}, func(mgr ctrl.Manager) error {
+		r, err := controller.New(mgr.GetClient(), mgr.GetEventRecorder(controller.FieldManager), controller.Options{
+			// Each test's controller gets its own registry: two in one process
+			// would register quorum_volumes twice.
+			Registerer: prometheus.NewRegistry(),
+		})
+		if err != nil {
+			return err
 		}
+		return r.SetupWithManager(mgr)
 	})
 }
 
@@ -191,7 +163,7 @@ func (cl *cluster) start(a *nodeAgent) {
 	cfg := agent.Config{
 		Node: a.node, DataDir: a.dataDir, Listen: a.listen, AdvertiseAddress: a.ip, TLS: tlsCfg,
 		MetricsAddress: "0", LeaseDuration: leaseDuration, RenewInterval: renewInterval,
-		ShutdownTimeout: 5 * time.Second, Logger: testLogger(cl.t, a.node),
+		ShutdownTimeout: 5 * time.Second, Logger: kubetest.Logger(cl.t, "component", a.node),
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	a.cancel, a.done = cancel, make(chan error, 1)
@@ -302,7 +274,7 @@ func (cl *cluster) open(qv *v1alpha1.QuorumVolume, node string, epoch int64) (*v
 		// A stopped replica server must fail requests quickly, not after
 		// the default 30 s.
 		RequestTimeout: 3 * time.Second,
-		Logger:         slog.New(slog.NewTextHandler(testWriter{cl.t}, nil)).With("volume", qv.Name),
+		Logger:         kubetest.Slog(cl.t).With("volume", qv.Name),
 	})
 }
 
@@ -398,31 +370,6 @@ func checkStopped(t *testing.T, a *nodeAgent) {
 		c.Close()
 		t.Errorf("%s still accepts connections on %s after its agent stopped", a.node, a.listen)
 	}
-}
-
-// freeAddr is a free TCP address on ip. The agents get a fixed one
-// rather than ip:0, so that a restarted agent serves where its replica's
-// endpoint says.
-func freeAddr(t *testing.T, ip string) string {
-	t.Helper()
-	l, err := net.Listen("tcp", ip+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-func testLogger(t *testing.T, name string) logr.Logger {
-	return logr.FromSlogHandler(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).WithValues("component", name)
-}
-
-// testWriter sends log lines to the test log, shown on failure or with -v.
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
 }
 
 func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }

@@ -12,9 +12,9 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/quorum-csi/quorum-csi/internal/atomicfile"
-
 	"golang.org/x/sys/unix"
+
+	"github.com/quorum-csi/quorum-csi/internal/atomicfile"
 )
 
 // ublk (Linux 6.4+, ublk_drv) serves a block device from user space

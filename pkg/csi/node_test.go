@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -28,6 +27,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/quorum-csi/quorum-csi/internal/alignbuf"
+	"github.com/quorum-csi/quorum-csi/internal/kubetest"
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/internal/testutil"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
@@ -87,12 +87,7 @@ func (e *nodeEnv) startAgent(name, ip string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", ip+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := kubetest.FreeAddr(t, ip)
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	e.data[name] = t.TempDir()
 	cfg := agent.Config{
