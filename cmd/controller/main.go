@@ -2,7 +2,7 @@
 // placement, replica health from the nodes, phase and conditions, and
 // the finalizer (package controller); the CSI Identity and Controller
 // services (package csi) for the sidecars beside it; and, with
-// --resizer, the PVC resizer (csi.Resizer), which does external-resizer's
+// --resizer, the PVC resizer (controller.Resizer), which does external-resizer's
 // part of PVC expansion. It is wiring only.
 //
 // Flags:
@@ -109,7 +109,7 @@ func run(namespace, metricsAddr, probeAddr, csiEndpoint string, leaderElect, res
 	// The resizer expands through the same Controller, so its calls and
 	// the sidecars' share the per-volume lock.
 	if resizer {
-		r := csi.NewResizer(mgr.GetClient(), csiController, mgr.GetEventRecorder(csi.ResizerName))
+		r := controller.NewResizer(mgr.GetClient(), csiController, mgr.GetEventRecorder(controller.ResizerName))
 		if err := r.SetupWithManager(ctx, mgr); err != nil {
 			return err
 		}

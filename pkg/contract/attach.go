@@ -36,6 +36,16 @@ const MaxAttachments = 2
 // to stay within a CSI call's deadline.
 var ConflictBackoff = wait.Backoff{Steps: 8, Duration: 10 * time.Millisecond, Factor: 2, Jitter: 0.1}
 
+// AttachedNodes are the nodes qv is attached to, oldest attachment
+// first.
+func AttachedNodes(qv *v1alpha1.QuorumVolume) []string {
+	var nodes []string
+	for _, a := range qv.Status.Attachments {
+		nodes = append(nodes, a.Node)
+	}
+	return nodes
+}
+
 // Attach attaches volume to node and returns the epoch node presents to
 // the replica servers. It is idempotent: a node already attached gets its
 // epoch back. Otherwise the new attachment gets status.epoch+1, which

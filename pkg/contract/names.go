@@ -1,5 +1,9 @@
 package contract
 
+// DriverName is the CSI driver name, as in the CSIDriver object, the
+// StorageClasses' provisioner and the PVs' spec.csi.driver.
+const DriverName = "quorum.csi.dev"
+
 // Field managers: who writes what in a QuorumVolume (the package doc
 // lists the fields of each).
 const (

@@ -1,7 +1,14 @@
-// Package controller is the QuorumVolume control loop: it places replicas
-// on nodes, follows their nodes' health, derives each volume's phase and
-// conditions, hands out attachments and epochs (Attach, Detach), and holds
-// deleted volumes until their replica images are gone. It does no I/O on
+// Package controller holds the controller binary's reconcilers: the
+// QuorumVolume control loop (Reconciler) and the PVC resizer (Resizer,
+// resizer.go, which does external-resizer's part of a PVC expansion
+// through a VolumeExpander, the CSI Controller in process, and writes the
+// PV capacity and the claim status the kubelet reads to finish the
+// expansion on the node).
+//
+// The QuorumVolume control loop places replicas on nodes, follows their
+// nodes' health, derives each volume's phase and conditions, and holds
+// deleted volumes until their replica images are gone; attachments and
+// epochs are contract.Attach and contract.Detach's. It does no I/O on
 // replicas; the node agents (cmd/datapath) do. What they and the CSI
 // services agree on with the controller is package contract; this doc
 // says what the controller does with it.

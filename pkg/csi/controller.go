@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	kerrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -381,6 +382,32 @@ func (s *Controller) ControllerExpandVolume(ctx context.Context, req *csipb.Cont
 	return &csipb.ControllerExpandVolumeResponse{CapacityBytes: result, NodeExpansionRequired: true}, nil
 }
 
+// ExpandVolume is ControllerExpandVolume for the controller's PVC
+// resizer (controller.VolumeExpander), in process. Its error keeps the
+// handler's message and carries the gRPC code the call would have
+// returned (status.Code).
+func (s *Controller) ExpandVolume(ctx context.Context, volume string, bytes int64) (int64, error) {
+	resp, err := s.ControllerExpandVolume(ctx, &csipb.ControllerExpandVolumeRequest{
+		VolumeId:      volume,
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: bytes},
+	})
+	if err != nil {
+		return 0, codedError{err: err, status: status.Convert(toStatus(err))}
+	}
+	return resp.GetCapacityBytes(), nil
+}
+
+// codedError is a handler's error with the status the server would
+// answer it with.
+type codedError struct {
+	err    error
+	status *status.Status
+}
+
+func (e codedError) Error() string              { return e.err.Error() }
+func (e codedError) Unwrap() error              { return e.err }
+func (e codedError) GRPCStatus() *status.Status { return e.status }
+
 // ControllerGetVolume reports the volume and the nodes it is published to.
 // Its health is ControllerGetVolumeHealth's: CSI v1.13 removed the
 // VolumeCondition this response used to carry.
@@ -396,7 +423,7 @@ func (s *Controller) ControllerGetVolume(ctx context.Context, req *csipb.Control
 	return &csipb.ControllerGetVolumeResponse{
 		Volume: csiVolume(qv),
 		Status: &csipb.ControllerGetVolumeResponse_VolumeStatus{
-			PublishedNodeIds: publishedNodes(qv),
+			PublishedNodeIds: contract.AttachedNodes(qv),
 		},
 	}, nil
 }
@@ -418,7 +445,7 @@ func (s *Controller) ListVolumes(ctx context.Context, req *csipb.ListVolumesRequ
 		resp.Entries = append(resp.Entries, &csipb.ListVolumesResponse_Entry{
 			Volume: csiVolume(qv),
 			Status: &csipb.ListVolumesResponse_VolumeStatus{
-				PublishedNodeIds: publishedNodes(qv),
+				PublishedNodeIds: contract.AttachedNodes(qv),
 			},
 		})
 	}
@@ -554,16 +581,8 @@ func csiVolume(qv *v1alpha1.QuorumVolume) *csipb.Volume {
 	return v
 }
 
-func publishedNodes(qv *v1alpha1.QuorumVolume) []string {
-	var nodes []string
-	for _, a := range qv.Status.Attachments {
-		nodes = append(nodes, a.Node)
-	}
-	return nodes
-}
-
 func attachedNodes(qv *v1alpha1.QuorumVolume) string {
-	return strings.Join(publishedNodes(qv), " and ")
+	return strings.Join(contract.AttachedNodes(qv), " and ")
 }
 
 // volumeHealth reports a Degraded volume (a replica is not Healthy;

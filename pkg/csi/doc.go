@@ -17,11 +17,10 @@
 // ControllerExpandVolume grows spec.size, offline only: a published
 // volume is FAILED_PRECONDITION.
 //
-// Resizer (resizer.go) is a reconciler, run by the controller binary
-// with --resizer, that does the external-resizer sidecar's part of a PVC
-// expansion: it calls the Controller's ControllerExpandVolume in process
-// and writes the PV capacity and the claim status the kubelet reads to
-// finish the expansion on the node.
+// The PVC resizer, run by the controller binary with --resizer, is a
+// reconciler (controller.Resizer); it expands through the Controller's
+// ExpandVolume, in process, which is ControllerExpandVolume with the
+// gRPC code of its error.
 //
 // Contract with the Node service:
 //   - node IDs are Kubernetes Node names (ControllerPublishVolume checks
