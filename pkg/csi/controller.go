@@ -323,9 +323,10 @@ func (s *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.
 
 // ControllerExpandVolume grows spec.size; the agents grow the replica
 // images. node_expansion_required is true in both access modes: the
-// consumer's node has to grow its assembled device (the engine and the
-// loop or ublk device in front of it) to the new size, and the
-// filesystem on it in Filesystem mode. A size at or below the current
+// consumer's node assembles the volume at its new size at its next
+// NodeStageVolume (the engine cannot grow an assembled device), and
+// NodeExpandVolume grows the filesystem in Filesystem mode and checks
+// the device's size in both (see its doc). A size at or below the current
 // one changes nothing: volumes never shrink. Growing a published volume
 // is FAILED_PRECONDITION, the spec's code for a plugin without ONLINE
 // expansion: the engine cannot grow an assembled device. The check and

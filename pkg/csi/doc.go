@@ -31,12 +31,21 @@
 //     to make on a Filesystem volume (ext4 or xfs);
 //   - a volume may still be Pending when it is published: NodeStage
 //     waits for (or fails retryably until) its replicas are Healthy;
-//   - ControllerExpandVolume always asks for node expansion, since the
-//     node's assembled device has to grow in Block mode too.
+//   - ControllerExpandVolume always asks for node expansion, in both
+//     modes. Expansion is offline: the node assembles the volume at its
+//     new size at the next NodeStageVolume, which also grows an ext
+//     filesystem (offline); NodeExpandVolume then grows an XFS
+//     filesystem, and in either mode answers FAILED_PRECONDITION while
+//     the staged device is still smaller than required_bytes.
 //
 // Every call validates its request first (INVALID_ARGUMENT naming the
-// field or parameter), admits one call per volume at a time (ABORTED
-// for a second one), and is idempotent. Handlers return wrapped errors;
+// field or parameter) and is idempotent. The calls that change a volume
+// (CreateVolume, DeleteVolume, Controller(Un)PublishVolume,
+// ControllerExpandVolume, Node(Un)StageVolume, Node(Un)PublishVolume,
+// NodeExpandVolume) admit one call per volume at a time (ABORTED for a
+// second one); the calls that only read (ValidateVolumeCapabilities,
+// ControllerGetVolume, the health calls, NodeGetVolumeStats) take no
+// lock. Handlers return wrapped errors;
 // toStatus (errors.go), applied by the server's interceptor, is the one
 // place where they become gRPC codes.
 package csi

@@ -1,8 +1,13 @@
-// Package replica keeps replica images on local disk. A replica is two
-// files: PATH, a raw image holding the volume's bytes from offset 0 (so
-// QEMU, qemu-img and losetup read it as it is), and PATH.qmeta beside it,
-// the metadata that the engine persists about the replica. Nothing of ours
-// ever goes inside the image.
+// Package replica keeps replica images on local disk. A replica is up to
+// four files: PATH, a raw image holding the volume's bytes from offset 0
+// (so QEMU, qemu-img and losetup read it as it is); PATH.qmeta beside it,
+// the metadata that the engine persists about the replica (MetaSuffix,
+// replaced atomically); PATH.qjournal, the volume's journal records
+// (write intent and dirty maps) as this replica last saw them
+// (JournalSuffix, journal.go); and PATH.qepoch, the newest attach epoch
+// its replica server accepted (EpochSuffix, written by package nbd's
+// EpochFile where the replica is served). Nothing of ours ever goes
+// inside the image.
 package replica
 
 import (
