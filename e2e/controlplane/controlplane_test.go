@@ -74,8 +74,7 @@ func TestMain(m *testing.M) {
 type nodeAgent struct {
 	node, ip, dataDir string
 	listen            string // ip:port, kept across restarts
-	cancel            context.CancelFunc
-	done              chan error
+	run               *kubetest.Agent
 }
 
 // cluster is a real API server with the CRD, the controller manager and
@@ -160,33 +159,15 @@ func (cl *cluster) start(a *nodeAgent) {
 	if err != nil {
 		cl.t.Fatal(err)
 	}
-	cfg := agent.Config{
+	a.run = kubetest.StartAgent(cl.t, cl.srv.Config, agent.Config{
 		Node: a.node, DataDir: a.dataDir, Listen: a.listen, AdvertiseAddress: a.ip, TLS: tlsCfg,
-		MetricsAddress: "0", LeaseDuration: leaseDuration, RenewInterval: renewInterval,
-		ShutdownTimeout: 5 * time.Second, Logger: kubetest.Logger(cl.t, "component", a.node),
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	a.cancel, a.done = cancel, make(chan error, 1)
-	go func() { a.done <- agent.Run(ctx, cl.srv.Config, cfg) }()
-	cl.t.Cleanup(func() { cl.stop(a) })
+		LeaseDuration: leaseDuration, RenewInterval: renewInterval,
+		Logger: kubetest.Logger(cl.t, "component", a.node),
+	})
 }
 
 // stop cancels a's agent and waits until Run returned, cleanly.
-func (cl *cluster) stop(a *nodeAgent) {
-	if a.cancel == nil {
-		return
-	}
-	a.cancel()
-	a.cancel = nil
-	select {
-	case err := <-a.done:
-		if err != nil {
-			cl.t.Errorf("agent %s: %v", a.node, err)
-		}
-	case <-time.After(timeout):
-		cl.t.Errorf("agent %s did not stop within %s", a.node, timeout)
-	}
-}
+func (cl *cluster) stop(a *nodeAgent) { a.run.Stop() }
 
 // kubectl runs kubectl with its discovery cache under t.TempDir (it would
 // otherwise write to ~/.kube/cache) and fails the test on an error.

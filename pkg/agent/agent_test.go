@@ -51,9 +51,7 @@ const (
 // testAgent is one node agent running in the test process.
 type testAgent struct {
 	node, ip, dataDir, metrics string
-	cfg                        agent.Config
-	cancel                     context.CancelFunc
-	done                       chan error
+	run                        *kubetest.Agent
 }
 
 // env is the API server, a client, and the agents.
@@ -169,7 +167,7 @@ func TestAgents(t *testing.T) {
 			t.Fatalf("stopped agent's endpoint %s still accepts connections", ep)
 		}
 		stopped := e.lease("n2").Spec.RenewTime
-		time.Sleep(3 * a.cfg.RenewInterval)
+		time.Sleep(3 * a.run.Config.RenewInterval)
 		if now := e.lease("n2").Spec.RenewTime; !now.Equal(stopped) {
 			t.Fatalf("stopped agent's lease renewed: %v after %v", now, stopped)
 		}
@@ -293,7 +291,7 @@ func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, ni
 // start runs an agent for node, serving on listen (ip:0 for a free port).
 func (e *env) start(node, ip, dataDir, listen string) {
 	e.t.Helper()
-	a := &testAgent{node: node, ip: ip, dataDir: dataDir, done: make(chan error, 1)}
+	a := &testAgent{node: node, ip: ip, dataDir: dataDir}
 	if old, ok := e.agents[node]; ok {
 		a.metrics = old.metrics
 	} else {
@@ -303,35 +301,15 @@ func (e *env) start(node, ip, dataDir, listen string) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	a.cfg = agent.Config{
+	a.run = kubetest.StartAgent(e.t, e.rc, agent.Config{
 		Node: node, DataDir: dataDir, Listen: listen, AdvertiseAddress: ip, TLS: tlsCfg,
-		MetricsAddress: a.metrics, LeaseDuration: 3 * time.Second, RenewInterval: 300 * time.Millisecond,
-		ShutdownTimeout: 5 * time.Second, Logger: kubetest.Logger(e.t, "agent", node),
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	a.cancel = cancel
-	go func() { a.done <- agent.Run(ctx, e.rc, a.cfg) }()
+		MetricsAddress: a.metrics,
+	})
 	e.agents[node] = a
-	e.t.Cleanup(func() { e.stop(node) })
 }
 
 // stop cancels an agent and waits for it; Run must return cleanly.
-func (e *env) stop(node string) {
-	a := e.agents[node]
-	if a.cancel == nil {
-		return
-	}
-	a.cancel()
-	a.cancel = nil
-	select {
-	case err := <-a.done:
-		if err != nil {
-			e.t.Errorf("agent %s: %v", node, err)
-		}
-	case <-time.After(timeout):
-		e.t.Errorf("agent %s did not stop within %s", node, timeout)
-	}
-}
+func (e *env) stop(node string) { e.agents[node].run.Stop() }
 
 func (e *env) createVolume(name string, size int64) *v1alpha1.QuorumVolume {
 	e.t.Helper()

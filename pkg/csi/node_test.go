@@ -90,19 +90,9 @@ func (e *nodeEnv) startAgent(name, ip string) string {
 	addr := kubetest.FreeAddr(t, ip)
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	e.data[name] = t.TempDir()
-	cfg := agent.Config{
+	kubetest.StartAgent(t, e.rc, agent.Config{
 		Node: name, DataDir: e.data[name], Listen: addr, AdvertiseAddress: ip, TLS: tlsCfg, LocalSocket: sock,
-		MetricsAddress: "0", LeaseDuration: 3 * time.Second, RenewInterval: 300 * time.Millisecond,
-		ShutdownTimeout: 5 * time.Second, Logger: log.Log.WithName(name),
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- agent.Run(ctx, e.rc, cfg) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("agent %s: %v", name, err)
-		}
+		Logger: log.Log.WithName(name),
 	})
 	return sock
 }
