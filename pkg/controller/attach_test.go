@@ -10,23 +10,25 @@ import (
 	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
-// TestAttachDetach runs contract.Attach and Detach, as the CSI controller does,
-// against a real API server (no reconciler: they need none).
+// TestAttachDetach runs contract.Attach and Detach, as the CSI controller
+// does, against a real API server (no reconciler: they need none), and
+// checks the Events contract.EventRecorder writes for them.
 func TestAttachDetach(t *testing.T) {
 	e, _ := startEnv(t)
 	ctx := t.Context()
+	rec := contract.NewEventRecorder(e.c, FieldManager, "test")
 	e.createQV("vol", 3, v1alpha1.Placement{})
 
 	attach := func(node string, multi bool, want int64) {
 		t.Helper()
-		got, err := contract.Attach(ctx, e.c, contract.NewEventRecorder(e.c, FieldManager, "test"), "vol", node, multi)
+		got, err := contract.Attach(ctx, e.c, rec, "vol", node, multi)
 		if err != nil || got != want {
 			t.Fatalf("Attach(%s, multiNode=%v) = %d, %v; want epoch %d", node, multi, got, err, want)
 		}
 	}
 	detach := func(node string) {
 		t.Helper()
-		if err := contract.Detach(ctx, e.c, contract.NewEventRecorder(e.c, FieldManager, "test"), "vol", node); err != nil {
+		if err := contract.Detach(ctx, e.c, rec, "vol", node); err != nil {
 			t.Fatalf("Detach(%s): %v", node, err)
 		}
 	}
@@ -43,7 +45,7 @@ func TestAttachDetach(t *testing.T) {
 	check(1, v1alpha1.Attachment{Node: "node-a", Epoch: 1})
 	e.waitEvent("vol", "Attached", "Normal", "attached to node-a with epoch 1")
 
-	_, err := contract.Attach(ctx, e.c, contract.NewEventRecorder(e.c, FieldManager, "test"), "vol", "node-b", false)
+	_, err := contract.Attach(ctx, e.c, rec, "vol", "node-b", false)
 	if !errors.Is(err, contract.ErrAttachedElsewhere) {
 		t.Fatalf("attach a single-node volume to a second node: %v, want ErrAttachedElsewhere", err)
 	}
@@ -59,7 +61,7 @@ func TestAttachDetach(t *testing.T) {
 	attach("node-c", true, 3)
 	check(3, v1alpha1.Attachment{Node: "node-b", Epoch: 2}, v1alpha1.Attachment{Node: "node-c", Epoch: 3})
 	attach("node-b", true, 2)
-	if _, err := contract.Attach(ctx, e.c, contract.NewEventRecorder(e.c, FieldManager, "test"), "vol", "node-d", true); !errors.Is(err, contract.ErrTooManyAttachments) {
+	if _, err := contract.Attach(ctx, e.c, rec, "vol", "node-d", true); !errors.Is(err, contract.ErrTooManyAttachments) {
 		t.Fatalf("a third attachment: %v, want ErrTooManyAttachments", err)
 	}
 	// The source is unpublished: the target keeps its epoch.
@@ -67,10 +69,10 @@ func TestAttachDetach(t *testing.T) {
 	check(3, v1alpha1.Attachment{Node: "node-c", Epoch: 3})
 	attach("node-b", true, 4)
 
-	if err := contract.Detach(ctx, e.c, contract.NewEventRecorder(e.c, FieldManager, "test"), "missing", "node-a"); err != nil {
+	if err := contract.Detach(ctx, e.c, rec, "missing", "node-a"); err != nil {
 		t.Errorf("detach a volume that does not exist: %v, want success", err)
 	}
-	if _, err := contract.Attach(ctx, e.c, contract.NewEventRecorder(e.c, FieldManager, "test"), "missing", "node-a", false); err == nil {
+	if _, err := contract.Attach(ctx, e.c, rec, "missing", "node-a", false); err == nil {
 		t.Errorf("attach a volume that does not exist succeeded")
 	}
 
@@ -83,7 +85,7 @@ func TestAttachDetach(t *testing.T) {
 		errs := make([]error, n)
 		for i := range n {
 			wg.Go(func() {
-				epochs[i], errs[i] = contract.Attach(t.Context(), e.c, contract.NewEventRecorder(e.c, FieldManager, "test"), "race", "node-"+string(rune('a'+i)), true)
+				epochs[i], errs[i] = contract.Attach(t.Context(), e.c, rec, "race", "node-"+string(rune('a'+i)), true)
 			})
 		}
 		wg.Wait()
