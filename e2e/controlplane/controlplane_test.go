@@ -1,6 +1,7 @@
 // Package controlplane runs the QuorumVolume controller and three node
 // agents together against a real kube-apiserver: the integration of the
-// two sides of the contract in pkg/controller/doc.go and pkg/agent/doc.go,
+// two sides of the contract in pkg/contract/doc.go (the controller's and
+// the agent's: pkg/controller/doc.go, pkg/agent/doc.go),
 // which their own tests exercise only with the test playing the other
 // side.
 package controlplane
