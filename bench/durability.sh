@@ -13,18 +13,13 @@ set -euo pipefail
 SIZE=4G
 WORKDIR=/var/tmp
 RUNS=5
-while (($#)); do
-	case $1 in
-	--size) SIZE=${2:?}; shift 2 ;;
-	--workdir) WORKDIR=${2:?}; shift 2 ;;
-	--runs) RUNS=${2:?}; shift 2 ;;
-	*) echo "usage: $0 [--size 4G] [--workdir DIR] [--runs N]" >&2; exit 2 ;;
-	esac
-done
+usage() { echo "usage: $0 [--size 4G] [--workdir DIR] [--runs N]"; }
 
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-SIZE_BYTES=$(size_bytes "$SIZE") || die "--size $SIZE: want e.g. 4G"
+bench_options usage --size SIZE --workdir WORKDIR --runs RUNS -- "$@"
+want_count --runs "$RUNS"
+want_size SIZE_BYTES --size "$SIZE"
 need_tools go fio losetup blockdev python3 setsid
 bench_init durability "$WORKDIR"
 need_space $((SIZE_BYTES * 4 + (64 << 20)))

@@ -25,28 +25,14 @@ DEPTH=32
 SIZE=2G
 WORKDIR=/var/tmp
 CHECK=1
-while (($#)); do
-	case $1 in
-	--count) COUNT=${2:?}; shift 2 ;;
-	--count64) COUNT64=${2:?}; shift 2 ;;
-	--depth) DEPTH=${2:?}; shift 2 ;;
-	--size) SIZE=${2:?}; shift 2 ;;
-	--workdir) WORKDIR=${2:?}; shift 2 ;;
-	--no-check) CHECK=0; shift ;;
-	-h | --help) usage; exit 0 ;;
-	*) usage >&2; exit 2 ;;
-	esac
-done
-
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-
-[[ $COUNT =~ ^[1-9][0-9]*$ ]] || die "--count: want a positive number"
+bench_options usage --count COUNT --count64 COUNT64 --depth DEPTH --size SIZE --workdir WORKDIR --no-check CHECK=0 -- "$@"
+want_count --count "$COUNT"
 COUNT64=${COUNT64:-$((COUNT / 4 > 0 ? COUNT / 4 : 1))}
-[[ $COUNT64 =~ ^[1-9][0-9]*$ ]] || die "--count64: want a positive number"
-[[ $DEPTH =~ ^[1-9][0-9]*$ ]] || die "--depth: want a positive number"
-SIZE_BYTES=$(size_bytes "$SIZE") || die "--size $SIZE: want e.g. 2G, 512M"
-((SIZE_BYTES % (1 << 20) == 0)) || die "--size must be a multiple of 1 MiB"
+want_count --count64 "$COUNT64"
+want_count --depth "$DEPTH"
+want_size SIZE_BYTES --size "$SIZE" $((1 << 20))
 # The scattered step: 1 MiB + 4 KiB = 257 * 4 KiB. 257 is prime, so unless
 # the image has a multiple of 257 blocks of 4 KiB, offsets visit every 4k
 # block of the image before repeating.

@@ -9,16 +9,12 @@
 # Usage: sudo bench/guest.sh [--runtime SECS]   (default 5 per pattern)
 set -euo pipefail
 RUNTIME=5
-while (($#)); do
-	case $1 in
-	--runtime) RUNTIME=${2:?}; shift 2 ;;
-	-h | --help) sed -n '2,10p' "$0"; exit 0 ;;
-	*) echo "usage: $0 [--runtime SECS]" >&2; exit 2 ;;
-	esac
-done
-[[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || { echo "--runtime: want whole seconds" >&2; exit 2; }
-((EUID == 0)) || { echo "run as root" >&2; exit 1; }
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+usage() { sed -n '2,9p' "$0"; }
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_options usage --runtime RUNTIME -- "$@"
+want_count --runtime "$RUNTIME"
+((EUID == 0)) || die "run as root"
 WORK=$(mktemp -d /var/tmp/quorum-bench-guest.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 bash "$REPO/e2e/guest/build.sh" "$WORK/boot" >&2

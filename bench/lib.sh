@@ -1,4 +1,7 @@
-# Shared helpers for bench/device.sh and bench/engine.sh. Sourced, not run.
+# Shared helpers of the bench scripts (device.sh, durability.sh, engine.sh,
+# guest.sh, nbd.sh): option parsing, and for those that attach volumes on
+# this machine the work folder, quorumctl, attaches, loop devices and fio.
+# Sourced, not run.
 #
 # Everything a benchmark makes lives under $WORK (backing files, FUSE mount
 # points, logs) and $BINDIR (the quorumctl build). bench_cleanup, installed
@@ -52,6 +55,59 @@ size_bytes() {
 	((m > 1)) && s=${s%?}
 	[[ $s =~ ^[0-9]+$ ]] && ((10#$s > 0)) || return 1
 	echo $((10#$s * m))
+}
+
+# bench_options USAGE SPEC... -- ARGS...: sets the scripts' option
+# variables from ARGS. Each SPEC pair is an option and what it does:
+# "--runtime RUNTIME" takes a value into RUNTIME, "--no-check CHECK=0"
+# is a flag that sets CHECK to 0. A variable keeps its value (the
+# default) when its option is absent. -h or --help runs the function
+# USAGE and exits 0; anything else runs USAGE on stderr and exits 2.
+bench_options() {
+	local usage=$1 opt
+	shift
+	local -A takes=() sets=()
+	while (($#)) && [[ $1 != -- ]]; do
+		if [[ $2 == *=* ]]; then
+			sets[$1]=$2
+		else
+			takes[$1]=$2
+		fi
+		shift 2
+	done
+	shift
+	while (($#)); do
+		opt=$1
+		if [[ -n ${takes[$opt]:-} ]]; then
+			(($# >= 2)) || { echo "$opt: a value is missing" >&2; "$usage" >&2; exit 2; }
+			printf -v "${takes[$opt]}" '%s' "$2"
+			shift 2
+		elif [[ -n ${sets[$opt]:-} ]]; then
+			printf -v "${sets[$opt]%%=*}" '%s' "${sets[$opt]#*=}"
+			shift
+		elif [[ $opt == -h || $opt == --help ]]; then
+			"$usage"
+			exit 0
+		else
+			"$usage" >&2
+			exit 2
+		fi
+	done
+}
+
+# want_count OPT VALUE [MIN]: dies unless VALUE is a whole number of at
+# least MIN (default 1).
+want_count() {
+	[[ $2 =~ ^[0-9]+$ ]] && ((10#$2 >= ${3:-1})) || die "$1 $2: want a whole number from ${3:-1}"
+}
+
+# want_size VAR OPT SIZE [ALIGN]: sets VAR to SIZE in bytes (see
+# size_bytes); dies unless it is one and a multiple of ALIGN bytes
+# (default 1).
+want_size() {
+	local -n _bytes=$1
+	_bytes=$(size_bytes "$3") || die "$2 $3: want a size such as 2G or 512M"
+	((_bytes % ${4:-1} == 0)) || die "$2 $3: want a multiple of $((${4:-1} >> 20)) MiB"
 }
 
 need_tools() {

@@ -22,24 +22,12 @@ RUNTIME=10
 RAMP=2
 SIZE=1G
 WORKDIR=/var/tmp
-while (($#)); do
-	case $1 in
-	--runtime) RUNTIME=${2:?}; shift 2 ;;
-	--ramp) RAMP=${2:?}; shift 2 ;;
-	--size) SIZE=${2:?}; shift 2 ;;
-	--workdir) WORKDIR=${2:?}; shift 2 ;;
-	-h | --help) usage; exit 0 ;;
-	*) usage >&2; exit 2 ;;
-	esac
-done
-
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-
-[[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "--runtime: want whole seconds"
-[[ $RAMP =~ ^[0-9]+$ ]] || die "--ramp: want whole seconds"
-SIZE_BYTES=$(size_bytes "$SIZE") || die "--size $SIZE: want e.g. 1G, 512M"
-((SIZE_BYTES % (1 << 20) == 0)) || die "--size must be a multiple of 1 MiB"
+bench_options usage --runtime RUNTIME --ramp RAMP --size SIZE --workdir WORKDIR -- "$@"
+want_count --runtime "$RUNTIME"
+want_count --ramp "$RAMP" 0
+want_size SIZE_BYTES --size "$SIZE" $((1 << 20))
 need_tools go fio losetup blockdev python3 setsid
 
 bench_init nbd "$WORKDIR"

@@ -2,7 +2,7 @@
 // placement, replica health from the nodes, phase and conditions, and
 // the finalizer (package controller); the CSI Identity and Controller
 // services (package csi) for the sidecars beside it; and, with
-// --resizer, the PVC resizer (csi.Resizer), which does external-resizer's
+// --resizer, the PVC resizer (controller.Resizer), which does external-resizer's
 // part of PVC expansion. It is wiring only.
 //
 // Flags:
@@ -32,13 +32,14 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
 	"github.com/quorum-csi/quorum-csi/pkg/csi"
 )
 
 func main() {
 	var (
-		namespace   = flag.String("namespace", controller.DefaultNamespace, "driver namespace, where the node agents' Leases live")
+		namespace   = flag.String("namespace", contract.DefaultNamespace, "driver namespace, where the node agents' Leases live")
 		metricsAddr = flag.String("metrics-bind-address", ":8080", `address of the Prometheus endpoint; "0" disables it`)
 		probeAddr   = flag.String("health-probe-bind-address", ":8081", `address of /healthz and /readyz; "0" disables them`)
 		leaderElect = flag.Bool("leader-elect", true, "elect one active controller through a Lease in --namespace")
@@ -108,7 +109,7 @@ func run(namespace, metricsAddr, probeAddr, csiEndpoint string, leaderElect, res
 	// The resizer expands through the same Controller, so its calls and
 	// the sidecars' share the per-volume lock.
 	if resizer {
-		r := csi.NewResizer(mgr.GetClient(), csiController, mgr.GetEventRecorder(csi.ResizerName))
+		r := controller.NewResizer(mgr.GetClient(), csiController, mgr.GetEventRecorder(controller.ResizerName))
 		if err := r.SetupWithManager(ctx, mgr); err != nil {
 			return err
 		}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -21,15 +20,14 @@ import (
 	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
+	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
-	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/csi"
 )
 
@@ -39,34 +37,13 @@ import (
 // serve the phase gauge, expand the volume when its claim's request
 // grows, and exit 0 on SIGTERM.
 func TestBinary(t *testing.T) {
-	srv := kubetest.Start(t)
-	if _, err := srv.Kubectl(t, "apply", "-f", filepath.Join("..", "..", "config", "crd")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := srv.Kubectl(t, "wait", "--for=condition=Established", "--timeout=30s", "crd/quorumvolumes.quorum.csi.dev"); err != nil {
-		t.Fatal(err)
-	}
-	scheme := runtime.NewScheme()
-	if err := clientgoscheme.AddToScheme(scheme); err != nil {
-		t.Fatal(err)
-	}
-	if err := v1alpha1.AddToScheme(scheme); err != nil {
-		t.Fatal(err)
-	}
-	c, err := client.New(srv.Config, client.Options{Scheme: scheme})
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv, c := qvtest.Start(t)
 	ctx := t.Context()
-	for _, o := range []client.Object{
-		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controller.DefaultNamespace}},
-		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{"kubernetes.io/hostname": "node-a"}}},
-	} {
-		if err := c.Create(ctx, o); err != nil {
-			t.Fatal(err)
-		}
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{"kubernetes.io/hostname": "node-a"}}}
+	if err := c.Create(ctx, node); err != nil {
+		t.Fatal(err)
 	}
-	if err := controller.RenewLease(ctx, c, c, controller.DefaultNamespace, "node-a", time.Hour); err != nil {
+	if err := contract.RenewLease(ctx, c, c, contract.DefaultNamespace, "node-a", time.Hour); err != nil {
 		t.Fatal(err)
 	}
 
@@ -74,7 +51,7 @@ func TestBinary(t *testing.T) {
 	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
-	metricsAddr, probeAddr := freeAddr(t), freeAddr(t)
+	metricsAddr, probeAddr := kubetest.FreeAddr(t, "127.0.0.1"), kubetest.FreeAddr(t, "127.0.0.1")
 	logPath := filepath.Join(t.TempDir(), "controller.log")
 	logFile, err := os.Create(logPath)
 	if err != nil {
@@ -207,15 +184,6 @@ func expandClaim(t *testing.T, c client.Client, volume string) {
 		return pvc.Status.AllocatedResourceStatuses[corev1.ResourceStorage] == corev1.PersistentVolumeClaimNodeResizePending &&
 			pvCap.Cmp(resource.MustParse("2Mi")) == 0, nil
 	})
-}
-
-func freeAddr(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 func get(url string) (string, bool) {

@@ -30,17 +30,14 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
-	eventsv1 "k8s.io/api/events/v1"
-	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
-	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/datapath"
 	"github.com/quorum-csi/quorum-csi/pkg/metrics"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
@@ -143,7 +140,7 @@ func serve(o options, log logr.Logger) error {
 	if err != nil {
 		return fmt.Errorf("API server configuration: %w", err)
 	}
-	c, err := newClient(rc)
+	c, err := contract.NewClient(rc)
 	if err != nil {
 		return err
 	}
@@ -306,19 +303,4 @@ func takeNode(ctx context.Context, o options, log logr.Logger) (*nodeLock, error
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-}
-
-// newClient reads QuorumVolumes and writes Events.
-func newClient(rc *rest.Config) (client.Client, error) {
-	scheme := kruntime.NewScheme()
-	for _, add := range []func(*kruntime.Scheme) error{v1alpha1.AddToScheme, eventsv1.AddToScheme} {
-		if err := add(scheme); err != nil {
-			return nil, fmt.Errorf("scheme: %w", err)
-		}
-	}
-	c, err := client.New(rc, client.Options{Scheme: scheme})
-	if err != nil {
-		return nil, fmt.Errorf("API client: %w", err)
-	}
-	return c, nil
 }

@@ -19,15 +19,12 @@ import (
 	"syscall"
 
 	"github.com/go-logr/logr"
-	eventsv1 "k8s.io/api/events/v1"
-	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
-	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/csi"
 	"github.com/quorum-csi/quorum-csi/pkg/datapath"
 )
@@ -100,7 +97,10 @@ func run(args []string, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	c, err := newClient(rc)
+	// Uncached: NodeStageVolume needs the replicas' current endpoints.
+	// The client also writes the attachments' DataPathReady condition
+	// and Events.
+	c, err := contract.NewClient(rc)
 	if err != nil {
 		log.Error(err, "CSI node service")
 		return 1
@@ -142,22 +142,4 @@ func run(args []string, stderr io.Writer) int {
 		}
 	}
 	return code
-}
-
-// newClient reads QuorumVolumes from the API server, not through a
-// cache (NodeStageVolume needs the replicas' current endpoints), writes
-// the attachments' DataPathReady condition and Events.
-func newClient(rc *rest.Config) (client.Client, error) {
-	scheme := kruntime.NewScheme()
-	if err := v1alpha1.AddToScheme(scheme); err != nil {
-		return nil, fmt.Errorf("scheme: %w", err)
-	}
-	if err := eventsv1.AddToScheme(scheme); err != nil {
-		return nil, fmt.Errorf("scheme: %w", err)
-	}
-	c, err := client.New(rc, client.Options{Scheme: scheme})
-	if err != nil {
-		return nil, fmt.Errorf("API client: %w", err)
-	}
-	return c, nil
 }

@@ -25,7 +25,7 @@ import (
 )
 
 const (
-	// namespace is the driver's (controller.DefaultNamespace); the chart
+	// namespace is the driver's (contract.DefaultNamespace); the chart
 	// is installed there.
 	namespace = "quorum-csi"
 	// appNamespace holds the scenarios' PVCs and pods.

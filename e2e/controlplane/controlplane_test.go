@@ -1,6 +1,7 @@
 // Package controlplane runs the QuorumVolume controller and three node
 // agents together against a real kube-apiserver: the integration of the
-// two sides of the contract in pkg/controller/doc.go and pkg/agent/doc.go,
+// two sides of the contract in pkg/contract/doc.go (the controller's and
+// the agent's: pkg/controller/doc.go, pkg/agent/doc.go),
 // which their own tests exercise only with the test playing the other
 // side.
 package controlplane
@@ -30,21 +31,18 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/log"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/yaml"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
@@ -77,8 +75,7 @@ func TestMain(m *testing.M) {
 type nodeAgent struct {
 	node, ip, dataDir string
 	listen            string // ip:port, kept across restarts
-	cancel            context.CancelFunc
-	done              chan error
+	run               *kubetest.Agent
 }
 
 // cluster is a real API server with the CRD, the controller manager and
@@ -98,13 +95,7 @@ type cluster struct {
 // controller and an agent for each node on 127.0.0.2..4 with mutual TLS.
 func startCluster(t *testing.T) *cluster {
 	srv := kubetest.Start(t)
-	scheme := kruntime.NewScheme()
-	for _, add := range []func(*kruntime.Scheme) error{clientgoscheme.AddToScheme, v1alpha1.AddToScheme} {
-		if err := add(scheme); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c, err := client.New(srv.Config, client.Options{Scheme: scheme})
+	c, err := client.New(srv.Config, client.Options{Scheme: qvtest.Scheme(t)})
 	if err != nil {
 		t.Fatalf("client: %v", err)
 	}
@@ -113,7 +104,7 @@ func startCluster(t *testing.T) *cluster {
 	cl.kubectl("apply", "-f", filepath.Join(filepath.Dir(self), "..", "..", "config", "crd"))
 	cl.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/quorumvolumes.quorum.csi.dev")
 	cl.poll("QuorumVolumes served", func() bool { return c.List(t.Context(), &v1alpha1.QuorumVolumeList{}) == nil })
-	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controller.DefaultNamespace}}); err != nil {
+	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: contract.DefaultNamespace}}); err != nil {
 		t.Fatalf("create namespace: %v", err)
 	}
 	ips := []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}
@@ -122,7 +113,9 @@ func startCluster(t *testing.T) *cluster {
 	}
 	cl.startController()
 	for i, ip := range ips {
-		a := &nodeAgent{node: fmt.Sprintf("n%d", i+1), ip: ip, dataDir: t.TempDir(), listen: freeAddr(t, ip)}
+		// A fixed address rather than ip:0, so that a restarted agent
+		// serves where its replica's endpoint says.
+		a := &nodeAgent{node: fmt.Sprintf("n%d", i+1), ip: ip, dataDir: t.TempDir(), listen: kubetest.FreeAddr(t, ip)}
 		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: a.node, Labels: map[string]string{corev1.LabelHostname: a.node}}}
 		if err := c.Create(t.Context(), node); err != nil {
 			t.Fatalf("create node %s: %v", a.node, err)
@@ -136,47 +129,27 @@ func startCluster(t *testing.T) *cluster {
 // startController runs the controller manager as cmd/controller wires it,
 // leader election included (with short durations), until the test ends.
 func (cl *cluster) startController() {
-	t := cl.t
-	mgr, err := ctrl.NewManager(cl.srv.Config, ctrl.Options{
+	cl.srv.RunManager(cl.t, ctrl.Options{
 		Scheme:                        cl.c.Scheme(),
-		Logger:                        testLogger(t, "controller"),
-		Metrics:                       metricsserver.Options{BindAddress: "0"},
-		HealthProbeBindAddress:        "0",
+		Logger:                        kubetest.Logger(cl.t, "component", "controller"),
 		LeaderElection:                true,
 		LeaderElectionID:              "quorum-controller",
-		LeaderElectionNamespace:       controller.DefaultNamespace,
+		LeaderElectionNamespace:       contract.DefaultNamespace,
 		LeaderElectionReleaseOnCancel: true,
 		LeaseDuration:                 ptr.To(4 * time.Second),
 		RenewDeadline:                 ptr.To(3 * time.Second),
 		RetryPeriod:                   ptr.To(500 * time.Millisecond),
-		Cache:                         controller.CacheOptions(controller.DefaultNamespace),
-		// Both tests of this package start a controller of that name.
-		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
-	})
-	if err != nil {
-		t.Fatalf("manager: %v", err)
-	}
-	r, err := controller.New(mgr.GetClient(), mgr.GetEventRecorder(controller.FieldManager), controller.Options{
-		// Each test's controller gets its own registry: two in one process
-		// would register quorum_volumes twice.
-		Registerer: prometheus.NewRegistry(),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := r.SetupWithManager(mgr); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
-	// Registered after kubetest.Start's cleanup, so it runs before the API
-	// server stops.
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("controller manager: %v", err)
+		Cache:                         controller.CacheOptions(contract.DefaultNamespace),
+	}, func(mgr ctrl.Manager) error {
+		r, err := controller.New(mgr.GetClient(), mgr.GetEventRecorder(controller.FieldManager), controller.Options{
+			// Each test's controller gets its own registry: two in one process
+			// would register quorum_volumes twice.
+			Registerer: prometheus.NewRegistry(),
+		})
+		if err != nil {
+			return err
 		}
+		return r.SetupWithManager(mgr)
 	})
 }
 
@@ -187,33 +160,15 @@ func (cl *cluster) start(a *nodeAgent) {
 	if err != nil {
 		cl.t.Fatal(err)
 	}
-	cfg := agent.Config{
+	a.run = kubetest.StartAgent(cl.t, cl.srv.Config, agent.Config{
 		Node: a.node, DataDir: a.dataDir, Listen: a.listen, AdvertiseAddress: a.ip, TLS: tlsCfg,
-		MetricsAddress: "0", LeaseDuration: leaseDuration, RenewInterval: renewInterval,
-		ShutdownTimeout: 5 * time.Second, Logger: testLogger(cl.t, a.node),
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	a.cancel, a.done = cancel, make(chan error, 1)
-	go func() { a.done <- agent.Run(ctx, cl.srv.Config, cfg) }()
-	cl.t.Cleanup(func() { cl.stop(a) })
+		LeaseDuration: leaseDuration, RenewInterval: renewInterval,
+		Logger: kubetest.Logger(cl.t, "component", a.node),
+	})
 }
 
 // stop cancels a's agent and waits until Run returned, cleanly.
-func (cl *cluster) stop(a *nodeAgent) {
-	if a.cancel == nil {
-		return
-	}
-	a.cancel()
-	a.cancel = nil
-	select {
-	case err := <-a.done:
-		if err != nil {
-			cl.t.Errorf("agent %s: %v", a.node, err)
-		}
-	case <-time.After(timeout):
-		cl.t.Errorf("agent %s did not stop within %s", a.node, timeout)
-	}
-}
+func (cl *cluster) stop(a *nodeAgent) { a.run.Stop() }
 
 // kubectl runs kubectl with its discovery cache under t.TempDir (it would
 // otherwise write to ~/.kube/cache) and fails the test on an error.
@@ -301,7 +256,7 @@ func (cl *cluster) open(qv *v1alpha1.QuorumVolume, node string, epoch int64) (*v
 		// A stopped replica server must fail requests quickly, not after
 		// the default 30 s.
 		RequestTimeout: 3 * time.Second,
-		Logger:         slog.New(slog.NewTextHandler(testWriter{cl.t}, nil)).With("volume", qv.Name),
+		Logger:         kubetest.Slog(cl.t).With("volume", qv.Name),
 	})
 }
 
@@ -367,7 +322,7 @@ func (cl *cluster) waitEvent(volume, eventType, reason, text string) {
 func (cl *cluster) lease(node string) *coordinationv1.Lease {
 	cl.t.Helper()
 	l := &coordinationv1.Lease{}
-	if err := cl.c.Get(cl.t.Context(), client.ObjectKey{Namespace: controller.DefaultNamespace, Name: controller.LeaseName(node)}, l); err != nil {
+	if err := cl.c.Get(cl.t.Context(), client.ObjectKey{Namespace: contract.DefaultNamespace, Name: contract.LeaseName(node)}, l); err != nil {
 		cl.t.Fatalf("lease of %s: %v", node, err)
 	}
 	return l
@@ -397,31 +352,6 @@ func checkStopped(t *testing.T, a *nodeAgent) {
 		c.Close()
 		t.Errorf("%s still accepts connections on %s after its agent stopped", a.node, a.listen)
 	}
-}
-
-// freeAddr is a free TCP address on ip. The agents get a fixed one
-// rather than ip:0, so that a restarted agent serves where its replica's
-// endpoint says.
-func freeAddr(t *testing.T, ip string) string {
-	t.Helper()
-	l, err := net.Listen("tcp", ip+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-func testLogger(t *testing.T, name string) logr.Logger {
-	return logr.FromSlogHandler(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).WithValues("component", name)
-}
-
-// testWriter sends log lines to the test log, shown on failure or with -v.
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
 }
 
 func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -489,7 +419,7 @@ func TestControlPlane(t *testing.T) {
 
 	// 3. Attach to n1 as ControllerPublish does, and open the volume over
 	// the three replica servers as NodeStage does.
-	epoch, err := controller.Attach(ctx, cl.c, "vol1", a1.node, false)
+	epoch, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), "vol1", a1.node, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -540,7 +470,7 @@ func TestControlPlane(t *testing.T) {
 	}
 
 	// 5. Agent 3 comes back on the same folder and address: it takes its
-	// expired Lease over as controller.RenewLease does, serves the same
+	// expired Lease over as contract.RenewLease does, serves the same
 	// image, reports it Healthy, the engine resyncs it, and the volume is
 	// Ready again.
 	expired := cl.lease(a3.node)
@@ -568,7 +498,7 @@ func TestControlPlane(t *testing.T) {
 	if err := v.Close(ctx); err != nil {
 		t.Fatalf("close: %v", err)
 	}
-	if err := controller.Detach(ctx, cl.c, "vol1", a1.node); err != nil {
+	if err := contract.Detach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), "vol1", a1.node); err != nil {
 		t.Fatal(err)
 	}
 	if qv = cl.get("vol1"); len(qv.Status.Attachments) != 0 || qv.Status.Epoch != epoch {
@@ -655,7 +585,7 @@ func TestStaleEpochRefused(t *testing.T) {
 	qv = cl.waitFor("moved", "phase Ready", qvtest.Ready)
 	a, b := cl.agents[0].node, cl.agents[1].node
 
-	epochA, err := controller.Attach(ctx, cl.c, qv.Name, a, false)
+	epochA, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, a, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -666,15 +596,15 @@ func TestStaleEpochRefused(t *testing.T) {
 	if err := va.WriteAt(ctx, block(1), 0); err != nil {
 		t.Fatalf("write on %s: %v", a, err)
 	}
-	if _, err := controller.Attach(ctx, cl.c, qv.Name, b, false); !errors.Is(err, controller.ErrAttachedElsewhere) {
+	if _, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, b, false); !errors.Is(err, contract.ErrAttachedElsewhere) {
 		t.Fatalf("attach to %s while attached to %s: %v, want ErrAttachedElsewhere", b, a, err)
 	}
 	// n1 is detached without closing the volume first, as when its node
 	// is unreachable: only the epoch keeps it from writing on.
-	if err := controller.Detach(ctx, cl.c, qv.Name, a); err != nil {
+	if err := contract.Detach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, a); err != nil {
 		t.Fatal(err)
 	}
-	epochB, err := controller.Attach(ctx, cl.c, qv.Name, b, false)
+	epochB, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, b, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -715,7 +645,7 @@ func TestStaleEpochRefused(t *testing.T) {
 	if err := vc.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := controller.Detach(ctx, cl.c, qv.Name, b); err != nil {
+	if err := contract.Detach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, b); err != nil {
 		t.Fatal(err)
 	}
 	for _, ag := range cl.agents {

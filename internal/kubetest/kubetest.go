@@ -1,4 +1,6 @@
-// Package kubetest starts a real etcd and kube-apiserver for a test, built
+// Package kubetest is the rig of the tests against real Kubernetes
+// components (rig.go: a controller manager, loggers, free addresses, the
+// TestMain). It starts a real etcd and kube-apiserver for a test, built
 // by hack/k8s-bins.sh, so that API objects are validated, defaulted and
 // stored by the real thing rather than a fake client. Each test gets its
 // own pair on free loopback ports under t.TempDir(), and both processes are

@@ -5,15 +5,13 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net"
 	"os"
 	"path/filepath"
-	"time"
+
+	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 )
 
 // pki is what kube-apiserver needs to serve TLS and sign service-account
@@ -29,10 +27,10 @@ type pki struct {
 	adminToken string
 }
 
-// newPKI writes a fresh CA, a serving certificate signed by it, a
-// service-account key pair and a static admin token into dir. Go's crypto
-// instead of openssl keeps the helper free of tools and of their version
-// differences.
+// newPKI writes a fresh CA with a serving certificate signed by it (the
+// development PKI of package nbd, DevCA), a service-account key pair and
+// a static admin token into dir. Go's crypto instead of openssl keeps the
+// helper free of tools and of their version differences.
 func newPKI(dir string) (*pki, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("make pki folder: %w", err)
@@ -45,47 +43,14 @@ func newPKI(dir string) (*pki, error) {
 		saPubFile: filepath.Join(dir, "sa.pub"),
 		tokenFile: filepath.Join(dir, "tokens.csv"),
 	}
-	now := time.Now()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ca, err := nbd.NewDevCA("quorum-csi kubetest CA")
 	if err != nil {
-		return nil, fmt.Errorf("generate CA key: %w", err)
+		return nil, err
 	}
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "quorum-csi kubetest CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	p.caPEM = ca.CertPEM
+	serving, err := ca.Issue("kube-apiserver", []string{"127.0.0.1", "localhost"}, true)
 	if err != nil {
-		return nil, fmt.Errorf("sign CA certificate: %w", err)
-	}
-	ca, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		return nil, fmt.Errorf("parse CA certificate: %w", err)
-	}
-	p.caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
-
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, fmt.Errorf("generate serving key: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "kube-apiserver"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		DNSNames:     []string{"localhost"},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
-		return nil, fmt.Errorf("sign serving certificate: %w", err)
+		return nil, err
 	}
 	saKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -95,13 +60,9 @@ func newPKI(dir string) (*pki, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encode service-account public key: %w", err)
 	}
-	keyPEM, err := ecKeyPEM(key)
+	saKeyDER, err := x509.MarshalECPrivateKey(saKey)
 	if err != nil {
-		return nil, err
-	}
-	saKeyPEM, err := ecKeyPEM(saKey)
-	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("encode service-account key: %w", err)
 	}
 	tok := make([]byte, 16)
 	if _, err := rand.Read(tok); err != nil {
@@ -114,9 +75,9 @@ func newPKI(dir string) (*pki, error) {
 		data []byte
 	}{
 		{p.caFile, p.caPEM},
-		{p.certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})},
-		{p.keyFile, keyPEM},
-		{p.saKeyFile, saKeyPEM},
+		{p.certFile, serving.CertPEM},
+		{p.keyFile, serving.KeyPEM},
+		{p.saKeyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: saKeyDER})},
 		{p.saPubFile, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: saPub})},
 		// token,user,uid,"group": system:masters passes every RBAC check.
 		{p.tokenFile, []byte(p.adminToken + `,admin,admin,"system:masters"` + "\n")},
@@ -127,12 +88,4 @@ func newPKI(dir string) (*pki, error) {
 		}
 	}
 	return p, nil
-}
-
-func ecKeyPEM(k *ecdsa.PrivateKey) ([]byte, error) {
-	der, err := x509.MarshalECPrivateKey(k)
-	if err != nil {
-		return nil, fmt.Errorf("encode private key: %w", err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der}), nil
 }

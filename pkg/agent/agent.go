@@ -26,6 +26,7 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 )
 
@@ -77,8 +78,9 @@ type Config struct {
 	Serving func()
 }
 
-// FieldManager is the field manager of node's status reports.
-func FieldManager(node string) string { return "quorum-agent-" + node }
+// FieldManager is the field manager of node's status reports
+// (contract.AgentFieldManager).
+func FieldManager(node string) string { return contract.AgentFieldManager(node) }
 
 func (c *Config) setDefaults() error {
 	if c.Node == "" {

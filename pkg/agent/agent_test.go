@@ -11,31 +11,27 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
-	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/yaml"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
+	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
-	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 	"github.com/quorum-csi/quorum-csi/pkg/replica"
 	"github.com/quorum-csi/quorum-csi/pkg/volume"
@@ -55,9 +51,7 @@ const (
 // testAgent is one node agent running in the test process.
 type testAgent struct {
 	node, ip, dataDir, metrics string
-	cfg                        agent.Config
-	cancel                     context.CancelFunc
-	done                       chan error
+	run                        *kubetest.Agent
 }
 
 // env is the API server, a client, and the agents.
@@ -74,12 +68,9 @@ type env struct {
 // through the agents' NBD servers (TLS, fencing), restart, growth,
 // removal of a replaced replica, deletion, and the refusals.
 func TestAgents(t *testing.T) {
-	srv := kubetest.Start(t)
-	e := &env{t: t, rc: srv.Config, c: installCRD(t, srv.Config), agents: map[string]*testAgent{}}
+	srv, c := qvtest.Start(t)
+	e := &env{t: t, rc: srv.Config, c: c, agents: map[string]*testAgent{}}
 	ctx := t.Context()
-	if err := e.c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}}); err != nil {
-		t.Fatal(err)
-	}
 	e.tlsDir = t.TempDir()
 	ips := map[string]string{"n1": "127.0.0.2", "n2": "127.0.0.3", "n3": "127.0.0.4"}
 	if err := nbd.GenerateDevCA(e.tlsDir, []string{"127.0.0.2", "127.0.0.3", "127.0.0.4"}); err != nil {
@@ -176,7 +167,7 @@ func TestAgents(t *testing.T) {
 			t.Fatalf("stopped agent's endpoint %s still accepts connections", ep)
 		}
 		stopped := e.lease("n2").Spec.RenewTime
-		time.Sleep(3 * a.cfg.RenewInterval)
+		time.Sleep(3 * a.run.Config.RenewInterval)
 		if now := e.lease("n2").Spec.RenewTime; !now.Equal(stopped) {
 			t.Fatalf("stopped agent's lease renewed: %v after %v", now, stopped)
 		}
@@ -300,67 +291,25 @@ func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, ni
 // start runs an agent for node, serving on listen (ip:0 for a free port).
 func (e *env) start(node, ip, dataDir, listen string) {
 	e.t.Helper()
-	a := &testAgent{node: node, ip: ip, dataDir: dataDir, done: make(chan error, 1)}
+	a := &testAgent{node: node, ip: ip, dataDir: dataDir}
 	if old, ok := e.agents[node]; ok {
 		a.metrics = old.metrics
 	} else {
-		a.metrics = freeAddr(e.t, ip)
+		a.metrics = kubetest.FreeAddr(e.t, ip)
 	}
 	tlsCfg, err := nbd.ServerTLSDir(e.tlsDir)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	a.cfg = agent.Config{
+	a.run = kubetest.StartAgent(e.t, e.rc, agent.Config{
 		Node: node, DataDir: dataDir, Listen: listen, AdvertiseAddress: ip, TLS: tlsCfg,
-		MetricsAddress: a.metrics, LeaseDuration: 3 * time.Second, RenewInterval: 300 * time.Millisecond,
-		ShutdownTimeout: 5 * time.Second, Logger: testLogger(e.t, node),
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	a.cancel = cancel
-	go func() { a.done <- agent.Run(ctx, e.rc, a.cfg) }()
+		MetricsAddress: a.metrics,
+	})
 	e.agents[node] = a
-	e.t.Cleanup(func() { e.stop(node) })
 }
 
 // stop cancels an agent and waits for it; Run must return cleanly.
-func (e *env) stop(node string) {
-	a := e.agents[node]
-	if a.cancel == nil {
-		return
-	}
-	a.cancel()
-	a.cancel = nil
-	select {
-	case err := <-a.done:
-		if err != nil {
-			e.t.Errorf("agent %s: %v", node, err)
-		}
-	case <-time.After(timeout):
-		e.t.Errorf("agent %s did not stop within %s", node, timeout)
-	}
-}
-
-// testLogger sends an agent's logs to the test log, prefixed by node.
-func testLogger(t *testing.T, node string) logr.Logger {
-	return logr.FromSlogHandler(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).WithValues("agent", node)
-}
-
-type testWriter struct{ t *testing.T }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimSpace(string(p)))
-	return len(p), nil
-}
-
-// freeAddr is a free TCP address on ip.
-func freeAddr(t *testing.T, ip string) string {
-	l, err := net.Listen("tcp", ip+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
+func (e *env) stop(node string) { e.agents[node].run.Stop() }
 
 func (e *env) createVolume(name string, size int64) *v1alpha1.QuorumVolume {
 	e.t.Helper()
@@ -498,7 +447,7 @@ func allHealthy(rs map[string]v1alpha1.ReplicaStatus) bool {
 func (e *env) lease(node string) *coordinationv1.Lease {
 	e.t.Helper()
 	l := &coordinationv1.Lease{}
-	if err := e.c.Get(e.t.Context(), client.ObjectKey{Namespace: namespace, Name: controller.LeaseName(node)}, l); err != nil {
+	if err := e.c.Get(e.t.Context(), client.ObjectKey{Namespace: namespace, Name: contract.LeaseName(node)}, l); err != nil {
 		e.t.Fatal(err)
 	}
 	return l
@@ -626,41 +575,4 @@ func (e *env) scrape(node string) string {
 		e.t.Fatal(err)
 	}
 	return string(b)
-}
-
-// installCRD creates the CRD from config/crd (what `make generate`
-// writes) and returns a client once QuorumVolumes are served.
-func installCRD(t *testing.T, rc *rest.Config) client.Client {
-	t.Helper()
-	_, self, _, _ := runtime.Caller(0)
-	path := filepath.Join(filepath.Dir(self), "..", "..", "config", "crd", "quorum.csi.dev_quorumvolumes.yaml")
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	crd := &apiextensionsv1.CustomResourceDefinition{}
-	if err := yaml.UnmarshalStrict(b, crd); err != nil {
-		t.Fatalf("decode %s: %v", path, err)
-	}
-	scheme := kruntime.NewScheme()
-	for _, add := range []func(*kruntime.Scheme) error{apiextensionsv1.AddToScheme, v1alpha1.AddToScheme, corev1.AddToScheme, coordinationv1.AddToScheme} {
-		if err := add(scheme); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c, err := client.New(rc, client.Options{Scheme: scheme})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := t.Context()
-	if err := c.Create(ctx, crd); err != nil {
-		t.Fatal(err)
-	}
-	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, timeout, true, func(ctx context.Context) (bool, error) {
-		return c.List(ctx, &v1alpha1.QuorumVolumeList{}) == nil, nil
-	})
-	if err != nil {
-		t.Fatalf("QuorumVolumes not served: %v", err)
-	}
-	return c
 }

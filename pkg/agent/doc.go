@@ -2,7 +2,7 @@
 // replica images the controller places on its node, serves them over NBD
 // (mutual TLS, epoch-fenced), grows and deletes them, and reports them in
 // the QuorumVolume status. This comment is the agent's side of the
-// contract with the controller (package controller, and its doc).
+// contract with the controller (package contract, and its doc).
 //
 // # Liveness
 //
@@ -12,7 +12,7 @@
 // 30, renewed every 10 s (DefaultLeaseDuration, DefaultRenewInterval;
 // configurable for tests). It creates the Lease if missing and takes it
 // over (acquireTime, leaseTransitions) if another holder is named or it
-// expired, as controller.RenewLease does. On
+// expired, as contract.RenewLease does. On
 // shutdown it stops renewing, so the Lease expires 30 s after the last
 // renewal. The controller places replicas only on nodes with a current
 // Lease and marks the replicas of a node whose Lease expired Faulty.

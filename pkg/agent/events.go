@@ -7,10 +7,11 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/tools/events"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
-	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 )
 
@@ -21,7 +22,7 @@ const EventInterval = 10 * time.Second
 
 // ReportingController names the node's data path in the Events it
 // writes; the instance is quorum-node-<node>.
-const ReportingController = "quorum-node"
+const ReportingController = contract.NodeReportingController
 
 // VolumeEvents turns what happens to the volumes a node serves into
 // Warning Events on their QuorumVolumes: the engine's QUORUM_FAILURE and
@@ -29,6 +30,7 @@ const ReportingController = "quorum-node"
 // engine's log keeps every one) and volumes the node's data path lost.
 type VolumeEvents struct {
 	c    client.Client
+	rec  events.EventRecorder
 	node string
 
 	mu   sync.Mutex
@@ -37,7 +39,8 @@ type VolumeEvents struct {
 
 // NewVolumeEvents writes Events through c for node.
 func NewVolumeEvents(c client.Client, node string) *VolumeEvents {
-	return &VolumeEvents{c: c, node: node, last: map[string]time.Time{}}
+	rec := contract.NewEventRecorder(c, ReportingController, ReportingController+"-"+node)
+	return &VolumeEvents{c: c, rec: rec, node: node, last: map[string]time.Time{}}
 }
 
 // Engine records an engine event of the volume. The engine calls it on
@@ -72,5 +75,5 @@ func (v *VolumeEvents) record(ctx context.Context, volumeID, reason, action, not
 		// The Event would regard nothing; the data path's log has it.
 		return
 	}
-	controller.RecordEvent(ctx, v.c, qv, corev1.EventTypeWarning, ReportingController, ReportingController+"-"+v.node, reason, action, note)
+	v.rec.Eventf(qv, nil, corev1.EventTypeWarning, reason, action, "%s", note)
 }

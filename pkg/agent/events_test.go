@@ -11,11 +11,9 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	eventsv1 "k8s.io/api/events/v1"
-	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
@@ -29,18 +27,7 @@ import (
 // eventsClient is a client of a fresh API server with the CRD installed
 // that also writes Events.
 func eventsClient(t *testing.T) client.Client {
-	srv := kubetest.Start(t)
-	scheme := kruntime.NewScheme()
-	for _, add := range []func(*kruntime.Scheme) error{apiextensionsv1.AddToScheme, v1alpha1.AddToScheme, eventsv1.AddToScheme} {
-		if err := add(scheme); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c, err := client.New(srv.Config, client.Options{Scheme: scheme})
-	if err != nil {
-		t.Fatal(err)
-	}
-	qvtest.InstallCRD(t, c)
+	_, c := qvtest.Start(t)
 	return c
 }
 
@@ -141,7 +128,7 @@ func TestDataPathWatcher(t *testing.T) {
 	hs := serve()
 	w := &agent.DataPathWatcher{
 		Client: c, Node: "n1", DataPath: datapath.NewClient(sock), Events: agent.NewVolumeEvents(c, "n1"),
-		Interval: 200 * time.Millisecond, Grace: time.Second, Log: testLogger(t, "watch"),
+		Interval: 200 * time.Millisecond, Grace: time.Second, Log: kubetest.Logger(t, "agent", "watch"),
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -7,14 +7,14 @@ import (
 	"github.com/go-logr/logr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
-	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 // Defaults of the contract with the controller, which defines them.
 const (
-	DefaultNamespace     = controller.DefaultNamespace
-	DefaultLeaseDuration = controller.DefaultLeaseDuration
-	DefaultRenewInterval = controller.DefaultRenewInterval
+	DefaultNamespace     = contract.DefaultNamespace
+	DefaultLeaseDuration = contract.DefaultLeaseDuration
+	DefaultRenewInterval = contract.DefaultRenewInterval
 )
 
 // leaseKeeper creates and renews the node's Lease until its context ends,
@@ -45,12 +45,12 @@ func (k *leaseKeeper) Start(ctx context.Context) error {
 			k.log.Error(err, "renew lease")
 			failing = true
 		case err == nil && failing:
-			k.log.Info("renewing lease again", "lease", controller.LeaseName(k.node))
+			k.log.Info("renewing lease again", "lease", contract.LeaseName(k.node))
 			failing = false
 		}
 		select {
 		case <-ctx.Done():
-			k.log.Info("stopped renewing lease", "lease", controller.LeaseName(k.node))
+			k.log.Info("stopped renewing lease", "lease", contract.LeaseName(k.node))
 			return nil
 		case <-t.C:
 		}
@@ -59,5 +59,5 @@ func (k *leaseKeeper) Start(ctx context.Context) error {
 
 // renew makes the Lease held by the node, renewed now.
 func (k *leaseKeeper) renew(ctx context.Context) error {
-	return controller.RenewLease(ctx, k.r, k.c, k.namespace, k.node, k.duration)
+	return contract.RenewLease(ctx, k.r, k.c, k.namespace, k.node, k.duration)
 }

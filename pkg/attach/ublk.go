@@ -13,6 +13,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/quorum-csi/quorum-csi/internal/atomicfile"
 )
 
 // ublk (Linux 6.4+, ublk_drv) serves a block device from user space
@@ -267,7 +269,7 @@ func AttachUblk(ctx context.Context, vol Volume, opts UblkOptions) (_ Device, er
 		return nil, fmt.Errorf("ublk: %w", err)
 	}
 	if d.stateFile != "" && !recovering {
-		if err := writeFileAtomic(d.stateFile, []byte(fmt.Sprintln(d.id))); err != nil {
+		if err := atomicfile.WriteFile(d.stateFile, []byte(fmt.Sprintln(d.id)), 0o600); err != nil {
 			return nil, fmt.Errorf("ublk: %w", err)
 		}
 	}
@@ -378,15 +380,6 @@ func (d *ublkDevice) takeBack(ctx context.Context) (id uint32, recovering bool, 
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-}
-
-// writeFileAtomic replaces path with data (temporary file, rename).
-func writeFileAtomic(path string, data []byte) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }
 
 // control runs one control command on the device and waits for it.

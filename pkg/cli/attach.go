@@ -88,7 +88,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&scrubRate, "scrub-rate", "bytes per second of the background scrub, which votes across replicas and repairs minorities (0: no background scrub)")
 	scrubInterval := fs.Duration("scrub-interval", 24*time.Hour, "time between background scrub passes; the first starts at attach")
 	epoch := fs.Uint64("epoch", 0, "epoch presented to replica servers for NBD replicas whose URI has no @epoch=N: it must not be older than the last attach's, and a newer one fences that attach")
-	frontend := fs.String("frontend", "auto", "how the volume becomes a block device: ublk (/dev/ublkbN), fuse-loop (/dev/loopN over a private FUSE file) or auto (ublk when /dev/ublk-control exists, else fuse-loop)")
+	frontend := fs.String("frontend", "auto", "how the volume becomes a block device: ublk (/dev/ublkbN; Linux 6.4+ with ublk_drv), fuse-loop (/dev/loopN over a private FUSE file) or auto (ublk when /dev/ublk-control exists on Linux 6.4+, else fuse-loop)")
 	metricsAddr := fs.String("metrics-address", "", "serve Prometheus metrics of the volume (requests, latency, events, replica states) at http://ADDR/metrics; empty: off")
 	nbdTimeout := fs.Duration("nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take, waiting for a reconnect included, before that replica is left out (it resyncs when it answers again); a server that restarts within it costs no replica")
 	faults := faultFlag{}

@@ -7,25 +7,28 @@ import (
 	"testing"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
-// TestAttachDetach runs Attach and Detach, as the CSI controller will,
-// against a real API server (no reconciler: they need none).
+// TestAttachDetach runs contract.Attach and Detach, as the CSI controller
+// does, against a real API server (no reconciler: they need none), and
+// checks the Events contract.EventRecorder writes for them.
 func TestAttachDetach(t *testing.T) {
 	e, _ := startEnv(t)
 	ctx := t.Context()
+	rec := contract.NewEventRecorder(e.c, FieldManager, "test")
 	e.createQV("vol", 3, v1alpha1.Placement{})
 
 	attach := func(node string, multi bool, want int64) {
 		t.Helper()
-		got, err := Attach(ctx, e.c, "vol", node, multi)
+		got, err := contract.Attach(ctx, e.c, rec, "vol", node, multi)
 		if err != nil || got != want {
 			t.Fatalf("Attach(%s, multiNode=%v) = %d, %v; want epoch %d", node, multi, got, err, want)
 		}
 	}
 	detach := func(node string) {
 		t.Helper()
-		if err := Detach(ctx, e.c, "vol", node); err != nil {
+		if err := contract.Detach(ctx, e.c, rec, "vol", node); err != nil {
 			t.Fatalf("Detach(%s): %v", node, err)
 		}
 	}
@@ -42,8 +45,8 @@ func TestAttachDetach(t *testing.T) {
 	check(1, v1alpha1.Attachment{Node: "node-a", Epoch: 1})
 	e.waitEvent("vol", "Attached", "Normal", "attached to node-a with epoch 1")
 
-	_, err := Attach(ctx, e.c, "vol", "node-b", false)
-	if !errors.Is(err, ErrAttachedElsewhere) {
+	_, err := contract.Attach(ctx, e.c, rec, "vol", "node-b", false)
+	if !errors.Is(err, contract.ErrAttachedElsewhere) {
 		t.Fatalf("attach a single-node volume to a second node: %v, want ErrAttachedElsewhere", err)
 	}
 
@@ -58,7 +61,7 @@ func TestAttachDetach(t *testing.T) {
 	attach("node-c", true, 3)
 	check(3, v1alpha1.Attachment{Node: "node-b", Epoch: 2}, v1alpha1.Attachment{Node: "node-c", Epoch: 3})
 	attach("node-b", true, 2)
-	if _, err := Attach(ctx, e.c, "vol", "node-d", true); !errors.Is(err, ErrTooManyAttachments) {
+	if _, err := contract.Attach(ctx, e.c, rec, "vol", "node-d", true); !errors.Is(err, contract.ErrTooManyAttachments) {
 		t.Fatalf("a third attachment: %v, want ErrTooManyAttachments", err)
 	}
 	// The source is unpublished: the target keeps its epoch.
@@ -66,10 +69,10 @@ func TestAttachDetach(t *testing.T) {
 	check(3, v1alpha1.Attachment{Node: "node-c", Epoch: 3})
 	attach("node-b", true, 4)
 
-	if err := Detach(ctx, e.c, "missing", "node-a"); err != nil {
+	if err := contract.Detach(ctx, e.c, rec, "missing", "node-a"); err != nil {
 		t.Errorf("detach a volume that does not exist: %v, want success", err)
 	}
-	if _, err := Attach(ctx, e.c, "missing", "node-a", false); err == nil {
+	if _, err := contract.Attach(ctx, e.c, rec, "missing", "node-a", false); err == nil {
 		t.Errorf("attach a volume that does not exist succeeded")
 	}
 
@@ -82,7 +85,7 @@ func TestAttachDetach(t *testing.T) {
 		errs := make([]error, n)
 		for i := range n {
 			wg.Go(func() {
-				epochs[i], errs[i] = Attach(t.Context(), e.c, "race", "node-"+string(rune('a'+i)), true)
+				epochs[i], errs[i] = contract.Attach(t.Context(), e.c, rec, "race", "node-"+string(rune('a'+i)), true)
 			})
 		}
 		wg.Wait()
@@ -91,7 +94,7 @@ func TestAttachDetach(t *testing.T) {
 			switch {
 			case err == nil:
 				got = append(got, epochs[i])
-			case !errors.Is(err, ErrTooManyAttachments):
+			case !errors.Is(err, contract.ErrTooManyAttachments):
 				t.Errorf("attach node %d: %v, want success or ErrTooManyAttachments", i, err)
 			}
 		}

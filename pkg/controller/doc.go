@@ -1,23 +1,23 @@
-// Package controller is the QuorumVolume control loop: it places replicas
-// on nodes, follows their nodes' health, derives each volume's phase and
-// conditions, hands out attachments and epochs (Attach, Detach), and holds
-// deleted volumes until their replica images are gone. It does no I/O on
-// replicas; the node agents (cmd/datapath) do, and this file is the contract
-// between them and the controller.
+// Package controller holds the controller binary's reconcilers: the
+// QuorumVolume control loop (Reconciler) and the PVC resizer (Resizer,
+// resizer.go, which does external-resizer's part of a PVC expansion
+// through a VolumeExpander, the CSI Controller in process, and writes the
+// PV capacity and the claim status the kubelet reads to finish the
+// expansion on the node).
+//
+// The QuorumVolume control loop places replicas on nodes, follows their
+// nodes' health, derives each volume's phase and conditions, and holds
+// deleted volumes until their replica images are gone; attachments and
+// epochs are contract.Attach and contract.Detach's. It does no I/O on
+// replicas; the node agents (cmd/datapath) do. What they and the CSI
+// services agree on with the controller is package contract; this doc
+// says what the controller does with it.
 //
 // # Node liveness
 //
-// Every node agent holds a coordination.k8s.io/v1 Lease named
-// LeaseName(node) ("quorum-agent-<node>") in the driver namespace
-// (DefaultNamespace, "quorum-csi", unless configured), with
-// holderIdentity the node name and leaseDurationSeconds 30
-// (DefaultLeaseDuration), renewed every 10 s (DefaultRenewInterval) the
-// way RenewLease does it: created if missing, taken over (acquireTime,
-// leaseTransitions) when it expired or names another holder, updated
-// with its resourceVersion. The agent calls RenewLease with a reader
-// that goes to the API server rather than through a cache. A node runs its agent while its Lease is
-// current: renewTime + leaseDurationSeconds is in the future and the
-// holder is the node.
+// A node is alive while its agent's Lease is current; the Lease, its
+// name and timing, and who writes which status field are package
+// contract's (see its doc).
 //
 // # Placement
 //
@@ -37,7 +37,7 @@
 //
 // A placed replica is a status.replicas entry {name, node, state
 // Creating, lastTransitionTime}, written by field manager
-// "quorum-controller". Names are "r<N>", N one past the highest ever
+// "quorum-controller" (contract.ControllerFieldManager). Names are "r<N>", N one past the highest ever
 // listed for the volume, so a replacement never reuses a name.
 //
 // # What the agent writes
@@ -82,12 +82,9 @@
 //
 // # Attachments and epochs
 //
-// Attach and Detach are called by the CSI ControllerPublish and
-// ControllerUnpublish. Each attachment gets status.epoch+1, which becomes
-// status.epoch; status.epoch never decreases, so an epoch is never
-// handed out twice. A single-node volume has at most one attachment
-// (ErrAttachedElsewhere), a multi-node one at most two (live migration,
-// ErrTooManyAttachments).
+// contract.Attach and contract.Detach, called by the CSI ControllerPublish
+// and ControllerUnpublish, write status.epoch and status.attachments; the
+// reconciler keeps them as they are.
 //
 // # Deletion
 //

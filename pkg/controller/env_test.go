@@ -2,10 +2,7 @@ package controller
 
 import (
 	"context"
-	"flag"
 	"fmt"
-	"io"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -14,38 +11,21 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	eventsv1 "k8s.io/api/events/v1"
-	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	kruntime "k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/wait"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/util/retry"
-	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/config"
-	"sigs.k8s.io/controller-runtime/pkg/log"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/yaml"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
-func TestMain(m *testing.M) {
-	flag.Parse()
-	// controller-runtime complains loudly when no logger is set; the logs
-	// are only worth reading with -v.
-	var w io.Writer = io.Discard
-	if testing.Verbose() {
-		w = os.Stderr
-	}
-	log.SetLogger(zap.New(zap.UseDevMode(true), zap.WriteTo(w)))
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { kubetest.Main(m) }
 
 // agentManager is the field manager the tests write replica states with,
 // as a node agent would.
@@ -58,68 +38,24 @@ type env struct {
 	c client.Client
 }
 
-func newScheme(t *testing.T) *kruntime.Scheme {
-	scheme := kruntime.NewScheme()
-	for _, add := range []func(*kruntime.Scheme) error{clientgoscheme.AddToScheme, apiextensionsv1.AddToScheme, v1alpha1.AddToScheme} {
-		if err := add(scheme); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return scheme
-}
-
 func startEnv(t *testing.T) (*env, *kubetest.Server) {
-	srv := kubetest.Start(t)
-	c, err := client.New(srv.Config, client.Options{Scheme: newScheme(t)})
-	if err != nil {
-		t.Fatalf("client: %v", err)
-	}
-	e := &env{t: t, c: c}
-	e.installCRD()
-	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: DefaultNamespace}}); err != nil {
-		t.Fatalf("create namespace: %v", err)
-	}
-	return e, srv
+	srv, c := qvtest.Start(t)
+	return &env{t: t, c: c}, srv
 }
 
 // startController runs the manager with the reconciler in-process until
 // the test ends, and returns the reconciler's metrics registry.
 func (e *env) startController(srv *kubetest.Server) *prometheus.Registry {
-	t := e.t
-	mgr, err := ctrl.NewManager(srv.Config, ctrl.Options{
-		Scheme:                 e.c.Scheme(),
-		Metrics:                metricsserver.Options{BindAddress: "0"},
-		HealthProbeBindAddress: "0",
-		Cache:                  CacheOptions(DefaultNamespace),
-		// Every test starts its own controller named like the others.
-		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
-	})
-	if err != nil {
-		t.Fatalf("manager: %v", err)
-	}
 	reg := prometheus.NewRegistry()
-	r, err := New(mgr.GetClient(), mgr.GetEventRecorder(FieldManager), Options{Registerer: reg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := r.SetupWithManager(mgr); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
-	// Registered after kubetest.Start's cleanup, so it runs before the API
-	// server stops.
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("manager: %v", err)
+	srv.RunManager(e.t, ctrl.Options{Scheme: e.c.Scheme(), Cache: CacheOptions(contract.DefaultNamespace)}, func(mgr ctrl.Manager) error {
+		r, err := New(mgr.GetClient(), mgr.GetEventRecorder(FieldManager), Options{Registerer: reg})
+		if err != nil {
+			return err
 		}
+		return r.SetupWithManager(mgr)
 	})
 	return reg
 }
-
-func (e *env) installCRD() { qvtest.InstallCRD(e.t, e.c) }
 
 // node creates a Node labelled with its hostname and labels (pairs); an
 // empty value removes the label, the hostname one included.
@@ -147,7 +83,7 @@ func (e *env) deleteNode(name string) {
 // renew renews node's agent Lease once, as the agent does.
 func (e *env) renew(node string, d time.Duration) {
 	e.t.Helper()
-	if err := RenewLease(e.t.Context(), e.c, e.c, DefaultNamespace, node, d); err != nil {
+	if err := contract.RenewLease(e.t.Context(), e.c, e.c, contract.DefaultNamespace, node, d); err != nil {
 		e.t.Fatal(err)
 	}
 }
@@ -166,7 +102,7 @@ func (e *env) keepRenewing(node string, d time.Duration) (stop func()) {
 			case <-ctx.Done():
 				return
 			case <-tick.C:
-				if err := RenewLease(ctx, e.c, e.c, DefaultNamespace, node, d); err != nil && ctx.Err() == nil {
+				if err := contract.RenewLease(ctx, e.c, e.c, contract.DefaultNamespace, node, d); err != nil && ctx.Err() == nil {
 					e.t.Errorf("renew lease of %s: %v", node, err)
 				}
 			}

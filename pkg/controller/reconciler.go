@@ -31,12 +31,13 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 const (
 	// FieldManager is the field manager of everything the controller
 	// writes, and the reportingController of its Events.
-	FieldManager = "quorum-controller"
+	FieldManager = contract.ControllerFieldManager
 	// Finalizer holds a QuorumVolume until its replica images are gone.
 	Finalizer = "quorum.csi.dev/replicas"
 
@@ -51,7 +52,7 @@ const (
 
 // Options configure a Reconciler.
 type Options struct {
-	// Namespace holds the agents' Leases (DefaultNamespace when empty).
+	// Namespace holds the agents' Leases (contract.DefaultNamespace when empty).
 	Namespace string
 	// Registerer gets the quorum_volumes gauge; controller-runtime's
 	// registry, served on the metrics endpoint, when nil.
@@ -73,7 +74,7 @@ type Reconciler struct {
 // manager's cached client) and records Events with rec.
 func New(c client.Client, rec events.EventRecorder, opts Options) (*Reconciler, error) {
 	if opts.Namespace == "" {
-		opts.Namespace = DefaultNamespace
+		opts.Namespace = contract.DefaultNamespace
 	}
 	if opts.Registerer == nil {
 		opts.Registerer = metrics.Registry
@@ -112,7 +113,7 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 
 // leaseNode is the node an agent Lease stands for, "" for other Leases.
 func (r *Reconciler) leaseNode(o client.Object) string {
-	node, ok := strings.CutPrefix(o.GetName(), leasePrefix)
+	node, ok := contract.LeaseNode(o.GetName())
 	if !ok || o.GetNamespace() != r.namespace {
 		return ""
 	}
@@ -181,7 +182,7 @@ func nodeChanged() predicate.Predicate {
 func leaseLivenessChanged() predicate.Predicate {
 	return predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
 		o, n := e.ObjectOld.(*coordinationv1.Lease), e.ObjectNew.(*coordinationv1.Lease)
-		return !LeaseCurrent(o, time.Now()) || !ptr.Equal(o.Spec.HolderIdentity, n.Spec.HolderIdentity)
+		return !contract.LeaseCurrent(o, time.Now()) || !ptr.Equal(o.Spec.HolderIdentity, n.Spec.HolderIdentity)
 	}}
 }
 
@@ -255,11 +256,11 @@ func (cl *cluster) agentLive(node string) (bool, string) {
 	l, ok := cl.leases[node]
 	switch {
 	case !ok:
-		return false, fmt.Sprintf("has no agent lease %s (node agent not running)", LeaseName(node))
+		return false, fmt.Sprintf("has no agent lease %s (node agent not running)", contract.LeaseName(node))
 	case l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != node:
-		return false, fmt.Sprintf("agent lease %s is held by %q, not the node", LeaseName(node), ptr.Deref(l.Spec.HolderIdentity, ""))
-	case !LeaseCurrent(l, cl.now):
-		return false, fmt.Sprintf("agent lease %s expired (node agent not renewing)", LeaseName(node))
+		return false, fmt.Sprintf("agent lease %s is held by %q, not the node", contract.LeaseName(node), ptr.Deref(l.Spec.HolderIdentity, ""))
+	case !contract.LeaseCurrent(l, cl.now):
+		return false, fmt.Sprintf("agent lease %s expired (node agent not renewing)", contract.LeaseName(node))
 	}
 	return true, ""
 }
@@ -487,10 +488,10 @@ func nextExpiry(qv *v1alpha1.QuorumVolume, cl *cluster) (time.Duration, bool) {
 	var first time.Time
 	for _, rep := range qv.Status.Replicas {
 		l, ok := cl.leases[rep.Node]
-		if !ok || rep.State == v1alpha1.ReplicaStale || !LeaseCurrent(l, cl.now) {
+		if !ok || rep.State == v1alpha1.ReplicaStale || !contract.LeaseCurrent(l, cl.now) {
 			continue
 		}
-		if exp, _ := leaseExpiry(l); first.IsZero() || exp.Before(first) {
+		if exp, _ := contract.LeaseExpiry(l); first.IsZero() || exp.Before(first) {
 			first = exp
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"strings"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 // Condition types and reasons the controller sets.
@@ -14,7 +15,7 @@ const (
 	ConditionPlaced = "Placed"
 	// ConditionReady is True when every replica is Healthy; otherwise its
 	// reason is the phase.
-	ConditionReady = "Ready"
+	ConditionReady = contract.ConditionReady
 
 	ReasonPlaced            = "Placed"
 	ReasonInsufficientNodes = "InsufficientNodes"

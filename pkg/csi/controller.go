@@ -4,20 +4,23 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"os"
 	"strconv"
 	"strings"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	kerrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/events"
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
-	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 const (
@@ -36,7 +39,7 @@ const (
 	VolumeContextFSType = "fsType"
 
 	// FieldManager owns the QuorumVolume specs this service writes.
-	FieldManager = "quorum-csi-controller"
+	FieldManager = contract.CSIFieldManager
 )
 
 // Controller is the CSI Controller service. It holds no state of its own:
@@ -46,6 +49,7 @@ const (
 type Controller struct {
 	csipb.UnimplementedControllerServer
 	client client.Client
+	events events.EventRecorder
 	locks  inflight
 }
 
@@ -53,9 +57,11 @@ type Controller struct {
 // server rather than a cache: the answers (is the volume attached, does
 // it exist) decide deletions and attachments, and a lagging cache would
 // answer for a moment ago. c's scheme must know QuorumVolumes, Nodes and
-// events.k8s.io/v1 (controller.Attach records Events).
+// events.k8s.io/v1 (contract.Attach records Events through it).
 func NewController(c client.Client) *Controller {
-	return &Controller{client: c}
+	host, _ := os.Hostname()
+	rec := contract.NewEventRecorder(c, contract.ControllerFieldManager, contract.ControllerFieldManager+"-"+host)
+	return &Controller{client: c, events: rec}
 }
 
 // CreateVolume makes a QuorumVolume and returns at once, without waiting
@@ -187,7 +193,7 @@ func (s *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRe
 		return nil, err
 	}
 	defer release()
-	err = retry.OnError(controller.ConflictBackoff, kerrors.IsConflict, func() error {
+	err = retry.OnError(contract.ConflictBackoff, kerrors.IsConflict, func() error {
 		qv := &v1alpha1.QuorumVolume{}
 		if err := s.client.Get(ctx, client.ObjectKey{Name: id}, qv); err != nil {
 			return client.IgnoreNotFound(err)
@@ -210,7 +216,7 @@ func (s *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRe
 }
 
 // ControllerPublishVolume attaches the volume to the node
-// (controller.Attach) and hands the node its epoch. It does not wait for
+// (contract.Attach) and hands the node its epoch. It does not wait for
 // the replicas: the attachment only decides who may write and with which
 // epoch, and NodeStageVolume waits until the replicas can be assembled.
 // A single-node volume attached elsewhere, or a multi-node one with two
@@ -243,7 +249,7 @@ func (s *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.Con
 	} else if err != nil {
 		return nil, fmt.Errorf("get node %s: %w", node, err)
 	}
-	epoch, err := controller.Attach(ctx, s.client, id, node, multiNode(req.GetVolumeCapability()))
+	epoch, err := contract.Attach(ctx, s.client, s.events, id, node, multiNode(req.GetVolumeCapability()))
 	if err != nil {
 		return nil, err
 	}
@@ -280,7 +286,7 @@ func (s *Controller) ControllerUnpublishVolume(ctx context.Context, req *csipb.C
 		}
 	}
 	for _, n := range nodes {
-		if err := controller.Detach(ctx, s.client, id, n); err != nil {
+		if err := contract.Detach(ctx, s.client, s.events, id, n); err != nil {
 			return nil, err
 		}
 	}
@@ -317,9 +323,10 @@ func (s *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.
 
 // ControllerExpandVolume grows spec.size; the agents grow the replica
 // images. node_expansion_required is true in both access modes: the
-// consumer's node has to grow its assembled device (the engine and the
-// loop or ublk device in front of it) to the new size, and the
-// filesystem on it in Filesystem mode. A size at or below the current
+// consumer's node assembles the volume at its new size at its next
+// NodeStageVolume (the engine cannot grow an assembled device), and
+// NodeExpandVolume grows the filesystem in Filesystem mode and checks
+// the device's size in both (see its doc). A size at or below the current
 // one changes nothing: volumes never shrink. Growing a published volume
 // is FAILED_PRECONDITION, the spec's code for a plugin without ONLINE
 // expansion: the engine cannot grow an assembled device. The check and
@@ -343,7 +350,7 @@ func (s *Controller) ControllerExpandVolume(ctx context.Context, req *csipb.Cont
 	}
 	defer release()
 	var result int64
-	err = retry.OnError(controller.ConflictBackoff, kerrors.IsConflict, func() error {
+	err = retry.OnError(contract.ConflictBackoff, kerrors.IsConflict, func() error {
 		qv, err := s.getVolume(ctx, id)
 		if err != nil {
 			return err
@@ -376,6 +383,32 @@ func (s *Controller) ControllerExpandVolume(ctx context.Context, req *csipb.Cont
 	return &csipb.ControllerExpandVolumeResponse{CapacityBytes: result, NodeExpansionRequired: true}, nil
 }
 
+// ExpandVolume is ControllerExpandVolume for the controller's PVC
+// resizer (controller.VolumeExpander), in process. Its error keeps the
+// handler's message and carries the gRPC code the call would have
+// returned (status.Code).
+func (s *Controller) ExpandVolume(ctx context.Context, volume string, bytes int64) (int64, error) {
+	resp, err := s.ControllerExpandVolume(ctx, &csipb.ControllerExpandVolumeRequest{
+		VolumeId:      volume,
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: bytes},
+	})
+	if err != nil {
+		return 0, codedError{err: err, status: status.Convert(toStatus(err))}
+	}
+	return resp.GetCapacityBytes(), nil
+}
+
+// codedError is a handler's error with the status the server would
+// answer it with.
+type codedError struct {
+	err    error
+	status *status.Status
+}
+
+func (e codedError) Error() string              { return e.err.Error() }
+func (e codedError) Unwrap() error              { return e.err }
+func (e codedError) GRPCStatus() *status.Status { return e.status }
+
 // ControllerGetVolume reports the volume and the nodes it is published to.
 // Its health is ControllerGetVolumeHealth's: CSI v1.13 removed the
 // VolumeCondition this response used to carry.
@@ -391,7 +424,7 @@ func (s *Controller) ControllerGetVolume(ctx context.Context, req *csipb.Control
 	return &csipb.ControllerGetVolumeResponse{
 		Volume: csiVolume(qv),
 		Status: &csipb.ControllerGetVolumeResponse_VolumeStatus{
-			PublishedNodeIds: publishedNodes(qv),
+			PublishedNodeIds: contract.AttachedNodes(qv),
 		},
 	}, nil
 }
@@ -413,7 +446,7 @@ func (s *Controller) ListVolumes(ctx context.Context, req *csipb.ListVolumesRequ
 		resp.Entries = append(resp.Entries, &csipb.ListVolumesResponse_Entry{
 			Volume: csiVolume(qv),
 			Status: &csipb.ListVolumesResponse_VolumeStatus{
-				PublishedNodeIds: publishedNodes(qv),
+				PublishedNodeIds: contract.AttachedNodes(qv),
 			},
 		})
 	}
@@ -549,16 +582,8 @@ func csiVolume(qv *v1alpha1.QuorumVolume) *csipb.Volume {
 	return v
 }
 
-func publishedNodes(qv *v1alpha1.QuorumVolume) []string {
-	var nodes []string
-	for _, a := range qv.Status.Attachments {
-		nodes = append(nodes, a.Node)
-	}
-	return nodes
-}
-
 func attachedNodes(qv *v1alpha1.QuorumVolume) string {
-	return strings.Join(publishedNodes(qv), " and ")
+	return strings.Join(contract.AttachedNodes(qv), " and ")
 }
 
 // volumeHealth reports a Degraded volume (a replica is not Healthy;
@@ -579,7 +604,7 @@ func volumeHealth(qv *v1alpha1.QuorumVolume) *csipb.VolumeHealth {
 		return h
 	}
 	e := &csipb.VolumeHealth_VolumeHealthEntry{Status: t, Reason: string(qv.Status.Phase)}
-	if c := meta.FindStatusCondition(qv.Status.Conditions, controller.ConditionReady); c != nil {
+	if c := meta.FindStatusCondition(qv.Status.Conditions, contract.ConditionReady); c != nil {
 		e.Message = c.Message
 	}
 	h.HealthStatuses = []*csipb.VolumeHealth_VolumeHealthEntry{e}

@@ -12,16 +12,15 @@
 // StorageClass parameters (params.go) and returns at once; the
 // reconciler (package controller) places the replicas and the node
 // agents create them. ControllerPublishVolume and
-// ControllerUnpublishVolume are controller.Attach and controller.Detach,
+// ControllerUnpublishVolume are contract.Attach and contract.Detach,
 // which hand out the epoch the node presents to the replica servers.
 // ControllerExpandVolume grows spec.size, offline only: a published
 // volume is FAILED_PRECONDITION.
 //
-// Resizer (resizer.go) is a reconciler, run by the controller binary
-// with --resizer, that does the external-resizer sidecar's part of a PVC
-// expansion: it calls the Controller's ControllerExpandVolume in process
-// and writes the PV capacity and the claim status the kubelet reads to
-// finish the expansion on the node.
+// The PVC resizer, run by the controller binary with --resizer, is a
+// reconciler (controller.Resizer); it expands through the Controller's
+// ExpandVolume, in process, which is ControllerExpandVolume with the
+// gRPC code of its error.
 //
 // Contract with the Node service:
 //   - node IDs are Kubernetes Node names (ControllerPublishVolume checks
@@ -32,12 +31,21 @@
 //     to make on a Filesystem volume (ext4 or xfs);
 //   - a volume may still be Pending when it is published: NodeStage
 //     waits for (or fails retryably until) its replicas are Healthy;
-//   - ControllerExpandVolume always asks for node expansion, since the
-//     node's assembled device has to grow in Block mode too.
+//   - ControllerExpandVolume always asks for node expansion, in both
+//     modes. Expansion is offline: the node assembles the volume at its
+//     new size at the next NodeStageVolume, which also grows an ext
+//     filesystem (offline); NodeExpandVolume then grows an XFS
+//     filesystem, and in either mode answers FAILED_PRECONDITION while
+//     the staged device is still smaller than required_bytes.
 //
 // Every call validates its request first (INVALID_ARGUMENT naming the
-// field or parameter), admits one call per volume at a time (ABORTED
-// for a second one), and is idempotent. Handlers return wrapped errors;
+// field or parameter) and is idempotent. The calls that change a volume
+// (CreateVolume, DeleteVolume, Controller(Un)PublishVolume,
+// ControllerExpandVolume, Node(Un)StageVolume, Node(Un)PublishVolume,
+// NodeExpandVolume) admit one call per volume at a time (ABORTED for a
+// second one); the calls that only read (ValidateVolumeCapabilities,
+// ControllerGetVolume, the health calls, NodeGetVolumeStats) take no
+// lock. Handlers return wrapped errors;
 // toStatus (errors.go), applied by the server's interceptor, is the one
 // place where they become gRPC codes.
 package csi

@@ -2,9 +2,6 @@ package csi
 
 import (
 	"context"
-	"flag"
-	"io"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -12,19 +9,12 @@ import (
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
-	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	kruntime "k8s.io/apimachinery/pkg/runtime"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/util/retry"
-	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/log"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -32,20 +22,11 @@ import (
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/controller"
 )
 
-func TestMain(m *testing.M) {
-	flag.Parse()
-	// The CSI calls' and the reconciler's logs are only worth reading
-	// with -v.
-	var w io.Writer = io.Discard
-	if testing.Verbose() {
-		w = os.Stderr
-	}
-	log.SetLogger(zap.New(zap.UseDevMode(true), zap.WriteTo(w)))
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { kubetest.Main(m) }
 
 // env is a real API server with the CRD, the reconciler running
 // in-process, and the Identity and Controller services served over a
@@ -65,68 +46,35 @@ type env struct {
 type envOption func(mgr ctrl.Manager, ctl *Controller) error
 
 func startEnv(t *testing.T, opts ...envOption) *env {
-	srv := kubetest.Start(t)
-	scheme := kruntime.NewScheme()
-	for _, add := range []func(*kruntime.Scheme) error{clientgoscheme.AddToScheme, apiextensionsv1.AddToScheme, v1alpha1.AddToScheme} {
-		if err := add(scheme); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c, err := client.New(srv.Config, client.Options{Scheme: scheme})
-	if err != nil {
-		t.Fatalf("client: %v", err)
-	}
+	srv, c := qvtest.Start(t)
 	e := &env{t: t, c: c, agent: "quorum-agent", rc: srv.Config}
-	e.installCRD()
-	if err := c.Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controller.DefaultNamespace}}); err != nil {
-		t.Fatalf("create namespace: %v", err)
-	}
-
-	mgr, err := ctrl.NewManager(srv.Config, ctrl.Options{
-		Scheme:                 scheme,
-		Metrics:                metricsserver.Options{BindAddress: "0"},
-		HealthProbeBindAddress: "0",
-		Cache:                  controller.CacheOptions(controller.DefaultNamespace),
-		Controller:             config.Controller{SkipNameValidation: ptr.To(true)},
-	})
-	if err != nil {
-		t.Fatalf("manager: %v", err)
-	}
-	r, err := controller.New(mgr.GetClient(), mgr.GetEventRecorder(controller.FieldManager), controller.Options{Registerer: prometheus.NewRegistry()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := r.SetupWithManager(mgr); err != nil {
-		t.Fatal(err)
-	}
 	// The CSI server runs as the controller binary runs it: a Runnable of
 	// the manager, with a client that reads from the API server.
 	sock := filepath.Join(t.TempDir(), "csi.sock")
 	e.sock = sock
-	ctl := NewController(c)
-	if err := mgr.Add(&Server{
-		Endpoint:   "unix://" + sock,
-		Identity:   NewIdentity(APIProber{Client: c}),
-		Controller: ctl,
-		Log:        log.Log.WithName("csi"),
-	}); err != nil {
-		t.Fatal(err)
-	}
-	for _, opt := range opts {
-		if err := opt(mgr, ctl); err != nil {
-			t.Fatal(err)
+	srv.RunManager(t, ctrl.Options{Scheme: c.Scheme(), Cache: controller.CacheOptions(contract.DefaultNamespace)}, func(mgr ctrl.Manager) error {
+		r, err := controller.New(mgr.GetClient(), mgr.GetEventRecorder(controller.FieldManager), controller.Options{Registerer: prometheus.NewRegistry()})
+		if err != nil {
+			return err
 		}
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
-	// Registered after kubetest.Start's cleanup, so it runs before the API
-	// server stops.
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("manager: %v", err)
+		if err := r.SetupWithManager(mgr); err != nil {
+			return err
 		}
+		ctl := NewController(c)
+		if err := mgr.Add(&Server{
+			Endpoint:   "unix://" + sock,
+			Identity:   NewIdentity(APIProber{Client: c}),
+			Controller: ctl,
+			Log:        log.Log.WithName("csi"),
+		}); err != nil {
+			return err
+		}
+		for _, opt := range opts {
+			if err := opt(mgr, ctl); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -142,8 +90,6 @@ func startEnv(t *testing.T, opts ...envOption) *env {
 	})
 	return e
 }
-
-func (e *env) installCRD() { qvtest.InstallCRD(e.t, e.c) }
 
 // poll waits up to 30 s for ok.
 func (e *env) poll(what string, ok func(context.Context) bool) {
@@ -162,7 +108,7 @@ func (e *env) node(name string, labels ...string) {
 	if err := e.c.Create(e.t.Context(), n); err != nil {
 		e.t.Fatalf("create node %s: %v", name, err)
 	}
-	if err := controller.RenewLease(e.t.Context(), e.c, e.c, controller.DefaultNamespace, name, time.Hour); err != nil {
+	if err := contract.RenewLease(e.t.Context(), e.c, e.c, contract.DefaultNamespace, name, time.Hour); err != nil {
 		e.t.Fatal(err)
 	}
 }

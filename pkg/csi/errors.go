@@ -9,7 +9,7 @@ import (
 	kerrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 
-	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 // The kinds of failure a CSI call reports. Handlers wrap one of these
@@ -42,8 +42,8 @@ var sentinelCodes = []struct {
 	{errOutOfRange, codes.OutOfRange},
 	{errFailedPrecondition, codes.FailedPrecondition},
 	{errAborted, codes.Aborted},
-	{controller.ErrAttachedElsewhere, codes.FailedPrecondition},
-	{controller.ErrTooManyAttachments, codes.FailedPrecondition},
+	{contract.ErrAttachedElsewhere, codes.FailedPrecondition},
+	{contract.ErrTooManyAttachments, codes.FailedPrecondition},
 	{context.DeadlineExceeded, codes.DeadlineExceeded},
 	{context.Canceled, codes.Canceled},
 }

@@ -11,7 +11,7 @@ import (
 	kerrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 
-	"github.com/quorum-csi/quorum-csi/pkg/controller"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 func TestToStatus(t *testing.T) {
@@ -26,8 +26,8 @@ func TestToStatus(t *testing.T) {
 		{fmt.Errorf("%w: too big", errOutOfRange), codes.OutOfRange},
 		{fmt.Errorf("%w: published", errFailedPrecondition), codes.FailedPrecondition},
 		{fmt.Errorf("%w: in flight", errAborted), codes.Aborted},
-		{fmt.Errorf("attach v to b: %w: a", controller.ErrAttachedElsewhere), codes.FailedPrecondition},
-		{fmt.Errorf("attach v to c: %w", controller.ErrTooManyAttachments), codes.FailedPrecondition},
+		{fmt.Errorf("attach v to b: %w: a", contract.ErrAttachedElsewhere), codes.FailedPrecondition},
+		{fmt.Errorf("attach v to c: %w", contract.ErrTooManyAttachments), codes.FailedPrecondition},
 		{fmt.Errorf("get: %w", context.DeadlineExceeded), codes.DeadlineExceeded},
 		{fmt.Errorf("get: %w", context.Canceled), codes.Canceled},
 		{fmt.Errorf("get: %w", kerrors.NewNotFound(qv, "v")), codes.NotFound},

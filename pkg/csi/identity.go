@@ -9,11 +9,12 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 // DriverName is the CSI driver name, as in the CSIDriver object and the
 // StorageClasses' provisioner.
-const DriverName = "quorum.csi.dev"
+const DriverName = contract.DriverName
 
 // Version is the driver's vendor version, set at build time with
 // -ldflags "-X github.com/quorum-csi/quorum-csi/pkg/csi.Version=...".

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -28,6 +27,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/quorum-csi/quorum-csi/internal/alignbuf"
+	"github.com/quorum-csi/quorum-csi/internal/kubetest"
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/internal/testutil"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
@@ -87,27 +87,12 @@ func (e *nodeEnv) startAgent(name, ip string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", ip+":0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := kubetest.FreeAddr(t, ip)
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	e.data[name] = t.TempDir()
-	cfg := agent.Config{
+	kubetest.StartAgent(t, e.rc, agent.Config{
 		Node: name, DataDir: e.data[name], Listen: addr, AdvertiseAddress: ip, TLS: tlsCfg, LocalSocket: sock,
-		MetricsAddress: "0", LeaseDuration: 3 * time.Second, RenewInterval: 300 * time.Millisecond,
-		ShutdownTimeout: 5 * time.Second, Logger: log.Log.WithName(name),
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- agent.Run(ctx, e.rc, cfg) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("agent %s: %v", name, err)
-		}
+		Logger: log.Log.WithName(name),
 	})
 	return sock
 }

@@ -263,7 +263,7 @@ func checkCapability(c *csipb.VolumeCapability, fsType string) error {
 }
 
 // multiNode says whether a capability lets several nodes attach the
-// volume at once (which controller.Attach allows for two). Of the
+// volume at once (which contract.Attach allows for two). Of the
 // MULTI_NODE_* modes only MULTI_NODE_MULTI_WRITER passes checkCapability.
 func multiNode(c *csipb.VolumeCapability) bool {
 	return c.GetAccessMode().GetMode() == csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER

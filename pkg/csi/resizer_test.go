@@ -18,56 +18,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
+	"github.com/quorum-csi/quorum-csi/pkg/controller"
 )
-
-func TestResizeTarget(t *testing.T) {
-	const (
-		none       = corev1.ClaimResourceStatus("")
-		inProgress = corev1.PersistentVolumeClaimControllerResizeInProgress
-		infeasible = corev1.PersistentVolumeClaimControllerResizeInfeasible
-		pending    = corev1.PersistentVolumeClaimNodeResizePending
-	)
-	for _, tc := range []struct {
-		name                   string
-		request, pv, allocated string
-		status                 corev1.ClaimResourceStatus
-		fsPending, finalError  bool
-		want                   string // "" for nothing to do
-	}{
-		{name: "new request", request: "2Mi", pv: "1Mi", want: "2Mi"},
-		{name: "retry in progress at the allocated size", request: "3Mi", pv: "1Mi", allocated: "2Mi", status: inProgress, want: "2Mi"},
-		{name: "after a final error the request counts", request: "3Mi", pv: "1Mi", allocated: "2Mi", status: inProgress, finalError: true, want: "3Mi"},
-		{name: "infeasible: a lowered request counts", request: "2Mi", pv: "1Mi", allocated: "8Ei", status: infeasible, want: "2Mi"},
-		{name: "node pending, request raised again: wait for the node", request: "3Mi", pv: "2Mi", allocated: "2Mi", status: pending},
-		{name: "node pending, then shrunk", request: "1536Ki", pv: "2Mi", allocated: "2Mi", status: pending},
-		{name: "PV grown, claim status not yet written", request: "2Mi", pv: "2Mi", allocated: "2Mi", status: inProgress, want: "2Mi"},
-		{name: "PV grown by another resizer, waiting for the node", request: "2Mi", pv: "2Mi", status: none, fsPending: true},
-		{name: "PV larger than a fresh request", request: "2Mi", pv: "4Mi", want: "2Mi"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			pvc := &corev1.PersistentVolumeClaim{}
-			pvc.Spec.Resources.Requests = corev1.ResourceList{corev1.ResourceStorage: resource.MustParse(tc.request)}
-			if tc.allocated != "" {
-				pvc.Status.AllocatedResources = corev1.ResourceList{corev1.ResourceStorage: resource.MustParse(tc.allocated)}
-			}
-			if tc.status != none {
-				pvc.Status.AllocatedResourceStatuses = map[corev1.ResourceName]corev1.ClaimResourceStatus{corev1.ResourceStorage: tc.status}
-			}
-			if tc.fsPending {
-				pvc.Status.Conditions = []corev1.PersistentVolumeClaimCondition{{Type: corev1.PersistentVolumeClaimFileSystemResizePending, Status: corev1.ConditionTrue}}
-			}
-			pv := &corev1.PersistentVolume{}
-			pv.Spec.Capacity = corev1.ResourceList{corev1.ResourceStorage: resource.MustParse(tc.pv)}
-			got, ok := resizeTarget(pvc, pv, tc.finalError)
-			switch {
-			case tc.want == "" && ok:
-				t.Errorf("target %s, want nothing to do", got.String())
-			case tc.want != "" && (!ok || got.Cmp(resource.MustParse(tc.want)) != 0):
-				t.Errorf("target %s (%v), want %s", got.String(), ok, tc.want)
-			}
-		})
-	}
-}
 
 // resizeEnv is env with the resizer running in its manager and a
 // StorageClass that allows expansion, as the API server's
@@ -78,7 +30,7 @@ const expandableClass = "expandable"
 
 func startResizeEnv(t *testing.T) resizeEnv {
 	e := startEnv(t, func(mgr ctrl.Manager, ctl *Controller) error {
-		return NewResizer(mgr.GetClient(), ctl, mgr.GetEventRecorder(ResizerName)).SetupWithManager(t.Context(), mgr)
+		return controller.NewResizer(mgr.GetClient(), ctl, mgr.GetEventRecorder(controller.ResizerName)).SetupWithManager(t.Context(), mgr)
 	})
 	sc := &storagev1.StorageClass{
 		ObjectMeta:           metav1.ObjectMeta{Name: expandableClass},
@@ -179,7 +131,7 @@ func (e resizeEnv) events(name string) []eventsv1.Event {
 	}
 	var got []eventsv1.Event
 	for _, ev := range list.Items {
-		if ev.Regarding.Kind == "PersistentVolumeClaim" && ev.Regarding.Name == name && ev.ReportingController == ResizerName {
+		if ev.Regarding.Kind == "PersistentVolumeClaim" && ev.Regarding.Name == name && ev.ReportingController == controller.ResizerName {
 			got = append(got, ev)
 		}
 	}
@@ -207,6 +159,14 @@ func (e resizeEnv) unchanged(what string, ok func() bool) {
 			e.t.Fatalf("%s changed", what)
 		}
 	}
+}
+
+// resizeConditions are the claim conditions of an expansion.
+var resizeConditions = map[corev1.PersistentVolumeClaimConditionType]bool{
+	corev1.PersistentVolumeClaimResizing:                true,
+	corev1.PersistentVolumeClaimFileSystemResizePending: true,
+	corev1.PersistentVolumeClaimControllerResizeError:   true,
+	corev1.PersistentVolumeClaimNodeResizeError:         true,
 }
 
 // claimState is what a resize changes, as one comparable value.
@@ -353,8 +313,8 @@ func TestResizer(t *testing.T) {
 		})
 		// Lowering the request, which the API server allows down to
 		// status.capacity, is the way out; the new size is tried at once,
-		// not after infeasibleRetry, and its Resizing condition replaces
-		// the error's.
+		// not after the resizer's infeasibleRetry, and its Resizing
+		// condition replaces the error's.
 		e.request("c-recover", "2Mi")
 		want := growing("2Mi")
 		e.poll("c-recover expanded to 2 MiB", func(context.Context) bool { return e.state("c-recover", vol) == want })
@@ -390,13 +350,13 @@ func TestResizer(t *testing.T) {
 			t.Fatal(err)
 		}
 		e.request("c-published", "2Mi")
-		e.waitEvent("c-published", corev1.EventTypeWarning, ReasonVolumeResizeFailed, "waiting for it to be unpublished")
+		e.waitEvent("c-published", corev1.EventTypeWarning, controller.ReasonVolumeResizeFailed, "waiting for it to be unpublished")
 		e.unchanged("c-published", func() bool { return e.state("c-published", vol) == unchanged })
 		if _, err := e.ctl.ControllerUnpublishVolume(ctx, &csipb.ControllerUnpublishVolumeRequest{VolumeId: vol, NodeId: "node-a"}); err != nil {
 			t.Fatal(err)
 		}
 		want := growing("2Mi")
 		e.poll("c-published expanded once unpublished", func(context.Context) bool { return e.state("c-published", vol) == want })
-		e.waitEvent("c-published", corev1.EventTypeNormal, ReasonFileSystemResizeRequired, "")
+		e.waitEvent("c-published", corev1.EventTypeNormal, controller.ReasonFileSystemResizeRequired, "")
 	})
 }

@@ -1,8 +1,9 @@
 // Package metrics exports what an attached volume does to Prometheus:
 // requests by kind (bytes, count, errors, latency), the engine's events
 // (QUORUM_FAILURE, REPORT_BAD) and each replica's state and what it
-// misses. quorumctl attach and the CSI node service register one Volume
-// per attached volume.
+// misses. quorumctl attach and the node's data path (cmd/datapath) each
+// make a Set; volume.Attach registers one Volume in it per attached
+// volume.
 package metrics
 
 import (

@@ -9,7 +9,10 @@
 //     connection state. Malformed input is a *ProtocolError; a request
 //     the server refused is a *RequestError that matches its Errno (and
 //     the corresponding syscall.Errno) with errors.Is.
-//   - The server (server.go): exports Backends by name (quorum.Child's
+//   - The server: its life and exports (server.go), the handshake and
+//     option negotiation (negotiate.go), requests in transmission
+//     (transmit.go), replies (reply.go), and the epoch fence beside the
+//     epoch store (epoch.go). It exports Backends by name (quorum.Child's
 //     method set, so *replica.File exports as it is). It negotiates
 //     NBD_OPT_GO, INFO, LIST, ABORT, STRUCTURED_REPLY, STARTTLS and the
 //     metadata context options (base:allocation; everything is reported
@@ -25,7 +28,8 @@
 //     Bytes that cannot be a request end that connection, with a log
 //     line; nothing a client sends ends the server. Shutdown stops
 //     reading requests, answers those in flight, then closes.
-//   - The client (client.go, handshake.go): implements quorum.Child over
+//   - The client (client.go; one connection's pipeline, clientconn.go;
+//     its handshake, handshake.go): implements quorum.Child over
 //     one connection with many requests in flight (a write lock orders
 //     them on the wire, one reader goroutine routes replies by cookie).
 //     Each request has a timeout (its context's deadline or

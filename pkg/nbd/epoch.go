@@ -4,10 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/quorum-csi/quorum-csi/internal/atomicfile"
 )
 
 // epochSep separates an export's name from the epoch a client presents
@@ -93,33 +94,90 @@ func (f EpochFile) LoadEpoch() (uint64, error) {
 }
 
 func (f EpochFile) StoreEpoch(e uint64) error {
-	path := string(f)
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, filepath.Base(path)+".tmp*")
-	if err != nil {
+	if err := atomicfile.WriteFile(string(f), []byte(strconv.FormatUint(e, 10)+"\n"), 0o600); err != nil {
 		return fmt.Errorf("store epoch %d: %w", e, err)
 	}
-	_, err = tmp.WriteString(strconv.FormatUint(e, 10) + "\n")
-	if err == nil {
-		err = tmp.Sync()
+	return nil
+}
+
+// The server's fence: a connection presents an epoch when it opens an
+// export (resolve, attach); its first write or flush under a newer epoch
+// makes that epoch current and persists it (beginWrite, activate), which
+// ends every connection holding an older one; check refuses requests of
+// a fenced connection.
+
+func fencedMessage(epoch uint64, x *export) string {
+	return fmt.Sprintf("%s epoch %d of export %q is older than its current epoch %d", fencedPrefix, epoch, x.Name, x.epoch.Load())
+}
+
+// attach enters the connection into its export's list, unless a newer
+// epoch took over since resolve; the check and the entry are atomic with
+// respect to activate, which ends every older connection in the list.
+func (c *serverConn) attach(x *export, epoch uint64, readOnly bool) bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.Epochs != nil && epoch != 0 && epoch < x.epoch.Load() {
+		return false
 	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
+	c.exp, c.epoch, c.readOnly = x, epoch, readOnly
+	c.flags = transmissionFlags(c.structured, readOnly)
+	x.conns[c] = struct{}{}
+	return true
+}
+
+// beginWrite admits a write-class request under the export's fence; the
+// caller calls release once the backend is done with it. A connection
+// presenting a newer epoch than the current one activates it here, on
+// its first write or flush.
+func (c *serverConn) beginWrite() (release func(), errno Errno, msg string) {
+	x := c.exp
+	if x.Epochs == nil {
+		return func() {}, 0, ""
 	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
+	for {
+		x.fence.RLock()
+		cur := x.epoch.Load()
+		if c.fenced.Load() || c.epoch < cur {
+			x.fence.RUnlock()
+			return nil, EPERM, fencedMessage(c.epoch, x)
+		}
+		if c.epoch == cur {
+			return x.fence.RUnlock, 0, ""
+		}
+		x.fence.RUnlock()
+		if err := c.srv.activate(x, c.epoch); err != nil {
+			return nil, EIO, err.Error()
+		}
 	}
-	if err != nil {
-		os.Remove(tmp.Name())
-		return fmt.Errorf("store epoch %d in %s: %w", e, path, err)
+}
+
+// activate makes epoch current on x: it waits for the writes in flight
+// under older epochs, persists the epoch, and ends the connections that
+// hold older ones.
+func (s *Server) activate(x *export, epoch uint64) error {
+	x.fence.Lock()
+	var old []*serverConn
+	if prev := x.epoch.Load(); epoch > prev {
+		if err := x.Epochs.StoreEpoch(epoch); err != nil {
+			x.fence.Unlock()
+			return fmt.Errorf("export %q: persist epoch %d: %w", x.Name, epoch, err)
+		}
+		x.epoch.Store(epoch)
+		x.mu.Lock()
+		for c := range x.conns {
+			if c.epoch != 0 && c.epoch < epoch {
+				c.fenced.Store(true)
+				old = append(old, c)
+			}
+		}
+		x.mu.Unlock()
+		s.log.Info("nbd: new epoch is current; older holders are fenced", "export", x.Name, "epoch", epoch, "previous", prev, "ended", len(old))
 	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("store epoch %d: sync %s: %w", e, dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("store epoch %d: sync %s: %w", e, dir, err)
+	x.fence.Unlock()
+	for _, c := range old {
+		// Gracefully: requests it already read are answered (writes
+		// among them with EPERM), then it closes.
+		c.stop()
 	}
 	return nil
 }

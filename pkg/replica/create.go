@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/quorum-csi/quorum-csi/internal/atomicfile"
 )
 
 // SizeAlign is the granularity of volume sizes: every block size a
@@ -97,7 +99,7 @@ func create(paths []string, size int64, volumeID string, replicaIDs []string) er
 		}
 	}
 	for _, p := range paths {
-		if err := syncDir(filepath.Dir(p)); err != nil {
+		if err := atomicfile.SyncDir(filepath.Dir(p)); err != nil {
 			undo()
 			return err
 		}

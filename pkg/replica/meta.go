@@ -1,8 +1,13 @@
-// Package replica keeps replica images on local disk. A replica is two
-// files: PATH, a raw image holding the volume's bytes from offset 0 (so
-// QEMU, qemu-img and losetup read it as it is), and PATH.qmeta beside it,
-// the metadata that the engine persists about the replica. Nothing of ours
-// ever goes inside the image.
+// Package replica keeps replica images on local disk. A replica is up to
+// four files: PATH, a raw image holding the volume's bytes from offset 0
+// (so QEMU, qemu-img and losetup read it as it is); PATH.qmeta beside it,
+// the metadata that the engine persists about the replica (MetaSuffix,
+// replaced atomically); PATH.qjournal, the volume's journal records
+// (write intent and dirty maps) as this replica last saw them
+// (JournalSuffix, journal.go); and PATH.qepoch, the newest attach epoch
+// its replica server accepted (EpochSuffix, written by package nbd's
+// EpochFile where the replica is served). Nothing of ours ever goes
+// inside the image.
 package replica
 
 import (
@@ -12,8 +17,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"time"
+
+	"github.com/quorum-csi/quorum-csi/internal/atomicfile"
 )
 
 // MetaSuffix is appended to an image's path to name its metadata file.
@@ -107,38 +113,8 @@ func (m Meta) SameReplica(n Meta) bool {
 // writeMeta replaces the metadata atomically: a crash leaves either the
 // old or the new file, never a torn one.
 func writeMeta(path string, m Meta) error {
-	b := m.Marshal()
-	final := MetaPath(path)
-	tmp, err := os.CreateTemp(filepath.Dir(final), filepath.Base(final)+".tmp*")
-	if err != nil {
+	if err := atomicfile.WriteFile(MetaPath(path), m.Marshal(), 0o600); err != nil {
 		return fmt.Errorf("write metadata of %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name()) // a no-op once renamed
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write metadata of %s: %w", path, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("sync metadata of %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write metadata of %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), final); err != nil {
-		return fmt.Errorf("write metadata of %s: %w", path, err)
-	}
-	return syncDir(filepath.Dir(final))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("sync folder %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync folder %s: %w", dir, err)
 	}
 	return nil
 }

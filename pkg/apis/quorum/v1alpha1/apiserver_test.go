@@ -1,26 +1,20 @@
 package v1alpha1_test
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
-	"time"
 
-	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	kruntime "k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/yaml"
 
 	"github.com/quorum-csi/quorum-csi/internal/kubetest"
+	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 )
 
@@ -44,46 +38,11 @@ func TestAgainstAPIServer(t *testing.T) {
 // writes and the chart ships, and waits until QuorumVolumes are served.
 func installCRD(t *testing.T, srv *kubetest.Server) client.Client {
 	t.Helper()
-	_, self, _, _ := runtime.Caller(0)
-	path := filepath.Join(filepath.Dir(self), "..", "..", "..", "..", "config", "crd", "quorum.csi.dev_quorumvolumes.yaml")
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("read CRD: %v", err)
-	}
-	crd := &apiextensionsv1.CustomResourceDefinition{}
-	if err := yaml.UnmarshalStrict(b, crd); err != nil {
-		t.Fatalf("decode %s: %v", path, err)
-	}
-	scheme := kruntime.NewScheme()
-	for _, add := range []func(*kruntime.Scheme) error{apiextensionsv1.AddToScheme, v1alpha1.AddToScheme} {
-		if err := add(scheme); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c, err := client.New(srv.Config, client.Options{Scheme: scheme})
+	c, err := client.New(srv.Config, client.Options{Scheme: qvtest.Scheme(t)})
 	if err != nil {
 		t.Fatalf("client: %v", err)
 	}
-	ctx := t.Context()
-	if err := c.Create(ctx, crd); err != nil {
-		t.Fatalf("create CRD (a schema the API server refuses, e.g. a CEL rule over its cost limit, fails here): %v", err)
-	}
-	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
-		if err := c.Get(ctx, client.ObjectKeyFromObject(crd), crd); err != nil {
-			return false, err
-		}
-		for _, cond := range crd.Status.Conditions {
-			if cond.Type == apiextensionsv1.Established && cond.Status == apiextensionsv1.ConditionTrue {
-				// Established can come a moment before the resource is
-				// served to this client.
-				return c.List(ctx, &v1alpha1.QuorumVolumeList{}) == nil, nil
-			}
-		}
-		return false, nil
-	})
-	if err != nil {
-		t.Fatalf("CRD not established: %v (conditions %+v)", err, crd.Status.Conditions)
-	}
+	qvtest.InstallCRD(t, c)
 	return c
 }
 

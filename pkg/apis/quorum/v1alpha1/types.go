@@ -133,14 +133,20 @@ const (
 	VolumeDeleting VolumePhase = "Deleting"
 )
 
-// ReplicaState is one replica's health as its node agent reports it.
+// ReplicaState is one replica's health: Creating, Faulty (its agent's
+// Lease expired) and Stale as the controller sets them, Healthy and
+// Faulty as its node agent reports them (package contract's doc says who
+// writes what).
 // +kubebuilder:validation:Enum=Creating;Healthy;Faulty;Resyncing;Stale
 type ReplicaState string
 
 const (
 	// ReplicaCreating: placed on a node, its image is being made.
 	ReplicaCreating ReplicaState = "Creating"
-	// ReplicaHealthy: holds every acknowledged write.
+	// ReplicaHealthy: its node agent has the image (at spec.size) and
+	// serves it. Whether it holds every acknowledged write is known to
+	// the attached node's engine, which resyncs it at attach; the agent
+	// does not know, and nothing reports Resyncing yet.
 	ReplicaHealthy ReplicaState = "Healthy"
 	// ReplicaFaulty: failed I/O; writes go on without it and are tracked
 	// so that a resync copies only what it missed.

@@ -1,20 +1,17 @@
-package controller
+package contract
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	eventsv1 "k8s.io/api/events/v1"
 	kerrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/tools/events"
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 )
@@ -29,15 +26,25 @@ var (
 	ErrTooManyAttachments = errors.New("volume already has two attachments")
 )
 
-// maxAttachments bounds status.attachments, as the API schema does: a
+// MaxAttachments bounds status.attachments, as the API schema does: a
 // live migration has one source and one target.
-const maxAttachments = 2
+const MaxAttachments = 2
 
 // ConflictBackoff retries resourceVersion conflicts of QuorumVolume
 // writes (Attach, Detach, the CSI service's) for about 2.5 s: long enough
 // for a cached client to catch up with the write that won, short enough
 // to stay within a CSI call's deadline.
 var ConflictBackoff = wait.Backoff{Steps: 8, Duration: 10 * time.Millisecond, Factor: 2, Jitter: 0.1}
+
+// AttachedNodes are the nodes qv is attached to, oldest attachment
+// first.
+func AttachedNodes(qv *v1alpha1.QuorumVolume) []string {
+	var nodes []string
+	for _, a := range qv.Status.Attachments {
+		nodes = append(nodes, a.Node)
+	}
+	return nodes
+}
 
 // Attach attaches volume to node and returns the epoch node presents to
 // the replica servers. It is idempotent: a node already attached gets its
@@ -50,9 +57,10 @@ var ConflictBackoff = wait.Backoff{Steps: 8, Duration: 10 * time.Millisecond, Fa
 //
 // The status is updated with its resourceVersion and conflicts are
 // retried, so concurrent attaches and the reconciler never overwrite
-// each other. c's scheme must know QuorumVolumes and events.k8s.io/v1
-// (client-go's scheme has the latter); each attach records an Event.
-func Attach(ctx context.Context, c client.Client, volume, node string, multiNode bool) (int64, error) {
+// each other. Each new attachment is a Normal Event, reason Attached,
+// recorded with rec (NewEventRecorder with ControllerFieldManager in the
+// CSI controller).
+func Attach(ctx context.Context, c client.Client, rec events.EventRecorder, volume, node string, multiNode bool) (int64, error) {
 	var epoch int64
 	var qv *v1alpha1.QuorumVolume
 	created := false
@@ -69,19 +77,19 @@ func Attach(ctx context.Context, c client.Client, volume, node string, multiNode
 		}
 		if n := len(qv.Status.Attachments); n > 0 && !multiNode {
 			return fmt.Errorf("%w: %s", ErrAttachedElsewhere, qv.Status.Attachments[0].Node)
-		} else if n >= maxAttachments {
+		} else if n >= MaxAttachments {
 			return fmt.Errorf("%w: %s and %s", ErrTooManyAttachments, qv.Status.Attachments[0].Node, qv.Status.Attachments[1].Node)
 		}
 		epoch, created = qv.Status.Epoch+1, true
 		qv.Status.Epoch = epoch
 		qv.Status.Attachments = append(qv.Status.Attachments, v1alpha1.Attachment{Node: node, Epoch: epoch})
-		return c.Status().Update(ctx, qv, client.FieldOwner(FieldManager))
+		return c.Status().Update(ctx, qv, client.FieldOwner(ControllerFieldManager))
 	})
 	if err != nil {
 		return 0, fmt.Errorf("attach %s to %s: %w", volume, node, err)
 	}
 	if created {
-		recordEvent(ctx, c, qv, "Attached", "Attach", fmt.Sprintf("attached to %s with epoch %d", node, epoch))
+		rec.Eventf(qv, nil, corev1.EventTypeNormal, "Attached", "Attach", "attached to %s with epoch %d", node, epoch)
 	}
 	return epoch, nil
 }
@@ -89,8 +97,9 @@ func Attach(ctx context.Context, c client.Client, volume, node string, multiNode
 // Detach removes node's attachment of volume. status.epoch stays, so the
 // next attach gets a newer epoch than any the detached node held.
 // Detaching a node that is not attached, or a volume that is gone,
-// succeeds: CSI retries unpublish until it does.
-func Detach(ctx context.Context, c client.Client, volume, node string) error {
+// succeeds: CSI retries unpublish until it does. A removed attachment is
+// a Normal Event, reason Detached, recorded with rec.
+func Detach(ctx context.Context, c client.Client, rec events.EventRecorder, volume, node string) error {
 	var qv *v1alpha1.QuorumVolume
 	var held int64
 	err := retry.OnError(ConflictBackoff, kerrors.IsConflict, func() error {
@@ -111,52 +120,13 @@ func Detach(ctx context.Context, c client.Client, volume, node string) error {
 			return nil
 		}
 		qv.Status.Attachments = kept
-		return c.Status().Update(ctx, qv, client.FieldOwner(FieldManager))
+		return c.Status().Update(ctx, qv, client.FieldOwner(ControllerFieldManager))
 	})
 	if err != nil {
 		return fmt.Errorf("detach %s from %s: %w", volume, node, err)
 	}
 	if held != 0 {
-		recordEvent(ctx, c, qv, "Detached", "Detach", fmt.Sprintf("detached from %s (epoch %d); status.epoch stays %d", node, held, qv.Status.Epoch))
+		rec.Eventf(qv, nil, corev1.EventTypeNormal, "Detached", "Detach", "detached from %s (epoch %d); status.epoch stays %d", node, held, qv.Status.Epoch)
 	}
 	return nil
-}
-
-// recordEvent writes an events.k8s.io/v1 Event about qv directly:
-// Attach and Detach run in the CSI controller's gRPC handlers, which have
-// a client but no event broadcaster. A failure is logged, not returned:
-// the attachment is already stored.
-func recordEvent(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVolume, reason, action, note string) {
-	host, _ := os.Hostname()
-	RecordEvent(ctx, c, qv, corev1.EventTypeNormal, FieldManager, FieldManager+"-"+host, reason, action, note)
-}
-
-// RecordEvent writes an events.k8s.io/v1 Event of eventType (Normal or
-// Warning) about qv, reported by controller and instance (the node
-// plugin reports the engine's events with it). A failure is logged, not
-// returned: events are for people, never part of a decision.
-func RecordEvent(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVolume, eventType, controller, instance, reason, action, note string) {
-	now := time.Now()
-	ev := &eventsv1.Event{
-		ObjectMeta: metav1.ObjectMeta{
-			// Events of cluster-scoped objects live in "default", as
-			// client-go's recorders put them.
-			Namespace: metav1.NamespaceDefault,
-			Name:      fmt.Sprintf("%s.%x", qv.Name, now.UnixNano()),
-		},
-		EventTime:           metav1.NewMicroTime(now),
-		ReportingController: controller,
-		ReportingInstance:   instance,
-		Action:              action,
-		Reason:              reason,
-		Regarding: corev1.ObjectReference{
-			APIVersion: v1alpha1.GroupVersion.String(), Kind: "QuorumVolume",
-			Name: qv.Name, UID: qv.UID, ResourceVersion: qv.ResourceVersion,
-		},
-		Note: note,
-		Type: eventType,
-	}
-	if err := c.Create(ctx, ev); err != nil {
-		log.FromContext(ctx).Error(err, "record event", "volume", qv.Name, "reason", reason)
-	}
 }

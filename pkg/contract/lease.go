@@ -1,8 +1,9 @@
-package controller
+package contract
 
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -30,6 +31,10 @@ const leasePrefix = "quorum-agent-"
 // LeaseName is the name of the Lease through which the node agent on node
 // shows that it runs.
 func LeaseName(node string) string { return leasePrefix + node }
+
+// LeaseNode is the node whose agent holds the Lease named name; false
+// when name is no agent Lease's.
+func LeaseNode(name string) (string, bool) { return strings.CutPrefix(name, leasePrefix) }
 
 // RenewLease creates or renews node's agent Lease in namespace with the
 // given duration (whole seconds, at least one), reading it through r
@@ -83,13 +88,13 @@ func RenewLease(ctx context.Context, r client.Reader, w client.Writer, namespace
 // LeaseCurrent reports whether lease was renewed less than its duration
 // before now.
 func LeaseCurrent(lease *coordinationv1.Lease, now time.Time) bool {
-	exp, ok := leaseExpiry(lease)
+	exp, ok := LeaseExpiry(lease)
 	return ok && now.Before(exp)
 }
 
-// leaseExpiry is when lease stops being current; false when it lacks a
+// LeaseExpiry is when lease stops being current; false when it lacks a
 // renew time or a duration and so never was.
-func leaseExpiry(lease *coordinationv1.Lease) (time.Time, bool) {
+func LeaseExpiry(lease *coordinationv1.Lease) (time.Time, bool) {
 	if lease.Spec.RenewTime == nil || lease.Spec.LeaseDurationSeconds == nil {
 		return time.Time{}, false
 	}

@@ -1,12 +1,12 @@
-package csi
+package controller
 
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
-	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
@@ -25,6 +25,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 // ResizerName names the resizer's controller and reports its Events.
@@ -51,11 +52,14 @@ const infeasibleRetry = 5 * time.Minute
 // QuorumVolume's name, to find the claim a QuorumVolume change concerns.
 const indexVolumeHandle = "spec.csi.volumeHandle"
 
-// VolumeExpander is the CSI controller expansion the resizer calls:
-// Controller.ControllerExpandVolume, in process, so that it takes the
-// same per-volume lock as the calls the sidecars make.
+// VolumeExpander is the volume expansion the resizer calls: the CSI
+// Controller service's (csi.Controller.ExpandVolume), in process, so
+// that it takes the same per-volume lock as the calls the sidecars make.
+// ExpandVolume grows volume to at least bytes and returns its size; its
+// error carries the gRPC code the CSI call would have returned
+// (status.Code), by which the resizer retries as external-resizer does.
 type VolumeExpander interface {
-	ControllerExpandVolume(context.Context, *csipb.ControllerExpandVolumeRequest) (*csipb.ControllerExpandVolumeResponse, error)
+	ExpandVolume(ctx context.Context, volume string, bytes int64) (int64, error)
 }
 
 // Resizer expands bound PVCs of this driver when their storage request
@@ -141,7 +145,7 @@ func (r *Resizer) SetupWithManager(ctx context.Context, mgr ctrl.Manager) error 
 
 // quorumVolumeHandle is the QuorumVolume behind a PV of this driver, or "".
 func quorumVolumeHandle(pv *corev1.PersistentVolume) string {
-	if pv.Spec.CSI == nil || pv.Spec.CSI.Driver != DriverName {
+	if pv.Spec.CSI == nil || pv.Spec.CSI.Driver != contract.DriverName {
 		return ""
 	}
 	return pv.Spec.CSI.VolumeHandle
@@ -219,7 +223,7 @@ func (r *Resizer) Reconcile(ctx context.Context, req reconcile.Request) (reconci
 
 	qv := &v1alpha1.QuorumVolume{}
 	if err := r.client.Get(ctx, client.ObjectKey{Name: handle}, qv); err == nil && len(qv.Status.Attachments) > 0 {
-		r.waitForUnpublish(pvc, pv, attachedNodes(qv))
+		r.waitForUnpublish(pvc, pv, strings.Join(contract.AttachedNodes(qv), " and "))
 		return reconcile.Result{}, nil
 	} else if client.IgnoreNotFound(err) != nil {
 		return reconcile.Result{}, fmt.Errorf("get QuorumVolume %s: %w", handle, err)
@@ -230,15 +234,12 @@ func (r *Resizer) Reconcile(ctx context.Context, req reconcile.Request) (reconci
 		return reconcile.Result{}, err
 	}
 	r.recorder.Eventf(pvc, pv, corev1.EventTypeNormal, ReasonResizing, "Resize", "quorum-resizer is resizing volume %s", pv.Name)
-	resp, err := r.expander.ControllerExpandVolume(ctx, &csipb.ControllerExpandVolumeRequest{
-		VolumeId:      handle,
-		CapacityRange: &csipb.CapacityRange{RequiredBytes: size.Value()},
-	})
+	got, err := r.expander.ExpandVolume(ctx, handle, size.Value())
 	if err != nil {
 		return r.expansionFailed(ctx, pvc, pv, err)
 	}
 	r.clearFailure(req.NamespacedName)
-	capacity := *resource.NewQuantity(resp.GetCapacityBytes(), resource.BinarySI)
+	capacity := *resource.NewQuantity(got, resource.BinarySI)
 	if err := r.setVolumeCapacity(ctx, pv, capacity); err != nil {
 		return reconcile.Result{}, err
 	}
@@ -326,7 +327,7 @@ func hasCondition(pvc *corev1.PersistentVolumeClaim, t corev1.PersistentVolumeCl
 func (r *Resizer) waitForUnpublish(pvc *corev1.PersistentVolumeClaim, pv *corev1.PersistentVolume, nodes string) {
 	r.recorder.Eventf(pvc, pv, corev1.EventTypeWarning, ReasonVolumeResizeFailed, "Resize",
 		"Unable to expand %s/%s because CSI driver %s only supports offline expansion and volume is currently in-use (published to %s); waiting for it to be unpublished",
-		pvc.Namespace, pvc.Name, DriverName, nodes)
+		pvc.Namespace, pvc.Name, contract.DriverName, nodes)
 }
 
 // expansionFailed records a failed expansion and says when to retry,
@@ -334,7 +335,7 @@ func (r *Resizer) waitForUnpublish(pvc *corev1.PersistentVolumeClaim, pv *corev1
 func (r *Resizer) expansionFailed(ctx context.Context, pvc *corev1.PersistentVolumeClaim, pv *corev1.PersistentVolume, err error) (reconcile.Result, error) {
 	key := client.ObjectKeyFromObject(pvc)
 	err = fmt.Errorf("expand volume %s of PVC %s: %w", pv.Name, key, err)
-	code := status.Code(toStatus(err))
+	code := status.Code(err)
 	if code == codes.FailedPrecondition {
 		// Published since the check above; ControllerExpandVolume saw it
 		// atomically. The claim keeps its allocated size and proceeds when

@@ -1,0 +1,74 @@
+// Package contract is what the controller, the node agent and the CSI
+// services agree on, and nothing else: the agents' Lease (name, timing,
+// renewal), attaching and detaching a volume with its epoch and errors,
+// the conflict backoff of QuorumVolume writes, the field managers, and
+// one way to write Events (an events.EventRecorder). It imports only
+// pkg/apis and the Kubernetes client libraries, so the node binaries
+// (cmd/node, cmd/datapath) link it without the reconcilers
+// (pkg/controller), and each side's package doc can point here.
+//
+// # Node liveness
+//
+// Every node agent holds a coordination.k8s.io/v1 Lease named
+// LeaseName(node) ("quorum-agent-<node>") in the driver namespace
+// (DefaultNamespace, "quorum-csi", unless configured), with
+// holderIdentity the node name and leaseDurationSeconds 30
+// (DefaultLeaseDuration), renewed every 10 s (DefaultRenewInterval) the
+// way RenewLease does it: created if missing, taken over (acquireTime,
+// leaseTransitions) when it expired or names another holder, updated
+// with its resourceVersion. The agent calls RenewLease with a reader
+// that goes to the API server rather than through a cache. A node runs
+// its agent while its Lease is current (LeaseCurrent): renewTime +
+// leaseDurationSeconds is in the future and the holder is the node.
+//
+// # Who writes what
+//
+// Every status field has one writer; the others read it. Writers that
+// read-modify-write (Update) do so with the object's resourceVersion and
+// retry conflicts (ConflictBackoff, or client-go's default backoff), so
+// none overwrites another's field with a stale copy.
+//
+//	field                                  writer (field manager)                       how
+//	spec                                   CSI Controller (CSIFieldManager), or kubectl  Create, Update (expansion)
+//	metadata.finalizers                    reconciler (ControllerFieldManager)           Patch
+//	status.phase, ready, conditions,       reconciler (ControllerFieldManager)           Status().Update
+//	  observedGeneration
+//	status.replicas[]: name, node;         reconciler (ControllerFieldManager)           Status().Update
+//	  state Creating, Faulty (lease lost),
+//	  Stale (node gone); removal of
+//	  replaced entries
+//	status.replicas[] of node N: state     agent on N (AgentFieldManager(N))             server-side apply, forced,
+//	  Healthy/Faulty, endpoint, message,                                                  only its own entries
+//	  lastTransitionTime; removal at
+//	  deletion
+//	status.epoch, status.attachments[]:    Attach, Detach (ControllerFieldManager),      Status().Update
+//	  the entries, node, epoch               called by CSI ControllerPublish/Unpublish
+//	status.attachments[] of node N:        CSI node plugin on N, agent.DataPathWatcher  Status().Update
+//	  conditions (DataPathReady)             (AgentFieldManager(N))
+//
+// The attachment entries are the one place where two writers share a
+// list: Attach and Detach add and remove whole entries (node, epoch) and
+// never touch an entry's conditions; the node's watcher changes only the
+// conditions of its own node's entry and never adds or removes one. The
+// reconciler writes the whole status back with what it read, so it keeps
+// both. Resyncing, resyncPercent and outOfSyncBytes are known to the
+// attached node's engine; no one sets them yet.
+//
+// # Attachments and epochs
+//
+// Attach and Detach are called by the CSI ControllerPublish and
+// ControllerUnpublish. Each attachment gets status.epoch+1, which becomes
+// status.epoch; status.epoch never decreases, so an epoch is never
+// handed out twice. A single-node volume has at most one attachment
+// (ErrAttachedElsewhere), a multi-node one at most MaxAttachments (live
+// migration, ErrTooManyAttachments). Both errors are
+// FAILED_PRECONDITION in CSI.
+//
+// # Events
+//
+// Everything that writes Events does it through an events.EventRecorder:
+// the reconcilers through their manager's, the CSI controller and the
+// node (engine events, lost volumes) through EventRecorder, which
+// writes each Event with a client, as reportingController
+// ControllerFieldManager or NodeReportingController.
+package contract
