@@ -87,6 +87,11 @@ type Engine struct {
 	stopBg   context.CancelFunc
 	bgWG     sync.WaitGroup
 	resyncMu sync.Mutex // serialises starting resyncs
+
+	// active is false while the engine is a standby (Config.Standby):
+	// then nothing but reads reaches the children.
+	active atomic.Bool
+	gate   standbyGate
 }
 
 // New validates cfg and returns an engine over its children. Children
@@ -104,6 +109,11 @@ func New(cfg Config) (*Engine, error) {
 		shift:    uint(bits.TrailingZeros64(uint64(cfg.ExtentSize))),
 	}
 	e.bg, e.stopBg = context.WithCancel(context.Background())
+	e.gate.activated = make(chan struct{})
+	if cfg.Standby == nil {
+		e.active.Store(true)
+		close(e.gate.activated)
+	}
 	for _, m := range cfg.Children {
 		mem := &member{Member: m}
 		if m.Dirty != nil {
@@ -359,21 +369,33 @@ func (e *Engine) modifyLocked(ctx context.Context, op Op, off, length int64, idx
 
 // WriteAt writes p at off on every healthy child.
 func (e *Engine) WriteAt(ctx context.Context, p []byte, off int64) error {
+	if err := e.awaitActive(ctx, OpWrite); err != nil {
+		return err
+	}
 	return e.modify(ctx, OpWrite, off, int64(len(p)), func(c Child) error { return c.WriteAt(ctx, p, off) })
 }
 
 // WriteZeroes zeroes a range on every healthy child, keeping it allocated.
 func (e *Engine) WriteZeroes(ctx context.Context, off, length int64) error {
+	if err := e.awaitActive(ctx, OpWriteZeroes); err != nil {
+		return err
+	}
 	return e.modify(ctx, OpWriteZeroes, off, length, func(c Child) error { return c.WriteZeroes(ctx, off, length) })
 }
 
 // Discard deallocates a range on every healthy child; it reads as zeroes.
 func (e *Engine) Discard(ctx context.Context, off, length int64) error {
+	if err := e.awaitActive(ctx, OpDiscard); err != nil {
+		return err
+	}
 	return e.modify(ctx, OpDiscard, off, length, func(c Child) error { return c.Discard(ctx, off, length) })
 }
 
 // Flush makes every completed write durable on at least t children.
 func (e *Engine) Flush(ctx context.Context) error {
+	if err := e.awaitActive(ctx, OpFlush); err != nil {
+		return err
+	}
 	idx, healthy := e.writeTargets(0, 0)
 	return e.modifyLocked(ctx, OpFlush, 0, 0, idx, healthy, func(c Child) error { return c.Flush(ctx) })
 }
@@ -384,6 +406,7 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := e.checkRange(OpRead, off, length); err != nil {
 		return err
 	}
+	defer e.holdStandby()()
 	r, err := e.ranges.acquire(ctx, off, off+length, false)
 	if err != nil {
 		return fmt.Errorf("read at %d length %d: %w", off, length, err)
@@ -392,7 +415,8 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if e.cfg.ReadPattern == ReadPatternFIFO {
 		return e.readFIFO(ctx, p, off)
 	}
-	_, err = e.readVote(ctx, p, off, voteMode{rewrite: e.cfg.RewriteCorrupted, strict: e.cfg.Strict})
+	// A standby rewrites nothing: a write would take a child over.
+	_, err = e.readVote(ctx, p, off, voteMode{rewrite: e.cfg.RewriteCorrupted && e.active.Load(), strict: e.cfg.Strict})
 	return err
 }
 

@@ -106,8 +106,12 @@ func (e *Engine) reconcile(ctx context.Context, src, other []byte, off int64, st
 
 // Shutdown flushes the volume and commits a record with no active
 // extent, so that the next attach needs no recovery. Call it when no
-// request is in flight.
+// request is in flight. A standby wrote nothing and leaves the children
+// to their holder: nothing to do.
 func (e *Engine) Shutdown(ctx context.Context) error {
+	if !e.active.Load() {
+		return nil
+	}
 	if err := e.Flush(ctx); err != nil {
 		return err
 	}
@@ -126,6 +130,9 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 // recovery. Requests wait until resume is called (once); a ctx that ends
 // first gives up and lets them through.
 func (e *Engine) Quiesce(ctx context.Context) (resume func(), err error) {
+	if !e.active.Load() {
+		return nil, fmt.Errorf("quiesce: %w: the active attachment holds the writes to cut", ErrStandby)
+	}
 	rr, err := e.ranges.acquire(ctx, 0, e.size, true)
 	if err != nil {
 		return nil, fmt.Errorf("quiesce: %w", err)

@@ -25,6 +25,9 @@ func (e *Engine) Scrub(ctx context.Context, buf []byte, off int64, st *ScrubStat
 	if err := e.checkRange(OpRead, off, length); err != nil {
 		return err
 	}
+	if !e.active.Load() {
+		return fmt.Errorf("scrub at %d: %w", off, ErrStandby)
+	}
 	r, err := e.ranges.acquire(ctx, off, off+length, false)
 	if err != nil {
 		return fmt.Errorf("scrub at %d: %w", off, err)
