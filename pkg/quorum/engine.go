@@ -92,6 +92,8 @@ type Engine struct {
 	// then nothing but reads reaches the children.
 	active atomic.Bool
 	gate   standbyGate
+	// fenced is set once a child answered ErrFenced, for good.
+	fenced atomic.Bool
 }
 
 // New validates cfg and returns an engine over its children. Children
@@ -252,6 +254,10 @@ func (e *Engine) fault(i int, op Op, off, length int64, cause error) {
 }
 
 func (e *Engine) faultLocked(i int, op Op, off, length int64, cause error) {
+	if errors.Is(cause, ErrFenced) {
+		e.fenced.Store(true)
+		return
+	}
 	m := e.children[i]
 	e.emit(Event{Type: EventReportBad, Op: op, Offset: off, Length: length, Child: m.Name, Error: cause.Error()})
 	e.dirtyMu.Lock()
@@ -332,7 +338,9 @@ func (e *Engine) modify(ctx context.Context, op Op, off, length int64, fn func(c
 	}
 	defer e.ranges.release(r)
 	if e.cfg.Journal != nil {
-		if err := e.beginWrite(ctx, off, length); err != nil {
+		if err := e.beginWrite(ctx, off, length); errors.Is(err, ErrFenced) {
+			return e.fencedFailure(op, off, length)
+		} else if err != nil {
 			return e.quorumFailure(op, off, length, err.Error())
 		}
 		defer e.endWrite(off, length)
@@ -345,6 +353,9 @@ func (e *Engine) modify(ctx context.Context, op Op, off, length int64, fn func(c
 // count for the threshold.
 func (e *Engine) modifyLocked(ctx context.Context, op Op, off, length int64, idx []int, healthy int, fn func(c Child) error) error {
 	t := e.cfg.VoteThreshold
+	if e.fenced.Load() {
+		return e.fencedFailure(op, off, length)
+	}
 	if healthy < t {
 		return e.quorumFailure(op, off, length, fmt.Sprintf("%d healthy children, threshold %d", healthy, t))
 	}
@@ -357,7 +368,13 @@ func (e *Engine) modifyLocked(ctx context.Context, op Op, off, length int64, idx
 			ok++
 		}
 	}
+	if e.fenced.Load() {
+		return e.fencedFailure(op, off, length)
+	}
 	recErr := e.awaitRecords(ctx)
+	if errors.Is(recErr, ErrFenced) {
+		return e.fencedFailure(op, off, length)
+	}
 	if ok < t {
 		return e.quorumFailure(op, off, length, fmt.Sprintf("%d of %d healthy children succeeded, threshold %d", ok, healthy, t))
 	}

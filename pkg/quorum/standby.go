@@ -11,9 +11,21 @@ import (
 // is asked to do would write to children it has not taken over.
 var ErrStandby = errors.New("standby: not activated")
 
+// ErrFenced is what a child's error wraps when the child refuses the
+// engine because another engine (a newer attachment) took it over. That
+// is no fault of the child: the engine has lost the volume. It faults
+// no child and commits no record from then on, since a record would
+// mark children out of sync only because the new holder fenced them
+// one after the other, and the new holder reads the newest record. Every
+// write-class request fails from then on, and so does the one that met
+// the fence, even where enough children took it: one fenced child may
+// hold an older version in an extent the new holder reconciles, so only
+// a write that every child took is acknowledged.
+var ErrFenced = errors.New("fenced: another attachment holds the volume")
+
 // ErrActivation is wrapped by the errors of requests that failed
 // because the standby engine could not take its children over.
-var ErrActivation = errors.New("standby activation failed")
+var ErrActivation = errors.New("activation failed")
 
 // Activation is what a standby engine learns about its children once
 // they are its alone: the state the last holder left them in.
@@ -172,6 +184,16 @@ func (e *Engine) takeOver(ctx context.Context, a Activation) (RecoverStats, erro
 	}
 	e.gate.stats = st
 	return st, nil
+}
+
+// Fenced reports whether a child refused the engine because another
+// attachment took the volume over.
+func (e *Engine) Fenced() bool { return e.fenced.Load() }
+
+// fencedFailure fails a request of a fenced engine.
+func (e *Engine) fencedFailure(op Op, off, length int64) error {
+	e.emit(Event{Type: EventQuorumFailure, Op: op, Offset: off, Length: length, Error: ErrFenced.Error()})
+	return fmt.Errorf("%s at %d length %d: %w: %w", op, off, length, ErrFenced, ErrQuorumFailure)
 }
 
 // awaitActive lets a write-class request through once the engine is

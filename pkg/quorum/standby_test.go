@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -257,5 +258,52 @@ func TestStandbyActivationNoChildInSync(t *testing.T) {
 	}
 	if s.writeOps() != 0 {
 		t.Fatalf("%d child writes", s.writeOps())
+	}
+}
+
+// TestFencedChildFencesTheEngine: a child that answers ErrFenced (a
+// newer attachment took it over) fails the write that met it even though
+// enough children took it, faults no child, commits no record, and every
+// later write-class request fails at once; reads go on.
+func TestFencedChildFencesTheEngine(t *testing.T) {
+	ctx := context.Background()
+	j := &fakeJournal{}
+	r := newRig(t, 3, standbySize, Config{Journal: j, RegionSize: 4096, ExtentSize: 64 << 10, ActiveExtents: 4})
+	defer r.e.Close()
+	if err := r.e.WriteAt(ctx, pattern(1, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	_, records := j.last()
+	r.kids[0].setInject(func(op Op, _, _ int64) error {
+		if op == OpRead {
+			return nil
+		}
+		return fmt.Errorf("replica a: %w", ErrFenced)
+	})
+	err := r.e.WriteAt(ctx, pattern(2, 4096), 4096)
+	if !errors.Is(err, ErrFenced) || !errors.Is(err, ErrQuorumFailure) || !r.e.Fenced() {
+		t.Fatalf("write that met the fence: %v", err)
+	}
+	before := r.kids[1].count(OpWrite)
+	if err := r.e.Flush(ctx); !errors.Is(err, ErrFenced) {
+		t.Fatalf("flush after the fence: %v", err)
+	}
+	if err := r.e.WriteAt(ctx, pattern(3, 4096), 0); !errors.Is(err, ErrFenced) {
+		t.Fatalf("write after the fence: %v", err)
+	}
+	if n := r.kids[1].count(OpWrite); n != before {
+		t.Errorf("a fenced engine sent %d more writes", n-before)
+	}
+	for _, st := range r.e.Status() {
+		if st.State != ChildHealthy {
+			t.Errorf("child %s: %s after a fence, want healthy (no fault)", st.Name, st.State)
+		}
+	}
+	if _, n := j.last(); n != records {
+		t.Errorf("a fenced engine committed %d records", n-records)
+	}
+	buf := make([]byte, 4096)
+	if err := r.e.ReadAt(ctx, buf, 0); err != nil || buf[0] != 1 {
+		t.Fatalf("read of a fenced engine: %v %d", err, buf[0])
 	}
 }
