@@ -54,6 +54,10 @@ type AttachConfig struct {
 	Name string
 	// Logger receives the volume's progress (default slog.Default()).
 	Logger *slog.Logger
+	// OnActivated, if set, is called once a standby (Options.Standby)
+	// was activated, from a goroutine of the volume's that Detach waits
+	// for: it must not wait for the caller of Detach.
+	OnActivated func()
 }
 
 // Attached is a volume served as a block device: the one pipeline that
@@ -80,7 +84,9 @@ type Attached struct {
 // previous process served (see attach.Options.StateFile), and starts the
 // probe and the scrub. A device taken back is served only after the
 // engine recovered, so the requests its users had waiting see recovered
-// data.
+// data. A standby (cfg.Options.Standby) is served at once, for reads;
+// its first write-class request recovers first, and its scrub starts
+// after that.
 func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 	a := &Attached{log: cmp.Or(cfg.Logger, slog.Default())}
 	// Events reach the metrics once they exist, after Open.
@@ -106,12 +112,10 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 			err = errors.Join(err, a.Volume.Close(context.WithoutCancel(ctx)))
 		}
 	}()
-	if len(a.Unclean) > 0 {
-		a.log.Warn("the last attach did not detach cleanly; recovered the extents it had in flight", "replicas", a.Unclean,
-			"extents", a.Recovered.Extents, "comparedBytes", a.Recovered.Compared, "repairedBytes", a.Recovered.Repaired)
-	}
-	for _, p := range a.Stale {
-		a.log.Warn("replica missed writes; resyncing it in the background", "replica", p)
+	if cfg.Options.Standby {
+		a.log.Info("standby: serving reads; the first write, flush, discard or write-zeroes takes the replicas over", "epoch", cfg.Options.Epoch)
+	} else {
+		a.logActivation()
 	}
 	name := cmp.Or(cfg.Name, a.ID())
 	var served attach.Volume = a.Engine
@@ -140,14 +144,38 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 		defer a.loops.Done()
 		a.ProbeEvery(bg, cmp.Or(cfg.ProbeInterval, 2*time.Second))
 	}()
-	if cfg.ScrubRate > 0 {
-		a.loops.Add(1)
-		go func() {
-			defer a.loops.Done()
+	a.loops.Add(1)
+	go func() {
+		defer a.loops.Done()
+		select {
+		case <-a.Activated():
+		case <-bg.Done():
+			return
+		}
+		if cfg.Options.Standby {
+			a.log.Info("standby activated: the replicas are this attach's, the previous holder is fenced", "epoch", cfg.Options.Epoch, "took", a.ActivatedIn.String())
+			a.logActivation()
+			if cfg.OnActivated != nil {
+				cfg.OnActivated()
+			}
+		}
+		// A standby's scrub would repair replicas another attach holds.
+		if cfg.ScrubRate > 0 {
 			a.ScrubEvery(bg, cfg.ScrubRate, cmp.Or(cfg.ScrubInterval, 24*time.Hour))
-		}()
-	}
+		}
+	}()
 	return a, nil
+}
+
+// logActivation reports what taking the replicas over found.
+func (a *Attached) logActivation() {
+	if len(a.Unclean) > 0 {
+		a.log.Warn("the last attach did not detach cleanly; recovered the extents it had in flight", "replicas", a.Unclean,
+			"extents", a.Recovered.Extents, "comparedBytes", a.Recovered.Compared, "repairedBytes", a.Recovered.Repaired)
+	}
+	for _, p := range a.Stale {
+		a.log.Warn("replica missed writes; resyncing it in the background", "replica", p)
+	}
 }
 
 // DeviceStateFile is where the device of volume id, made by frontend, keeps

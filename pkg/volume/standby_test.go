@@ -101,19 +101,10 @@ func TestStandbyOpen(t *testing.T) {
 	if got := readBlock(t, tgt, 16384); got != 4 {
 		t.Errorf("read of what c missed: %d, want 4", got)
 	}
-	waitInSync(t, tgt)
-	if err := tgt.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
-	srv.stop()
-	assertSame(t, ps)
-	b, err := os.ReadFile(ps[2])
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := detachAll(t, tgt, srv, ps)
 	for off, want := range map[int]byte{0: 1, 8192: 2, 12288: 0, 16384: 4} {
 		if b[off] != want {
-			t.Errorf("replica c at %d holds %d, want %d", off, b[off], want)
+			t.Errorf("replicas at %d hold %d, want %d", off, b[off], want)
 		}
 	}
 }
@@ -122,19 +113,8 @@ func TestStandbyOpen(t *testing.T) {
 // (a cancelled migration) leaves the replicas to the source, which goes
 // on writing and detaches cleanly.
 func TestStandbyDetachWritesNothing(t *testing.T) {
-	dir := t.TempDir()
-	ps := newReplicas(t, dir, 4<<20, "a", "b", "c")
-	srv := startReplicaServer(t, "127.0.0.1:0", ps...)
-	uris := []string{srv.uri(0), srv.uri(1), srv.uri(2)}
+	ps, srv, src, tgt := migration(t)
 	ctx := context.Background()
-	src, err := Open(ctx, uris, small(Options{Epoch: 1}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tgt, err := Open(ctx, uris, small(Options{Epoch: 2, Standby: true}))
-	if err != nil {
-		t.Fatal(err)
-	}
 	before := meta(t, ps[1])
 	if err := tgt.Close(ctx); err != nil {
 		t.Fatalf("close of a standby: %v", err)
@@ -150,6 +130,41 @@ func TestStandbyDetachWritesNothing(t *testing.T) {
 	}
 	srv.stop()
 	assertSame(t, ps)
+}
+
+// migration is three replicas behind one server, a source attach with
+// epoch 1 and a standby with epoch 2.
+func migration(t *testing.T) (ps []string, srv *replicaServer, src, tgt *Volume) {
+	t.Helper()
+	ps = newReplicas(t, t.TempDir(), 4<<20, "a", "b", "c")
+	srv = startReplicaServer(t, "127.0.0.1:0", ps...)
+	uris := []string{srv.uri(0), srv.uri(1), srv.uri(2)}
+	var err error
+	if src, err = Open(context.Background(), uris, small(Options{Epoch: 1})); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.closeFiles() })
+	if tgt, err = Open(context.Background(), uris, small(Options{Epoch: 2, Standby: true})); err != nil {
+		t.Fatal(err)
+	}
+	return ps, srv, src, tgt
+}
+
+// detachAll closes the holder v once its replicas are in sync, stops
+// their server, expects them identical and returns their content.
+func detachAll(t *testing.T, v *Volume, srv *replicaServer, ps []string) []byte {
+	t.Helper()
+	waitInSync(t, v)
+	if err := v.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	srv.stop()
+	assertSame(t, ps)
+	b, err := os.ReadFile(ps[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 // assertFenced expects a write of v to fail as fenced, and v to have
@@ -186,20 +201,8 @@ func TestStandbyLocalReplicaRefused(t *testing.T) {
 // acknowledged to either is on every replica, and the source's writes
 // fail from the fence on.
 func TestStandbyRace(t *testing.T) {
-	dir := t.TempDir()
-	ps := newReplicas(t, dir, 4<<20, "a", "b", "c")
-	srv := startReplicaServer(t, "127.0.0.1:0", ps...)
-	uris := []string{srv.uri(0), srv.uri(1), srv.uri(2)}
+	ps, srv, src, tgt := migration(t)
 	ctx := context.Background()
-	src, err := Open(ctx, uris, small(Options{Epoch: 1}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.closeFiles()
-	tgt, err := Open(ctx, uris, small(Options{Epoch: 2, Standby: true}))
-	if err != nil {
-		t.Fatal(err)
-	}
 	const writers, perWriter = 4, 64
 	acked := map[string]*[writers * perWriter]atomic.Bool{"source": {}, "standby": {}}
 	var srcAcks atomic.Int32
@@ -251,22 +254,13 @@ func TestStandbyRace(t *testing.T) {
 	if nSrc == writers*perWriter {
 		t.Fatal("the source finished every write before the standby's took it over: no race")
 	}
-	assertFenced(t, src, len(uris))
-	for i := range uris {
+	assertFenced(t, src, len(ps))
+	for i := range ps {
 		if e, _ := srv.srv.Epoch(filepath.Base(ps[i])); e != 2 {
 			t.Errorf("replica %d: epoch %d, want the standby's 2", i, e)
 		}
 	}
-	waitInSync(t, tgt)
-	if err := tgt.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
-	srv.stop()
-	assertSame(t, ps)
-	b, err := os.ReadFile(ps[0])
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := detachAll(t, tgt, srv, ps)
 	for who, base := range map[string]int{"source": 0, "standby": 2 << 20} {
 		for n := range acked[who] {
 			if acked[who][n].Load() && b[base+n*4096] != byte(n%250+1) {

@@ -80,6 +80,8 @@ type Volume struct {
 	// ActivatedIn is how long the activation took.
 	ActivatedIn time.Duration
 	scrub       scrubState
+	standby     bool
+	log         *slog.Logger
 }
 
 // Open opens and checks the replicas, in fifo order: paths of local
@@ -100,7 +102,7 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 			}
 		}
 	}
-	v := &Volume{}
+	v := &Volume{standby: opts.Standby, log: cmp.Or(opts.Logger, slog.Default())}
 	defer func() {
 		if err != nil {
 			if v.Engine != nil {
@@ -109,11 +111,10 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 			v.closeFiles()
 		}
 	}()
-	log := cmp.Or(opts.Logger, slog.Default())
 	for _, p := range paths {
 		var m member
 		if nbd.IsURI(p) {
-			r, err := openRemote(ctx, p, opts.Epoch, opts.RequestTimeout, log)
+			r, err := openRemote(ctx, p, opts.Epoch, opts.RequestTimeout, v.log)
 			if err != nil {
 				return nil, err
 			}
@@ -240,8 +241,16 @@ func (v *Volume) syncState(rec record) (syncState, error) {
 // last attach on every replica before it reads their metadata and
 // journal again, so that what it reads is final, and then does what
 // attaching after a crash of that attach does.
-func (v *Volume) activate(ctx context.Context, takeOver func(quorum.Activation) (quorum.RecoverStats, error)) error {
+func (v *Volume) activate(ctx context.Context, takeOver func(quorum.Activation) (quorum.RecoverStats, error)) (err error) {
 	start := time.Now()
+	if v.standby {
+		v.log.Info("activating the standby: taking the replicas over")
+		defer func() {
+			if err != nil {
+				v.log.Error("standby activation failed; the requests that waited for it fail, the next write tries again", "error", err, "after", time.Since(start).String())
+			}
+		}()
+	}
 	errs := make([]error, len(v.replicas))
 	var wg sync.WaitGroup
 	for i, r := range v.replicas {
