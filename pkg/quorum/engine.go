@@ -452,6 +452,10 @@ func (e *Engine) readFIFO(ctx context.Context, p []byte, off int64) error {
 		if err == nil {
 			return nil
 		}
+		if errors.Is(err, ErrFenced) {
+			e.fenced.Store(true)
+			return e.fencedFailure(OpRead, off, length)
+		}
 		tried++
 		e.emit(Event{Type: EventReportBad, Op: OpRead, Offset: off, Length: length, Child: m.Name, Error: err.Error()})
 		if ctx.Err() != nil {
@@ -484,13 +488,20 @@ func (e *Engine) readVote(ctx context.Context, p []byte, off int64, mode voteMod
 	errs := fanout(len(idx), func(k int) error { return e.children[idx[k]].Child.ReadAt(ctx, bufs[k], off) })
 	replies := make([][]byte, len(idx))
 	ok := 0
+	fenced := false
 	for k, err := range errs {
-		if err != nil {
+		if errors.Is(err, ErrFenced) {
+			fenced = true
+		} else if err != nil {
 			e.emit(Event{Type: EventReportBad, Op: OpRead, Offset: off, Length: length, Child: e.children[idx[k]].Name, Error: err.Error()})
-			continue
+		} else {
+			replies[k] = bufs[k]
+			ok++
 		}
-		replies[k] = bufs[k]
-		ok++
+	}
+	if fenced {
+		e.fenced.Store(true)
+		return 0, e.fencedFailure(OpRead, off, length)
 	}
 	if mode.strict && ok < len(idx) {
 		return 0, e.quorumFailure(OpRead, off, length, fmt.Sprintf("strict mode: %d of %d children failed to read", len(idx)-ok, len(idx)))

@@ -28,6 +28,9 @@ func (e *Engine) Scrub(ctx context.Context, buf []byte, off int64, st *ScrubStat
 	if !e.active.Load() {
 		return fmt.Errorf("scrub at %d: %w", off, ErrStandby)
 	}
+	if e.fenced.Load() {
+		return fmt.Errorf("scrub at %d: %w", off, ErrFenced)
+	}
 	r, err := e.ranges.acquire(ctx, off, off+length, false)
 	if err != nil {
 		return fmt.Errorf("scrub at %d: %w", off, err)
@@ -36,7 +39,7 @@ func (e *Engine) Scrub(ctx context.Context, buf []byte, off int64, st *ScrubStat
 	losers, err := e.readVote(ctx, buf, off, voteMode{rewrite: true})
 	st.Scanned += length
 	st.Repaired += int64(losers)
-	if errors.Is(err, ErrQuorumFailure) && ctx.Err() == nil {
+	if errors.Is(err, ErrQuorumFailure) && !errors.Is(err, ErrFenced) && ctx.Err() == nil {
 		st.Unresolved++
 		return nil
 	}

@@ -306,4 +306,18 @@ func TestFencedChildFencesTheEngine(t *testing.T) {
 	if err := r.e.ReadAt(ctx, buf, 0); err != nil || buf[0] != 1 {
 		t.Fatalf("read of a fenced engine: %v %d", err, buf[0])
 	}
+	// A fenced NBD client refuses reads too: they fail as fenced, and
+	// the scrub stops, with no replica reported bad.
+	r.kids[0].setInject(func(Op, int64, int64) error { return fmt.Errorf("replica a: %w", ErrFenced) })
+	if err := r.e.ReadAt(ctx, buf, 0); !errors.Is(err, ErrFenced) {
+		t.Fatalf("read refused by the fence: %v", err)
+	}
+	if err := r.e.Scrub(ctx, make([]byte, 4096), 0, &ScrubStats{}); !errors.Is(err, ErrFenced) {
+		t.Fatalf("scrub of a fenced engine: %v", err)
+	}
+	for _, ev := range r.events.summary() {
+		if ev != string(EventQuorumFailure) {
+			t.Errorf("event %s from a fenced engine; want QUORUM_FAILURE only", ev)
+		}
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -134,7 +135,13 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 		dev.HolderDir = cfg.StateDir
 		dev.HolderSocket = cfg.HolderSocket
 	}
-	if a.Device, err = attach.Attach(ctx, cfg.Frontend, served, dev); err != nil {
+	gate := &setupFlushes{Child: served}
+	if cfg.Options.Standby && !exists(dev.StateFile) {
+		gate.setup.Store(true)
+	}
+	a.Device, err = attach.Attach(ctx, cfg.Frontend, gate, dev)
+	gate.setup.Store(false)
+	if err != nil {
 		return nil, fmt.Errorf("attach volume %s (%s): %w", name, cfg.Frontend, err)
 	}
 	bg, stop := context.WithCancel(context.Background())
@@ -176,6 +183,32 @@ func (a *Attached) logActivation() {
 	for _, p := range a.Stale {
 		a.log.Warn("replica missed writes; resyncing it in the background", "replica", p)
 	}
+}
+
+// setupFlushes answers the flushes that reach a new standby's device
+// while the kernel sets it up without the engine: the loop driver
+// fsyncs its backing file when it turns direct I/O on, and that must
+// not activate the standby. Nothing was written through the device
+// then, and it has no user yet. A device taken back may have users'
+// flushes waiting, so it gets no such gate.
+type setupFlushes struct {
+	quorum.Child
+	setup atomic.Bool
+}
+
+func (s *setupFlushes) Flush(ctx context.Context) error {
+	if s.setup.Load() {
+		return nil
+	}
+	return s.Child.Flush(ctx)
+}
+
+func exists(path string) bool {
+	if path == "" {
+		return false
+	}
+	_, err := os.Stat(path)
+	return err == nil
 }
 
 // DeviceStateFile is where the device of volume id, made by frontend, keeps
