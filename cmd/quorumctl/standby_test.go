@@ -71,6 +71,23 @@ func (m *migration) states(t *testing.T) string {
 	return "source " + src + ", target " + tgt
 }
 
+// detachFenced ends the fenced source (it cannot mark the replicas
+// clean, so it exits 1), detaches the target and stops the server,
+// expects the replicas identical and returns their content.
+func (m *migration) detachFenced(t *testing.T) []byte {
+	t.Helper()
+	m.src.cmd.Process.Signal(syscall.SIGTERM)
+	<-m.src.exited
+	m.tgt.stop(syscall.SIGTERM)
+	m.srv.stop()
+	assertIdentical(t, m.ps...)
+	b, err := os.ReadFile(m.ps[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
 // epochs are the replicas' persisted epochs.
 func (m *migration) epochs(t *testing.T) []string {
 	t.Helper()
@@ -175,16 +192,7 @@ func TestStandbyMigration(t *testing.T) {
 			t.Logf("target: %s", l)
 		}
 	}
-	// The fenced source cannot mark the replicas clean: it exits 1.
-	m.src.cmd.Process.Signal(syscall.SIGTERM)
-	<-m.src.exited
-	m.tgt.stop(syscall.SIGTERM)
-	m.srv.stop()
-	assertIdentical(t, m.ps...)
-	b, err := os.ReadFile(m.ps[0])
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := m.detachFenced(t)
 	for blk, want := range map[int]byte{srcBlock: 0xab, tgtBlock: 2, fencedBlock: 0} {
 		if got := b[blk*4096 : (blk+16)*4096]; !bytes.Equal(got[:4096], bytes.Repeat([]byte{want}, 4096)) {
 			t.Errorf("replicas at block %d hold %d, want %d", blk, got[0], want)
@@ -280,15 +288,7 @@ func TestStandbyRace(t *testing.T) {
 	if st := m.states(t); st != "source fenced, target active" {
 		t.Errorf("after the race: %s", st)
 	}
-	m.src.cmd.Process.Signal(syscall.SIGTERM)
-	<-m.src.exited
-	m.tgt.stop(syscall.SIGTERM)
-	m.srv.stop()
-	assertIdentical(t, m.ps...)
-	b, err := os.ReadFile(m.ps[0])
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := m.detachFenced(t)
 	for who, base := range map[string]int{"source": 0, "standby": blocks * 4096} {
 		for n, ok := range acked[who] {
 			if ok && b[base+n*4096] != byte(n%250+1) {
