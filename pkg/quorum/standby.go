@@ -81,8 +81,9 @@ func (e *Engine) ActivationStats() RecoverStats {
 }
 
 // Activate takes the children of a standby engine over (Config.Standby)
-// unless it is active already. Concurrent callers share one attempt;
-// a caller whose ctx ends stops waiting, the attempt goes on.
+// unless it is active already. Concurrent callers share one attempt:
+// the caller that starts it runs it to its end, the others stop waiting
+// when their ctx ends, and the attempt goes on.
 func (e *Engine) Activate(ctx context.Context) error {
 	if e.active.Load() {
 		return nil
