@@ -88,6 +88,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&scrubRate, "scrub-rate", "bytes per second of the background scrub, which votes across replicas and repairs minorities (0: no background scrub)")
 	scrubInterval := fs.Duration("scrub-interval", 24*time.Hour, "time between background scrub passes; the first starts at attach")
 	epoch := fs.Uint64("epoch", 0, "epoch presented to replica servers for NBD replicas whose URI has no @epoch=N: it must not be older than the last attach's, and a newer one fences that attach")
+	standby := fs.Bool("standby", false, "attach as a live migration's target while another attach still writes: give an --epoch newer than that attach's (an equal one would not fence it) and a --state-dir of its own; every replica must be an NBD URI. The device serves reads and takes nothing over (no flush, no metadata or journal write, no recovery, resync or scrub); its first write, flush, discard or write-zeroes fences the other attach, reads the replicas' metadata and journal again, recovers what that attach had in flight, then serves")
 	frontend := fs.String("frontend", "auto", "how the volume becomes a block device: ublk (/dev/ublkbN; Linux 6.4+ with ublk_drv), fuse-loop (/dev/loopN over a private FUSE file) or auto (ublk when /dev/ublk-control exists on Linux 6.4+, else fuse-loop)")
 	metricsAddr := fs.String("metrics-address", "", "serve Prometheus metrics of the volume (requests, latency, events, replica states) at http://ADDR/metrics; empty: off")
 	nbdTimeout := fs.Duration("nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take, waiting for a reconnect included, before that replica is left out (it resyncs when it answers again); a server that restarts within it costs no replica")
@@ -111,6 +112,7 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	}
 	opts.FaultFiles = faults
 	opts.Epoch = *epoch
+	opts.Standby = *standby
 	opts.RequestTimeout = *nbdTimeout
 	opts.Logger = log
 	stopProfile, err := profileCPU(ef.cpuProfile)

@@ -26,6 +26,10 @@ type statusReport struct {
 	ReadPattern   quorum.ReadPattern   `json:"readPattern"`
 	Children      []quorum.ChildStatus `json:"children"`
 	Scrub         volume.ScrubProgress `json:"scrub"`
+	// Standby: not activated yet; Fenced: another attach took the
+	// replicas over.
+	Standby bool `json:"standby,omitempty"`
+	Fenced  bool `json:"fenced,omitempty"`
 }
 
 func statusSocket(stateDir, volumeID string) string {
@@ -55,6 +59,7 @@ func serveStatus(ctx context.Context, stateDir, device string, vol *volume.Volum
 			json.NewEncoder(c).Encode(statusReport{
 				Device: device, VolumeID: vol.ID(), VoteThreshold: vol.VoteThreshold(),
 				ReadPattern: vol.ReadPattern(), Children: vol.Status(), Scrub: vol.ScrubProgress(),
+				Standby: vol.Standby(), Fenced: vol.Fenced(),
 			})
 			c.Close()
 		}
@@ -95,7 +100,13 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(rep)
 	}
-	fmt.Fprintf(stdout, "device %s  volume %s  vote threshold %d  read pattern %s\n", rep.Device, rep.VolumeID, rep.VoteThreshold, rep.ReadPattern)
+	state := "active"
+	if rep.Standby {
+		state = "standby"
+	} else if rep.Fenced {
+		state = "fenced"
+	}
+	fmt.Fprintf(stdout, "device %s  volume %s  %s  vote threshold %d  read pattern %s\n", rep.Device, rep.VolumeID, state, rep.VoteThreshold, rep.ReadPattern)
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "REPLICA\tSTATE\tDIRTY\tRESYNC\tERROR")
 	for _, ch := range rep.Children {

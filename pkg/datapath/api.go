@@ -29,6 +29,7 @@ import (
 //	DELETE /v1/volumes/{id}/targets     Target: forget it
 //	POST   /v1/volumes/{id}/quiesce     Hold: hold requests at a consistent cut
 //	POST   /v1/volumes/{id}/resume      let them through again
+//	POST   /v1/volumes/{id}/activate    take a standby's replicas over now
 //	POST   /v1/handover                 the planned end of this process, for a successor
 //
 // Errors come as {"error": text, "code": kind} with kind one of the
@@ -142,6 +143,9 @@ func (a *Server) Handler() http.Handler {
 	})
 	mux.HandleFunc("POST /v1/volumes/{id}/resume", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, a.Service.Resume(r.PathValue("id")))
+	})
+	mux.HandleFunc("POST /v1/volumes/{id}/activate", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, struct{}{}, a.Service.Activate(r.Context(), r.PathValue("id")))
 	})
 	mux.HandleFunc("POST /v1/handover", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, struct{}{}, a.Handover(r.Context()))
@@ -315,6 +319,12 @@ func (c *Client) Quiesce(ctx context.Context, id string, maxHold time.Duration) 
 // Resume lets a quiesced volume's requests through again.
 func (c *Client) Resume(ctx context.Context, id string) error {
 	return c.do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(id)+"/resume", nil, nil, nil)
+}
+
+// Activate takes a standby volume's replicas over (see
+// Service.Activate).
+func (c *Client) Activate(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodPost, "/v1/volumes/"+url.PathEscape(id)+"/activate", nil, nil, nil)
 }
 
 // Handover asks the data path to end for a successor.

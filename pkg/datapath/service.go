@@ -236,6 +236,7 @@ func (s *Service) attach(ctx context.Context, r Record) (*volume.Attached, error
 			ReadPattern:      pattern,
 			RewriteCorrupted: r.RewriteCorrupted,
 			Epoch:            r.Epoch,
+			Standby:          r.Standby,
 			RequestTimeout:   s.cfg.RequestTimeout,
 			OnEvent: func(e quorum.Event) {
 				if s.cfg.OnEvent != nil {
@@ -252,7 +253,51 @@ func (s *Service) attach(ctx context.Context, r Record) (*volume.Attached, error
 		Metrics:       s.cfg.Metrics,
 		Name:          id,
 		Logger:        s.log.With("volume", id),
+		// Not under the volume's lock: Unstage holds it while Detach
+		// waits for the goroutine that calls this.
+		OnActivated: func() { go s.recordActive(id) },
 	})
+}
+
+// recordActive records that a standby volume was activated, so that a
+// successor serves it active.
+func (s *Service) recordActive(id string) {
+	defer s.lock(id)()
+	s.recordActiveLocked(id)
+}
+
+func (s *Service) recordActiveLocked(id string) {
+	sv := s.get(id)
+	if sv == nil || sv.av == nil || !sv.rec.Standby || sv.av.Standby() {
+		return
+	}
+	r := sv.rec
+	r.Standby = false
+	if err := s.store.save(r); err != nil {
+		s.log.Error("record the standby's activation (a successor would serve it as a standby again, whose first write then recovers it)", "volume", id, "error", err)
+		return
+	}
+	s.mu.Lock()
+	sv.rec = r
+	s.mu.Unlock()
+}
+
+// Activate takes a standby volume's replicas over now (a live
+// migration's switchover), rather than at its first write-class
+// request. An active volume is no error.
+func (s *Service) Activate(ctx context.Context, id string) error {
+	defer s.lock(id)()
+	av, err := s.serving(id)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	if err := av.Activate(ctx); err != nil {
+		return fmt.Errorf("activate volume %s: %w", id, err)
+	}
+	s.recordActiveLocked(id)
+	s.log.Info("activated", "volume", id, "took", time.Since(start).String())
+	return nil
 }
 
 // Stage serves the volume as a block device and records it. Staging a
@@ -293,7 +338,7 @@ func (s *Service) Stage(ctx context.Context, req StageRequest) (Status, error) {
 	s.mu.Lock()
 	s.vols[req.VolumeID] = sv
 	s.mu.Unlock()
-	s.log.Info("staged", "volume", req.VolumeID, "device", r.Device, "epoch", req.Epoch, "frontend", r.Frontend, "block", req.Block)
+	s.log.Info("staged", "volume", req.VolumeID, "device", r.Device, "epoch", req.Epoch, "frontend", r.Frontend, "block", req.Block, "standby", req.Standby)
 	return s.status(sv), nil
 }
 
@@ -317,7 +362,12 @@ func (s *Service) Unstage(ctx context.Context, id string, force bool) error {
 		if errors.Is(err, attach.ErrBusy) {
 			return fmt.Errorf("unstage volume %s: %s: %w", id, sv.rec.Device, ErrBusy)
 		}
-		if err != nil {
+		if errors.Is(err, quorum.ErrFenced) {
+			// A live migration's source after the switchover: the
+			// replicas are the target's, so not marking them clean is
+			// right, and the device is gone.
+			s.log.Info("unstaging a volume another attachment took over", "volume", id, "error", err)
+		} else if err != nil {
 			return fmt.Errorf("unstage volume %s: %w", id, err)
 		}
 	}
@@ -425,6 +475,9 @@ type Status struct {
 	DeviceTakenBack bool                 `json:"deviceTakenBack,omitempty"`
 	// Quiesced: its requests are held for a snapshot.
 	Quiesced bool `json:"quiesced,omitempty"`
+	// Fenced: another attachment took the replicas over; this one can
+	// write no more. (Record.Standby says whether it is still a standby.)
+	Fenced bool `json:"fenced,omitempty"`
 }
 
 func (s *Service) status(sv *served) Status {
@@ -437,6 +490,8 @@ func (s *Service) status(sv *served) Status {
 		st.Scrub = sv.av.ScrubProgress()
 		st.DeviceTakenBack = sv.av.Device.TakenBack()
 		st.Quiesced = sv.av.Quiesced()
+		st.Standby = sv.av.Standby()
+		st.Fenced = sv.av.Fenced()
 	}
 	return st
 }

@@ -14,8 +14,10 @@ import (
 
 // recordVersion is the format of a Record on disk. A release reads every
 // version up to its own and refuses newer ones with an error that says
-// so, never guessing.
-const recordVersion = 1
+// so, never guessing. Version 2 added Standby: a release before it would
+// take a standby's replicas over at once, fencing the attach that still
+// runs the volume, so it must not read such a record.
+const recordVersion = 2
 
 // Record is a staged volume as the node persists it: everything a
 // restarted data path needs to take the volume's device back, and what
@@ -46,6 +48,12 @@ type StageRequest struct {
 	// path only keeps them for the CSI node service.
 	StagingPath string `json:"stagingPath"`
 	Block       bool   `json:"block,omitempty"`
+	// Standby stages a live migration's target while another node's
+	// attach (with an older epoch) still writes: the device serves reads
+	// and takes nothing over until its first write-class request or
+	// Activate (volume.Options.Standby). In a record, true until the
+	// volume was activated, so a successor serves it the same way.
+	Standby bool `json:"standby,omitempty"`
 }
 
 // volumeIDPattern keeps a volume id usable as a file name.

@@ -152,5 +152,6 @@
 // quorum-csi serves each replica as two exports (the image and its
 // metadata and journal, see package volume) with one epoch file, and an
 // attach takes a replica over by flushing both with its epoch before it
-// reads anything from them.
+// decides on anything it read from them (a standby reads first, and
+// flushes at its first write).
 package nbd

@@ -47,6 +47,13 @@ type Config struct {
 	// ActiveExtents size the write intent; see DefaultExtentSize.
 	ExtentSize    int64
 	ActiveExtents int
+	// Standby, when set, starts the engine as a standby (a live
+	// migration's target): it takes nothing over and writes nothing to
+	// its children (no resync, no rewrite, no journal record) while it
+	// serves reads from the children the members' Dirty maps leave in
+	// sync. Its first write, write-zeroes, discard or flush, or
+	// Activate, runs Standby to take the children over, then serves.
+	Standby Activator
 }
 
 // DefaultRegionSize balances resync precision against bitmap size: 2 MiB

@@ -88,6 +88,13 @@ type Engine struct {
 	stopBg   context.CancelFunc
 	bgWG     sync.WaitGroup
 	resyncMu sync.Mutex // serialises starting resyncs
+
+	// active is false while the engine is a standby (Config.Standby):
+	// then nothing but reads reaches the children.
+	active atomic.Bool
+	gate   standbyGate
+	// fenced is set once a child answered ErrFenced, for good.
+	fenced atomic.Bool
 }
 
 // New validates cfg and returns an engine over its children. Children
@@ -105,6 +112,11 @@ func New(cfg Config) (*Engine, error) {
 		shift:    uint(bits.TrailingZeros64(uint64(cfg.ExtentSize))),
 	}
 	e.bg, e.stopBg = context.WithCancel(context.Background())
+	e.gate.activated = make(chan struct{})
+	if cfg.Standby == nil {
+		e.active.Store(true)
+		close(e.gate.activated)
+	}
 	for _, m := range cfg.Children {
 		mem := &member{Member: m}
 		if m.Dirty != nil {
@@ -243,6 +255,10 @@ func (e *Engine) fault(i int, op Op, off, length int64, cause error) {
 }
 
 func (e *Engine) faultLocked(i int, op Op, off, length int64, cause error) {
+	if errors.Is(cause, ErrFenced) {
+		e.fenced.Store(true)
+		return
+	}
 	m := e.children[i]
 	e.emit(Event{Type: EventReportBad, Op: op, Offset: off, Length: length, Child: m.Name, Error: cause.Error()})
 	e.dirtyMu.Lock()
@@ -326,7 +342,9 @@ func (e *Engine) modify(ctx context.Context, op Op, off, length int64, fn func(c
 	}
 	defer e.ranges.release(r)
 	if e.cfg.Journal != nil {
-		if err := e.beginWrite(ctx, off, length); err != nil {
+		if err := e.beginWrite(ctx, off, length); errors.Is(err, ErrFenced) {
+			return e.fencedFailure(op, off, length)
+		} else if err != nil {
 			return e.quorumFailure(op, off, length, err.Error())
 		}
 		defer e.endWrite(off, length)
@@ -339,6 +357,9 @@ func (e *Engine) modify(ctx context.Context, op Op, off, length int64, fn func(c
 // count for the threshold.
 func (e *Engine) modifyLocked(ctx context.Context, op Op, off, length int64, idx []int, healthy int, fn func(c Child) error) error {
 	t := e.cfg.VoteThreshold
+	if e.fenced.Load() {
+		return e.fencedFailure(op, off, length)
+	}
 	if healthy < t {
 		return e.quorumFailure(op, off, length, fmt.Sprintf("%d healthy children, threshold %d", healthy, t))
 	}
@@ -351,7 +372,13 @@ func (e *Engine) modifyLocked(ctx context.Context, op Op, off, length int64, idx
 			ok++
 		}
 	}
+	if e.fenced.Load() {
+		return e.fencedFailure(op, off, length)
+	}
 	recErr := e.awaitRecords(ctx)
+	if errors.Is(recErr, ErrFenced) {
+		return e.fencedFailure(op, off, length)
+	}
 	if ok < t {
 		return e.quorumFailure(op, off, length, fmt.Sprintf("%d of %d healthy children succeeded, threshold %d", ok, healthy, t))
 	}
@@ -363,21 +390,33 @@ func (e *Engine) modifyLocked(ctx context.Context, op Op, off, length int64, idx
 
 // WriteAt writes p at off on every healthy child.
 func (e *Engine) WriteAt(ctx context.Context, p []byte, off int64) error {
+	if err := e.awaitActive(ctx, OpWrite); err != nil {
+		return err
+	}
 	return e.modify(ctx, OpWrite, off, int64(len(p)), func(c Child) error { return c.WriteAt(ctx, p, off) })
 }
 
 // WriteZeroes zeroes a range on every healthy child, keeping it allocated.
 func (e *Engine) WriteZeroes(ctx context.Context, off, length int64) error {
+	if err := e.awaitActive(ctx, OpWriteZeroes); err != nil {
+		return err
+	}
 	return e.modify(ctx, OpWriteZeroes, off, length, func(c Child) error { return c.WriteZeroes(ctx, off, length) })
 }
 
 // Discard deallocates a range on every healthy child; it reads as zeroes.
 func (e *Engine) Discard(ctx context.Context, off, length int64) error {
+	if err := e.awaitActive(ctx, OpDiscard); err != nil {
+		return err
+	}
 	return e.modify(ctx, OpDiscard, off, length, func(c Child) error { return c.Discard(ctx, off, length) })
 }
 
 // Flush makes every completed write durable on at least t children.
 func (e *Engine) Flush(ctx context.Context) error {
+	if err := e.awaitActive(ctx, OpFlush); err != nil {
+		return err
+	}
 	idx, healthy := e.writeTargets(0, 0)
 	return e.modifyLocked(ctx, OpFlush, 0, 0, idx, healthy, func(c Child) error { return c.Flush(ctx) })
 }
@@ -388,6 +427,7 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := e.checkRange(OpRead, off, length); err != nil {
 		return err
 	}
+	defer e.holdStandby()()
 	if err := e.recoverRange(ctx, off, length); err != nil {
 		return fmt.Errorf("read at %d length %d: %w", off, length, err)
 	}
@@ -399,7 +439,8 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if e.cfg.ReadPattern == ReadPatternFIFO {
 		return e.readFIFO(ctx, p, off)
 	}
-	_, err = e.readVote(ctx, p, off, voteMode{rewrite: e.cfg.RewriteCorrupted, strict: e.cfg.Strict})
+	// A standby rewrites nothing: a write would take a child over.
+	_, err = e.readVote(ctx, p, off, voteMode{rewrite: e.cfg.RewriteCorrupted && e.active.Load(), strict: e.cfg.Strict})
 	return err
 }
 
@@ -417,6 +458,10 @@ func (e *Engine) readFIFO(ctx context.Context, p []byte, off int64) error {
 		err := m.Child.ReadAt(ctx, p, off)
 		if err == nil {
 			return nil
+		}
+		if errors.Is(err, ErrFenced) {
+			e.fenced.Store(true)
+			return e.fencedFailure(OpRead, off, length)
 		}
 		tried++
 		e.emit(Event{Type: EventReportBad, Op: OpRead, Offset: off, Length: length, Child: m.Name, Error: err.Error()})
@@ -450,13 +495,20 @@ func (e *Engine) readVote(ctx context.Context, p []byte, off int64, mode voteMod
 	errs := fanout(len(idx), func(k int) error { return e.children[idx[k]].Child.ReadAt(ctx, bufs[k], off) })
 	replies := make([][]byte, len(idx))
 	ok := 0
+	fenced := false
 	for k, err := range errs {
-		if err != nil {
+		if errors.Is(err, ErrFenced) {
+			fenced = true
+		} else if err != nil {
 			e.emit(Event{Type: EventReportBad, Op: OpRead, Offset: off, Length: length, Child: e.children[idx[k]].Name, Error: err.Error()})
-			continue
+		} else {
+			replies[k] = bufs[k]
+			ok++
 		}
-		replies[k] = bufs[k]
-		ok++
+	}
+	if fenced {
+		e.fenced.Store(true)
+		return 0, e.fencedFailure(OpRead, off, length)
 	}
 	if mode.strict && ok < len(idx) {
 		return 0, e.quorumFailure(OpRead, off, length, fmt.Sprintf("strict mode: %d of %d children failed to read", len(idx)-ok, len(idx)))

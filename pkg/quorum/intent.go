@@ -229,6 +229,9 @@ func (e *Engine) commitRecord(ctx context.Context, active []int64) error {
 	}
 	e.journalMu.Lock()
 	defer e.journalMu.Unlock()
+	if e.fenced.Load() {
+		return fmt.Errorf("commit journal record: %w", ErrFenced)
+	}
 	if active == nil {
 		active = e.lastActive
 	}
@@ -246,7 +249,16 @@ func (e *Engine) commitRecord(ctx context.Context, active []int64) error {
 		if err == nil {
 			break
 		}
-		if !errors.As(err, &ce) || len(e.children)-len(rec.Dirty)-len(ce.Failed) < e.cfg.VoteThreshold {
+		if !errors.As(err, &ce) {
+			return err
+		}
+		for _, cause := range ce.Failed {
+			if errors.Is(cause, ErrFenced) {
+				e.fenced.Store(true)
+				return fmt.Errorf("commit journal record: %w", cause)
+			}
+		}
+		if len(e.children)-len(rec.Dirty)-len(ce.Failed) < e.cfg.VoteThreshold {
 			return err
 		}
 		for i, cause := range ce.Failed {

@@ -291,8 +291,12 @@ func (e *Engine) reconcile(ctx context.Context, bufs [][]byte, off, n int64, st 
 
 // Shutdown flushes the volume and commits a record with no active
 // extent, so that the next attach needs no recovery. Call it when no
-// request is in flight.
+// request is in flight. A standby wrote nothing and leaves the children
+// to their holder: nothing to do.
 func (e *Engine) Shutdown(ctx context.Context) error {
+	if !e.active.Load() {
+		return nil
+	}
 	if err := e.Flush(ctx); err != nil {
 		return err
 	}
@@ -314,6 +318,9 @@ func (e *Engine) Shutdown(ctx context.Context) error {
 // recovery. Requests wait until resume is called (once); a ctx that ends
 // first gives up and lets them through.
 func (e *Engine) Quiesce(ctx context.Context) (resume func(), err error) {
+	if !e.active.Load() {
+		return nil, fmt.Errorf("quiesce: %w: the active attachment holds the writes to cut", ErrStandby)
+	}
 	// A cut holds no extent that the children may differ in.
 	if err := e.recoverRange(ctx, 0, e.size); err != nil {
 		return nil, fmt.Errorf("quiesce: finish crash recovery: %w", err)

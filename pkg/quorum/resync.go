@@ -16,6 +16,9 @@ const probeSize = 4096
 // and starts a resync for each one that does. The caller decides how
 // often; the engine keeps no clock.
 func (e *Engine) Probe(ctx context.Context) {
+	if !e.active.Load() {
+		return
+	}
 	buf := make([]byte, min(probeSize, e.size))
 	for i, m := range e.children {
 		if m.state.Load() != stateFaulty {
@@ -30,12 +33,12 @@ func (e *Engine) Probe(ctx context.Context) {
 
 // StartResync moves faulty child i to resyncing and copies its dirty
 // regions to it in the background, while the volume stays in use.
-// It does nothing unless the child is faulty.
+// It does nothing unless the child is faulty and the engine active.
 func (e *Engine) StartResync(i int) {
 	e.resyncMu.Lock()
 	defer e.resyncMu.Unlock()
 	m := e.children[i]
-	if e.bg.Err() != nil || !m.state.CompareAndSwap(stateFaulty, stateResyncing) {
+	if e.bg.Err() != nil || !e.active.Load() || !m.state.CompareAndSwap(stateFaulty, stateResyncing) {
 		return
 	}
 	e.dirtyMu.Lock()

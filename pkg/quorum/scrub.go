@@ -25,6 +25,12 @@ func (e *Engine) Scrub(ctx context.Context, buf []byte, off int64, st *ScrubStat
 	if err := e.checkRange(OpRead, off, length); err != nil {
 		return err
 	}
+	if !e.active.Load() {
+		return fmt.Errorf("scrub at %d: %w", off, ErrStandby)
+	}
+	if e.fenced.Load() {
+		return fmt.Errorf("scrub at %d: %w", off, ErrFenced)
+	}
 	if err := e.recoverRange(ctx, off, length); err != nil {
 		return fmt.Errorf("scrub at %d: %w", off, err)
 	}
@@ -36,7 +42,7 @@ func (e *Engine) Scrub(ctx context.Context, buf []byte, off int64, st *ScrubStat
 	losers, err := e.readVote(ctx, buf, off, voteMode{rewrite: true})
 	st.Scanned += length
 	st.Repaired += int64(losers)
-	if errors.Is(err, ErrQuorumFailure) && ctx.Err() == nil {
+	if errors.Is(err, ErrQuorumFailure) && !errors.Is(err, ErrFenced) && ctx.Err() == nil {
 		st.Unresolved++
 		return nil
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -54,6 +55,10 @@ type AttachConfig struct {
 	Name string
 	// Logger receives the volume's progress (default slog.Default()).
 	Logger *slog.Logger
+	// OnActivated, if set, is called once a standby (Options.Standby)
+	// was activated, from a goroutine of the volume's that Detach waits
+	// for: it must not wait for the caller of Detach.
+	OnActivated func()
 }
 
 // Attached is a volume served as a block device: the one pipeline that
@@ -80,7 +85,10 @@ type Attached struct {
 // previous process served (see attach.Options.StateFile), and starts the
 // probe and the scrub. Crash recovery runs in the background, and
 // before any request to an extent it has not reached, so the requests
-// the users of a device taken back had waiting see recovered data.
+// the users of a device taken back had waiting see recovered data. A
+// standby (cfg.Options.Standby) is served at once, for reads; its first
+// write-class request takes the replicas over first, and its scrub
+// starts after that.
 func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 	a := &Attached{log: cmp.Or(cfg.Logger, slog.Default())}
 	// Events reach the metrics once they exist, after Open.
@@ -106,11 +114,10 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 			err = errors.Join(err, a.Volume.Close(context.WithoutCancel(ctx)))
 		}
 	}()
-	if len(a.Unclean) > 0 {
-		a.log.Warn("the last attach did not detach cleanly; recovering the extents it had in flight, in the background and before any request to one of them", "replicas", a.Unclean)
-	}
-	for _, p := range a.Stale {
-		a.log.Warn("replica missed writes; resyncing it in the background", "replica", p)
+	if cfg.Options.Standby {
+		a.log.Info("standby: serving reads; the first write, flush, discard or write-zeroes takes the replicas over", "epoch", cfg.Options.Epoch)
+	} else {
+		a.logActivation()
 	}
 	name := cmp.Or(cfg.Name, a.ID())
 	var served attach.Volume = a.Engine
@@ -129,39 +136,86 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 		dev.HolderDir = cfg.StateDir
 		dev.HolderSocket = cfg.HolderSocket
 	}
-	if a.Device, err = attach.Attach(ctx, cfg.Frontend, served, dev); err != nil {
+	gate := &setupFlushes{Child: served}
+	if cfg.Options.Standby && !exists(dev.StateFile) {
+		gate.setup.Store(true)
+	}
+	a.Device, err = attach.Attach(ctx, cfg.Frontend, gate, dev)
+	gate.setup.Store(false)
+	if err != nil {
 		return nil, fmt.Errorf("attach volume %s (%s): %w", name, cfg.Frontend, err)
 	}
 	bg, stop := context.WithCancel(context.Background())
 	a.stop = stop
-	if len(a.Unclean) > 0 {
-		a.loops.Add(1)
-		go func() {
-			defer a.loops.Done()
-			start := time.Now()
-			st, err := a.Recovered(bg)
-			switch {
-			case bg.Err() != nil:
-			case err != nil:
-				a.log.Error("crash recovery stopped; requests recover the extents they touch, the next attach the rest", "volume", name, "error", err)
-			default:
-				a.log.Info("crash recovery done", "volume", name, "extents", st.Extents, "comparedBytes", st.Compared, "repairedBytes", st.Repaired, "took", time.Since(start).String())
-			}
-		}()
-	}
 	a.loops.Add(1)
 	go func() {
 		defer a.loops.Done()
 		a.ProbeEvery(bg, cmp.Or(cfg.ProbeInterval, 2*time.Second))
 	}()
-	if cfg.ScrubRate > 0 {
-		a.loops.Add(1)
-		go func() {
-			defer a.loops.Done()
+	a.loops.Add(1)
+	go func() {
+		defer a.loops.Done()
+		select {
+		case <-a.Activated():
+		case <-bg.Done():
+			return
+		}
+		if cfg.Options.Standby {
+			a.log.Info("standby activated: the replicas are this attach's, the previous holder is fenced", "epoch", cfg.Options.Epoch, "took", a.ActivatedIn.String())
+			a.logActivation()
+			if cfg.OnActivated != nil {
+				cfg.OnActivated()
+			}
+		}
+		if len(a.Unclean) > 0 {
+			a.loops.Add(1)
+			go func() {
+				defer a.loops.Done()
+				a.reportRecovery(bg, name)
+			}()
+		}
+		// A standby's scrub would repair replicas another attach holds.
+		if cfg.ScrubRate > 0 {
 			a.ScrubEvery(bg, cfg.ScrubRate, cmp.Or(cfg.ScrubInterval, 24*time.Hour))
-		}()
-	}
+		}
+	}()
 	return a, nil
+}
+
+// logActivation reports what taking the replicas over found.
+func (a *Attached) logActivation() {
+	if len(a.Unclean) > 0 {
+		a.log.Warn("the last attach did not detach cleanly; recovering the extents it had in flight, in the background and before any request to one of them", "replicas", a.Unclean)
+	}
+	for _, p := range a.Stale {
+		a.log.Warn("replica missed writes; resyncing it in the background", "replica", p)
+	}
+}
+
+// setupFlushes answers the flushes that reach a new standby's device
+// while the kernel sets it up without the engine: the loop driver
+// fsyncs its backing file when it turns direct I/O on, and that must
+// not activate the standby. Nothing was written through the device
+// then, and it has no user yet. A device taken back may have users'
+// flushes waiting, so it gets no such gate.
+type setupFlushes struct {
+	quorum.Child
+	setup atomic.Bool
+}
+
+func (s *setupFlushes) Flush(ctx context.Context) error {
+	if s.setup.Load() {
+		return nil
+	}
+	return s.Child.Flush(ctx)
+}
+
+func exists(path string) bool {
+	if path == "" {
+		return false
+	}
+	_, err := os.Stat(path)
+	return err == nil
 }
 
 // DeviceStateFile is where the device of volume id, made by frontend, keeps
@@ -276,4 +330,18 @@ func (a *Attached) Quiesced() bool {
 	a.quiesceMu.Lock()
 	defer a.quiesceMu.Unlock()
 	return a.resume != nil
+}
+
+// reportRecovery logs the end of the crash recovery the activation
+// started.
+func (a *Attached) reportRecovery(ctx context.Context, name string) {
+	start := time.Now()
+	st, err := a.Recovered(ctx)
+	switch {
+	case ctx.Err() != nil:
+	case err != nil:
+		a.log.Error("crash recovery stopped; requests recover the extents they touch, the next attach the rest", "volume", name, "error", err)
+	default:
+		a.log.Info("crash recovery done", "volume", name, "extents", st.Extents, "comparedBytes", st.Compared, "repairedBytes", st.Repaired, "took", time.Since(start).String())
+	}
 }

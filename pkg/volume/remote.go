@@ -30,12 +30,16 @@ import (
 //     [4096, 4096+journalArea)  the journal file (PATH.qjournal), byte for
 //     byte; FLUSH makes its writes durable.
 //
-// An attach takes a remote replica over before it reads anything from
-// it: it flushes the image export, then the sidecar. FLUSH is a
-// write-class request, so it activates the attach's epoch on each (see
-// package nbd): from then on the previous holder can neither write data
-// nor commit a journal record to this replica, and the journal read next
-// already holds the last record it committed there.
+// An attach reads a remote replica's metadata and journal at open with
+// its epoch presented but not active, which the replica server allows a
+// newer epoch (a standby, see package nbd), and decides on none of it:
+// it takes every replica over first (takeOver: it flushes the image
+// export, then the sidecar; FLUSH is a write-class request, so it
+// activates the attach's epoch on each), and only then reads both again.
+// From then on the previous holder can neither write data nor commit a
+// journal record to this replica, and the journal read holds the last
+// record it committed there. A standby attach defers the takeover to
+// its first write-class request.
 
 // SidecarSuffix is appended to a replica's export name to name its
 // sidecar export.
@@ -123,6 +127,9 @@ type member interface {
 	name() string
 	Meta() replica.Meta
 	BlockSize() int64
+	// takeOver fences the replica's previous holder and reads its
+	// metadata again.
+	takeOver(ctx context.Context) error
 	updateMeta(ctx context.Context, fn func(*replica.Meta)) error
 	writeJournal(ctx context.Context, e replica.JournalEntry, slotSize int64) error
 	readJournal(ctx context.Context, slotSize int64) (replica.JournalEntry, bool, error)
@@ -132,6 +139,9 @@ type member interface {
 type localReplica struct{ *replica.File }
 
 func (l localReplica) name() string { return l.Path() }
+
+// takeOver has nothing to fence: the image is locked by this process.
+func (l localReplica) takeOver(context.Context) error { return nil }
 
 func (l localReplica) updateMeta(_ context.Context, fn func(*replica.Meta)) error {
 	return l.UpdateMeta(fn)
@@ -151,13 +161,15 @@ type remoteReplica struct {
 	*nbd.Client // the image
 	side        *nbd.Client
 	spec        string
+	epoch       uint64
 
 	mu   sync.Mutex
 	meta replica.Meta
 }
 
 // openRemote connects to the replica at an NBD URI, presenting epoch
-// unless the URI carries one, takes it over and loads its metadata.
+// unless the URI carries one, and loads its metadata, taking nothing
+// over.
 func openRemote(ctx context.Context, spec string, epoch uint64, timeout time.Duration, log *slog.Logger) (_ *remoteReplica, err error) {
 	cfg, err := nbd.ParseURI(spec)
 	if err != nil {
@@ -170,7 +182,7 @@ func openRemote(ctx context.Context, spec string, epoch uint64, timeout time.Dur
 		return nil, fmt.Errorf("replica %s: a remote replica needs an epoch, newer than the last attach's (give --epoch N, or NAME@epoch=N in the URI)", spec)
 	}
 	cfg.Logger, cfg.Timeout = log, timeout
-	r := &remoteReplica{spec: spec}
+	r := &remoteReplica{spec: spec, epoch: cfg.Epoch}
 	if r.Client, err = nbd.Dial(ctx, cfg); err != nil {
 		return nil, fmt.Errorf("replica %s: %w", spec, err)
 	}
@@ -184,26 +196,73 @@ func openRemote(ctx context.Context, spec string, epoch uint64, timeout time.Dur
 	if r.side, err = nbd.Dial(ctx, side); err != nil {
 		return nil, fmt.Errorf("replica %s: metadata export (is this a quorum replica server?): %w", spec, err)
 	}
-	if err := r.Client.Flush(ctx); err != nil {
-		return nil, fmt.Errorf("replica %s: take over with epoch %d: %w", spec, cfg.Epoch, err)
-	}
-	if err := r.side.Flush(ctx); err != nil {
-		return nil, fmt.Errorf("replica %s: take over metadata with epoch %d: %w", spec, cfg.Epoch, err)
-	}
-	block := make([]byte, metaBlock)
-	if err := r.side.ReadAt(ctx, block, 0); err != nil {
-		return nil, fmt.Errorf("replica %s: read metadata: %w", spec, err)
-	}
-	if r.meta, err = replica.ParseMeta(bytes.TrimRight(block, "\x00"), spec); err != nil {
+	if err := r.loadMeta(ctx); err != nil {
 		return nil, err
-	}
-	if r.meta.Size != r.Client.Size() {
-		return nil, fmt.Errorf("replica %s: export has %d bytes, its metadata says %d", spec, r.Client.Size(), r.meta.Size)
 	}
 	return r, nil
 }
 
+func (r *remoteReplica) loadMeta(ctx context.Context) error {
+	block := make([]byte, metaBlock)
+	if err := r.side.ReadAt(ctx, block, 0); err != nil {
+		return fmt.Errorf("replica %s: read metadata: %w", r.spec, err)
+	}
+	m, err := replica.ParseMeta(bytes.TrimRight(block, "\x00"), r.spec)
+	if err != nil {
+		return err
+	}
+	if m.Size != r.Client.Size() {
+		return fmt.Errorf("replica %s: export has %d bytes, its metadata says %d", r.spec, r.Client.Size(), m.Size)
+	}
+	r.mu.Lock()
+	r.meta = m
+	r.mu.Unlock()
+	return nil
+}
+
+func (r *remoteReplica) takeOver(ctx context.Context) error {
+	if err := r.Client.Flush(ctx); err != nil {
+		return fmt.Errorf("replica %s: take over with epoch %d: %w", r.spec, r.epoch, err)
+	}
+	if err := r.side.Flush(ctx); err != nil {
+		return fmt.Errorf("replica %s: take over metadata with epoch %d: %w", r.spec, r.epoch, err)
+	}
+	return r.loadMeta(ctx)
+}
+
 func (r *remoteReplica) name() string { return r.spec }
+
+// fencedError is an NBD client's fencing as the engine knows it: the
+// attach lost the volume, no replica failed (see quorum.ErrFenced).
+type fencedError struct{ error }
+
+func (f fencedError) Is(target error) bool { return target == quorum.ErrFenced }
+func (f fencedError) Unwrap() error        { return f.error }
+
+func asFenced(err error) error {
+	if errors.Is(err, nbd.ErrFenced) {
+		return fencedError{err}
+	}
+	return err
+}
+
+func (r *remoteReplica) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return asFenced(r.Client.ReadAt(ctx, p, off))
+}
+
+func (r *remoteReplica) WriteAt(ctx context.Context, p []byte, off int64) error {
+	return asFenced(r.Client.WriteAt(ctx, p, off))
+}
+
+func (r *remoteReplica) Flush(ctx context.Context) error { return asFenced(r.Client.Flush(ctx)) }
+
+func (r *remoteReplica) Discard(ctx context.Context, off, length int64) error {
+	return asFenced(r.Client.Discard(ctx, off, length))
+}
+
+func (r *remoteReplica) WriteZeroes(ctx context.Context, off, length int64) error {
+	return asFenced(r.Client.WriteZeroes(ctx, off, length))
+}
 
 func (r *remoteReplica) Meta() replica.Meta {
 	r.mu.Lock()
@@ -223,7 +282,7 @@ func (r *remoteReplica) updateMeta(ctx context.Context, fn func(*replica.Meta)) 
 	}
 	copy(block, b)
 	if err := r.side.WriteAt(ctx, block, 0); err != nil {
-		return fmt.Errorf("replica %s: write metadata: %w", r.spec, err)
+		return fmt.Errorf("replica %s: write metadata: %w", r.spec, asFenced(err))
 	}
 	r.meta = m
 	return nil
@@ -244,10 +303,10 @@ func (r *remoteReplica) writeJournal(ctx context.Context, e replica.JournalEntry
 		return fmt.Errorf("replica %s: %w", r.spec, err)
 	}
 	if err := r.side.WriteAt(ctx, b, metaBlock+replica.JournalSlot(e.Seq, slotSize)); err != nil {
-		return fmt.Errorf("replica %s: write journal: %w", r.spec, err)
+		return fmt.Errorf("replica %s: write journal: %w", r.spec, asFenced(err))
 	}
 	if err := r.side.Flush(ctx); err != nil {
-		return fmt.Errorf("replica %s: sync journal: %w", r.spec, err)
+		return fmt.Errorf("replica %s: sync journal: %w", r.spec, asFenced(err))
 	}
 	return nil
 }

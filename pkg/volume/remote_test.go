@@ -272,15 +272,7 @@ func TestRemoteFencing(t *testing.T) {
 	if _, err := Open(ctx, uris, Options{Epoch: 1}); err == nil || !strings.Contains(err.Error(), "fenced") {
 		t.Fatalf("attach with the old epoch again: err = %v, want fenced", err)
 	}
-	if err := cur.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
-	srv.stop()
-	assertSame(t, ps)
-	b, err := os.ReadFile(ps[0])
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := detachAll(t, cur, srv, ps)
 	if b[0] != 1 || b[4096] != 2 {
 		t.Fatalf("replica holds %d at 0 and %d at 4096, want 1 (old holder, before the new epoch) and 2 (new holder)", b[0], b[4096])
 	}

@@ -2,6 +2,7 @@ package volume
 
 import (
 	"context"
+	"errors"
 	"sync/atomic"
 	"time"
 
@@ -83,11 +84,14 @@ func (v *Volume) ProbeEvery(ctx context.Context, interval time.Duration) {
 }
 
 // ScrubEvery scrubs at rate, a pass at once and then one every interval,
-// until ctx ends. Errors end a pass, not the schedule; they were reported
-// as events.
+// until ctx ends or another attach fences this one (its replicas are
+// that attach's to scrub). Other errors end a pass, not the schedule;
+// they were reported as events.
 func (v *Volume) ScrubEvery(ctx context.Context, rate int64, interval time.Duration) {
 	for {
-		v.Scrub(ctx, rate)
+		if _, err := v.Scrub(ctx, rate); errors.Is(err, quorum.ErrFenced) {
+			return
+		}
 		select {
 		case <-ctx.Done():
 			return

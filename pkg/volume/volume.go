@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
@@ -46,6 +47,13 @@ type Options struct {
 	// journal costs (bench only): no write intent, so a crash leaves the
 	// replicas unreconciled, and faults are not persisted.
 	WithoutJournal bool
+	// Standby opens the volume as a live migration's target while
+	// another attach (with an older epoch) still writes: it takes
+	// nothing over and writes nothing, serves reads, and its first
+	// write-class request (or Activate) does what Open does otherwise
+	// (see Volume.activate). Every replica must be remote, since only a
+	// replica server can fence the other attach.
+	Standby bool
 
 	// wrapChild lets tests put a fault injector around a replica.
 	wrapChild func(i int, c quorum.Child) quorum.Child
@@ -58,27 +66,42 @@ type Options struct {
 type Volume struct {
 	*quorum.Engine
 	replicas    []member
+	journal     *journal
 	stopWatches context.CancelFunc
-	// Unclean lists replicas whose last attach did not detach cleanly.
+	// Unclean and Stale are what the activation (at Open, or for a
+	// standby at its first write-class request) found; read them once
+	// Activated is closed. Unclean lists replicas whose last attach did
+	// not detach cleanly (for a standby: the attach it took over from),
+	// Stale those that missed writes and are being resynced.
 	Unclean []string
-	// Stale lists replicas that missed writes and are being resynced.
-	Stale []string
-	scrub scrubState
+	Stale   []string
+	// ActivatedIn is how long the activation took.
+	ActivatedIn time.Duration
+	scrub       scrubState
+	standby     bool
+	log         *slog.Logger
 }
 
 // Open opens and checks the replicas, in fifo order: paths of local
 // images, or NBD URIs of replicas on replica servers (nbd://, nbds://,
-// nbd+unix://). It starts recovering from a crash of the last attach
-// (quorum.Engine.Recover: the in-sync replicas become identical where
-// they may differ, before any request there and in the background) and
-// resyncing replicas that missed writes. Remote replicas are taken over first
-// (fencing the last attach); beyond that nothing is written unless every
-// check passed.
+// nbd+unix://). Unless opts.Standby, it then activates the volume: it
+// takes the remote replicas over (fencing the last attach), starts
+// recovering from a crash of the last attach (quorum.Engine.Recover: the
+// in-sync replicas become identical where they may differ, before any
+// request there and in the background) and starts resyncing replicas
+// that missed writes; nothing is written unless every check passed.
 func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err error) {
 	if err := distinct(paths); err != nil {
 		return nil, err
 	}
-	v := &Volume{}
+	if opts.Standby {
+		for _, p := range paths {
+			if !nbd.IsURI(p) {
+				return nil, fmt.Errorf("replica %s: a standby attach needs every replica behind a replica server (an NBD URI): a local image cannot fence the active attach", p)
+			}
+		}
+	}
+	v := &Volume{standby: opts.Standby, log: cmp.Or(opts.Logger, slog.Default())}
 	defer func() {
 		if err != nil {
 			if v.Engine != nil {
@@ -87,11 +110,10 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 			v.closeFiles()
 		}
 	}()
-	log := cmp.Or(opts.Logger, slog.Default())
 	for _, p := range paths {
 		var m member
 		if nbd.IsURI(p) {
-			r, err := openRemote(ctx, p, opts.Epoch, opts.RequestTimeout, log)
+			r, err := openRemote(ctx, p, opts.Epoch, opts.RequestTimeout, v.log)
 			if err != nil {
 				return nil, err
 			}
@@ -113,6 +135,7 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 	activeExtents := cmp.Or(opts.activeExtents, quorum.DefaultActiveExtents)
 	size := v.replicas[0].Size()
 	j := &journal{replicas: v.replicas, slotSize: slotSize(size, region, activeExtents), region: region, extent: extent}
+	v.journal = j
 	for _, r := range v.replicas {
 		if rr, ok := r.(*remoteReplica); ok {
 			if err := rr.checkJournalArea(j.slotSize); err != nil {
@@ -120,7 +143,13 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 			}
 		}
 	}
+	// What the replicas say before the takeover only decides what a
+	// standby reads; the activation reads it all again.
 	rec, err := j.newest(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st, err := v.syncState(rec)
 	if err != nil {
 		return nil, err
 	}
@@ -134,10 +163,7 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 		RegionSize:       region,
 		ExtentSize:       extent,
 		ActiveExtents:    activeExtents,
-	}
-	var gen uint64
-	for _, r := range v.replicas {
-		gen = max(gen, r.Meta().Generation)
+		Standby:          v.activate,
 	}
 	watchCtx, stopWatches := context.WithCancel(context.Background())
 	v.stopWatches = stopWatches
@@ -147,7 +173,6 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 		}
 	}
 	for i, r := range v.replicas {
-		m := r.Meta()
 		var c quorum.Child = r
 		if control, ok := opts.FaultFiles[r.name()]; ok {
 			c = watchFaults(watchCtx, c, control, 50*time.Millisecond)
@@ -155,46 +180,111 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 		if opts.wrapChild != nil {
 			c = opts.wrapChild(i, c)
 		}
-		member := quorum.Member{Name: r.name(), Child: c}
-		if words, ok := rec.dirty[m.ReplicaID]; ok {
-			member.Dirty = quorum.NewBitmap(size, region)
-			member.Dirty.Load(words)
-		} else if m.Generation < gen {
-			// Left out of an attach, or a replacement: what it misses is
-			// unknown, so it gets everything.
-			member.Dirty = quorum.NewBitmap(size, region)
-			member.Dirty.SetRange(0, size)
-		}
-		if member.Dirty != nil {
-			v.Stale = append(v.Stale, r.name())
-		}
-		if m.State != replica.StateClean {
-			v.Unclean = append(v.Unclean, r.name())
-		}
-		cfg.Children = append(cfg.Children, member)
+		cfg.Children = append(cfg.Children, quorum.Member{Name: r.name(), Child: c, Dirty: st.dirty[i]})
 	}
 	if opts.WithoutJournal {
 		cfg.Journal = nil
 	}
-	if len(v.Stale) == len(v.replicas) {
-		return nil, fmt.Errorf("no replica is in sync: %v all missed writes; give at least one in-sync replica", v.Stale)
-	}
 	if v.Engine, err = quorum.New(cfg); err != nil {
 		return nil, err
 	}
-	for _, r := range v.replicas {
-		if err := r.updateMeta(ctx, func(m *replica.Meta) {
-			m.Generation = gen + 1
-			m.State = replica.StateOpen
-		}); err != nil {
+	if !opts.Standby {
+		if err := v.Engine.Activate(ctx); err != nil {
 			return nil, fmt.Errorf("open volume: %w", err)
 		}
 	}
-	v.Engine.Recover(rec.active)
-	for i := range v.replicas {
-		v.StartResync(i)
-	}
 	return v, nil
+}
+
+// syncState is what the replicas' metadata and the journal's newest
+// record say of each replica.
+type syncState struct {
+	dirty          []*quorum.Bitmap // by replica; nil: in sync
+	stale, unclean []string
+	generation     uint64 // the newest
+}
+
+func (v *Volume) syncState(rec record) (syncState, error) {
+	var st syncState
+	for _, r := range v.replicas {
+		st.generation = max(st.generation, r.Meta().Generation)
+	}
+	size, region := v.replicas[0].Size(), v.journal.region
+	for _, r := range v.replicas {
+		m := r.Meta()
+		var d *quorum.Bitmap
+		if words, ok := rec.dirty[m.ReplicaID]; ok {
+			d = quorum.NewBitmap(size, region)
+			d.Load(words)
+		} else if m.Generation < st.generation {
+			// Left out of an attach, or a replacement: what it misses is
+			// unknown, so it gets everything.
+			d = quorum.NewBitmap(size, region)
+			d.SetRange(0, size)
+		}
+		if d != nil {
+			st.stale = append(st.stale, r.name())
+		}
+		if m.State != replica.StateClean {
+			st.unclean = append(st.unclean, r.name())
+		}
+		st.dirty = append(st.dirty, d)
+	}
+	if len(st.stale) == len(v.replicas) {
+		return st, fmt.Errorf("no replica is in sync: %v all missed writes; give at least one in-sync replica", st.stale)
+	}
+	return st, nil
+}
+
+// activate takes the replicas over (quorum.Activator): it fences the
+// last attach on every replica before it reads their metadata and
+// journal again, so that what it reads is final, and then does what
+// attaching after a crash of that attach does.
+func (v *Volume) activate(ctx context.Context, takeOver func(quorum.Activation) error) (err error) {
+	start := time.Now()
+	if v.standby {
+		v.log.Info("activating the standby: taking the replicas over")
+		defer func() {
+			if err != nil {
+				v.log.Error("standby activation failed; the requests that waited for it fail, the next write tries again", "error", err, "after", time.Since(start).String())
+			}
+		}()
+	}
+	errs := make([]error, len(v.replicas))
+	var wg sync.WaitGroup
+	for i, r := range v.replicas {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = r.takeOver(ctx)
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	rec, err := v.journal.newest(ctx)
+	if err != nil {
+		return err
+	}
+	st, err := v.syncState(rec)
+	if err != nil {
+		return err
+	}
+	for _, r := range v.replicas {
+		if err := r.updateMeta(ctx, func(m *replica.Meta) {
+			m.Generation = st.generation + 1
+			m.State = replica.StateOpen
+		}); err != nil {
+			return err
+		}
+	}
+	if err := takeOver(quorum.Activation{Dirty: st.dirty, Active: rec.active}); err != nil {
+		return err
+	}
+	v.Stale, v.Unclean = st.stale, st.unclean
+	v.ActivatedIn = time.Since(start)
+	return nil
 }
 
 // checkSameVolume refuses replicas that are not distinct replicas of one
@@ -230,8 +320,14 @@ func (v *Volume) BlockSize() int64 {
 // Close stops resyncs, flushes the volume, records that no write is in
 // flight, marks the in-sync replicas clean and releases them. Replicas
 // out of sync stay marked open, and the journal keeps what they miss.
+// A standby that was never activated writes nothing.
 func (v *Volume) Close(ctx context.Context) error {
 	v.Engine.Close()
+	if v.Standby() {
+		// Its replicas are another attach's: their state is not ours
+		// to mark.
+		return v.closeFiles()
+	}
 	err := v.Shutdown(ctx)
 	if err != nil {
 		err = fmt.Errorf("close volume: %w", err)
