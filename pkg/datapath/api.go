@@ -200,10 +200,13 @@ func Listen(path string) (net.Listener, error) {
 			return nil, fmt.Errorf("data path socket: %w", err)
 		}
 	}
-	l, err := net.Listen("unix", path)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("data path socket: %w", err)
 	}
+	// The predecessor closes its listener after this one replaced its
+	// socket file: unlinking on close would remove ours.
+	l.SetUnlinkOnClose(false)
 	return l, nil
 }
 
