@@ -220,6 +220,13 @@ func (c *cluster) containerRestarts(t *testing.T, component, node, container str
 	return n
 }
 
+// nodePods lists the names of the node plugin and data path pods.
+func (c *cluster) nodePods(t *testing.T) []string {
+	t.Helper()
+	return strings.Fields(c.kubectl("-n", namespace, "get", "pods", "-l", "app.kubernetes.io/component in (node,datapath)",
+		"-o", "jsonpath={.items[*].metadata.name}"))
+}
+
 // waitDaemonSetReady waits until the DaemonSet's pods are all updated
 // and ready.
 func (c *cluster) waitDaemonSetReady(t *testing.T, ds string) {
@@ -295,10 +302,17 @@ func attachmentReady(qv *v1alpha1.QuorumVolume, node string) string {
 func (c *cluster) nodeRolloutRestart(t *testing.T) {
 	r := c.startFio(t, "rollout", "node1")
 	at := r.rounds(t)
+	before := c.nodePods(t)
 	began := time.Now()
 	c.kubectl("-n", namespace, "rollout", "restart", "daemonset/quorum-csi-node", "daemonset/quorum-csi-datapath")
 	c.waitDaemonSetReady(t, "quorum-csi-node")
 	c.waitDaemonSetReady(t, "quorum-csi-datapath")
+	// The old pods may take a moment to go once the new ones are ready.
+	var after []string
+	c.poll(t, "six new node pods", 2*time.Minute, func() bool {
+		after = c.nodePods(t)
+		return len(after) == 6 && !slices.ContainsFunc(after, func(p string) bool { return slices.Contains(before, p) })
+	})
 	t.Logf("both DaemonSets rolled over three nodes in %s", time.Since(began).Round(time.Second))
 	r.waitRounds(t, at+1, 6*time.Minute)
 	r.finish(t)
