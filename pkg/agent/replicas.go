@@ -63,18 +63,11 @@ func (s *replicaSet) replicaPath(vol, rep string) string {
 }
 
 // lookup returns what is served for a volume.
-func (s *replicaSet) lookup(vol string) (served, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	sv, ok := s.served[vol]
-	if !ok {
-		return served{}, false
-	}
-	return *sv, true
-}
+func (s *replicaSet) lookup(vol string) (served, bool) { return s.confirm(vol, "", "") }
 
 // confirm is lookup that also marks the replica served from disk as
-// placed when it is replica rep of the volume with uid.
+// placed when it is replica rep of the volume with uid (never for an
+// empty uid: an image always has one).
 func (s *replicaSet) confirm(vol, uid, rep string) (served, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -82,7 +75,7 @@ func (s *replicaSet) confirm(vol, uid, rep string) (served, bool) {
 	if !ok {
 		return served{}, false
 	}
-	if sv.uid == uid && sv.replica == rep {
+	if uid != "" && sv.uid == uid && sv.replica == rep {
 		sv.unconfirmed = false
 	}
 	return *sv, true
