@@ -105,7 +105,7 @@ func TestKillDuringWrites(t *testing.T) {
 	}
 
 	a = attach(t, dir, ps...)
-	if !strings.Contains(a.logs(), "recovered the extents it had in flight") {
+	if !strings.Contains(a.logs(), "recovering the extents it had in flight") {
 		t.Errorf("no recovery logged:\n%s", a.logs())
 	}
 	verify := exec.Command("fio", append(job, "--filename="+a.dev, "--verify_only", "--verify_state_load=1",
@@ -121,6 +121,8 @@ func TestKillDuringWrites(t *testing.T) {
 	if !strings.Contains(string(vout), "read:") {
 		t.Fatalf("verify pass did not run:\n%s", vout)
 	}
+	// The verify pass read every extent, recovering it first.
+	waitFor(t, a, "crash recovery done")
 	a.stop(syscall.SIGTERM)
 	assertIdentical(t, ps...)
 }

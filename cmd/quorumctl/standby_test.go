@@ -188,7 +188,7 @@ func TestStandbyMigration(t *testing.T) {
 		t.Errorf("the target's log does not say it was activated:\n%s", logs)
 	}
 	for _, l := range strings.Split(logs, "\n") {
-		if strings.Contains(l, "standby activated") || strings.Contains(l, "recovered the extents") {
+		if strings.Contains(l, "standby activated") || strings.Contains(l, "crash recovery done") {
 			t.Logf("target: %s", l)
 		}
 	}
