@@ -70,7 +70,8 @@
 // target's first write activates it. Detaching the Active one while a
 // Standby exists confirms the migration (the Standby becomes Active,
 // Event MigrationConfirmed); detaching the Standby rolls it back (Event
-// MigrationRolledBack).
+// MigrationRolledBack). The reconciler starts no rebuild while two
+// attachments exist.
 //
 // # Events
 //
