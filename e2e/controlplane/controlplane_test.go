@@ -419,10 +419,11 @@ func TestControlPlane(t *testing.T) {
 
 	// 3. Attach to n1 as ControllerPublish does, and open the volume over
 	// the three replica servers as NodeStage does.
-	epoch, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), "vol1", a1.node, false)
+	att, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), "vol1", a1.node, false)
 	if err != nil {
 		t.Fatal(err)
 	}
+	epoch := att.Epoch
 	if epoch != 1 {
 		t.Errorf("first attach got epoch %d, want 1", epoch)
 	}
@@ -585,10 +586,11 @@ func TestStaleEpochRefused(t *testing.T) {
 	qv = cl.waitFor("moved", "phase Ready", qvtest.Ready)
 	a, b := cl.agents[0].node, cl.agents[1].node
 
-	epochA, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, a, false)
+	attA, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, a, false)
 	if err != nil {
 		t.Fatal(err)
 	}
+	epochA := attA.Epoch
 	va, err := cl.open(qv, a, epochA)
 	if err != nil {
 		t.Fatalf("open on %s with epoch %d: %v", a, epochA, err)
@@ -604,10 +606,11 @@ func TestStaleEpochRefused(t *testing.T) {
 	if err := contract.Detach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, a); err != nil {
 		t.Fatal(err)
 	}
-	epochB, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, b, false)
+	attB, err := contract.Attach(ctx, cl.c, contract.NewEventRecorder(cl.c, contract.ControllerFieldManager, "test"), qv.Name, b, false)
 	if err != nil {
 		t.Fatal(err)
 	}
+	epochB := attB.Epoch
 	if epochB <= epochA {
 		t.Fatalf("attach after moving got epoch %d, not newer than %d", epochB, epochA)
 	}

@@ -46,22 +46,23 @@ func AttachedNodes(qv *v1alpha1.QuorumVolume) []string {
 	return nodes
 }
 
-// Attach attaches volume to node and returns the epoch node presents to
-// the replica servers. It is idempotent: a node already attached gets its
-// epoch back. Otherwise the new attachment gets status.epoch+1, which
-// becomes status.epoch, so an epoch is never handed out twice and a new
-// holder fences every older one. A single-node volume attached elsewhere
-// fails with ErrAttachedElsewhere; a multiNode one (RWX block, live
-// migration) takes a second attachment and fails beyond that with
+// Attach attaches volume to node and returns the attachment: the epoch
+// node presents to the replica servers and its role. It is idempotent: a
+// node already attached gets its attachment back. Otherwise the new
+// attachment gets status.epoch+1, which becomes status.epoch, so an epoch
+// is never handed out twice and a new holder fences every older one. A
+// single-node volume attached elsewhere fails with ErrAttachedElsewhere;
+// a multiNode one (RWX block, live migration) takes a second attachment,
+// Standby beside the Active one, and fails beyond that with
 // ErrTooManyAttachments.
 //
 // The status is updated with its resourceVersion and conflicts are
 // retried, so concurrent attaches and the reconciler never overwrite
-// each other. Each new attachment is a Normal Event, reason Attached,
-// recorded with rec (NewEventRecorder with ControllerFieldManager in the
-// CSI controller).
-func Attach(ctx context.Context, c client.Client, rec events.EventRecorder, volume, node string, multiNode bool) (int64, error) {
-	var epoch int64
+// each other. Each new attachment is a Normal Event, reason Attached or
+// StandbyAttached, recorded with rec (NewEventRecorder with
+// ControllerFieldManager in the CSI controller).
+func Attach(ctx context.Context, c client.Client, rec events.EventRecorder, volume, node string, multiNode bool) (v1alpha1.Attachment, error) {
+	var att v1alpha1.Attachment
 	var qv *v1alpha1.QuorumVolume
 	created := false
 	err := retry.OnError(ConflictBackoff, kerrors.IsConflict, func() error {
@@ -71,53 +72,83 @@ func Attach(ctx context.Context, c client.Client, rec events.EventRecorder, volu
 		}
 		for _, a := range qv.Status.Attachments {
 			if a.Node == node {
-				epoch, created = a.Epoch, false
+				att, created = a, false
 				return nil
 			}
 		}
-		if n := len(qv.Status.Attachments); n > 0 && !multiNode {
+		n := len(qv.Status.Attachments)
+		if n > 0 && !multiNode {
 			return fmt.Errorf("%w: %s", ErrAttachedElsewhere, qv.Status.Attachments[0].Node)
 		} else if n >= MaxAttachments {
 			return fmt.Errorf("%w: %s and %s", ErrTooManyAttachments, qv.Status.Attachments[0].Node, qv.Status.Attachments[1].Node)
 		}
-		epoch, created = qv.Status.Epoch+1, true
-		qv.Status.Epoch = epoch
-		qv.Status.Attachments = append(qv.Status.Attachments, v1alpha1.Attachment{Node: node, Epoch: epoch})
+		att = v1alpha1.Attachment{Node: node, Epoch: qv.Status.Epoch + 1, Role: v1alpha1.AttachmentActive}
+		if n > 0 {
+			att.Role = v1alpha1.AttachmentStandby
+		}
+		created = true
+		qv.Status.Epoch = att.Epoch
+		qv.Status.Attachments = append(qv.Status.Attachments, att)
 		return c.Status().Update(ctx, qv, client.FieldOwner(ControllerFieldManager))
 	})
 	if err != nil {
-		return 0, fmt.Errorf("attach %s to %s: %w", volume, node, err)
+		return v1alpha1.Attachment{}, fmt.Errorf("attach %s to %s: %w", volume, node, err)
 	}
-	if created {
-		rec.Eventf(qv, nil, corev1.EventTypeNormal, "Attached", "Attach", "attached to %s with epoch %d", node, epoch)
+	switch {
+	case created && att.Role == v1alpha1.AttachmentStandby:
+		rec.Eventf(qv, nil, corev1.EventTypeNormal, "StandbyAttached", "Attach",
+			"live migration: standby attached to %s with epoch %d beside %s, which stays active", node, att.Epoch, activeNode(qv))
+	case created:
+		rec.Eventf(qv, nil, corev1.EventTypeNormal, "Attached", "Attach", "attached to %s with epoch %d", node, att.Epoch)
 	}
-	return epoch, nil
+	return att, nil
+}
+
+// activeNode is the node of qv's Active attachment, or "" if none.
+func activeNode(qv *v1alpha1.QuorumVolume) string {
+	for _, a := range qv.Status.Attachments {
+		if a.Role != v1alpha1.AttachmentStandby {
+			return a.Node
+		}
+	}
+	return ""
 }
 
 // Detach removes node's attachment of volume. status.epoch stays, so the
 // next attach gets a newer epoch than any the detached node held.
-// Detaching a node that is not attached, or a volume that is gone,
-// succeeds: CSI retries unpublish until it does. A removed attachment is
-// a Normal Event, reason Detached, recorded with rec.
+// Detaching the Active attachment while a Standby exists confirms a live
+// migration: the Standby becomes Active. Detaching the Standby rolls it
+// back: the Active one stays. Detaching a node that is not attached, or
+// a volume that is gone, succeeds: CSI retries unpublish until it does.
+// A removed attachment is a Normal Event recorded with rec, reason
+// Detached, MigrationConfirmed or MigrationRolledBack.
 func Detach(ctx context.Context, c client.Client, rec events.EventRecorder, volume, node string) error {
 	var qv *v1alpha1.QuorumVolume
-	var held int64
+	var held v1alpha1.Attachment
+	var promoted string
 	err := retry.OnError(ConflictBackoff, kerrors.IsConflict, func() error {
 		qv = &v1alpha1.QuorumVolume{}
-		held = 0
+		held, promoted = v1alpha1.Attachment{}, ""
 		if err := c.Get(ctx, client.ObjectKey{Name: volume}, qv); err != nil {
 			return client.IgnoreNotFound(err)
 		}
 		kept := qv.Status.Attachments[:0]
 		for _, a := range qv.Status.Attachments {
 			if a.Node == node {
-				held = a.Epoch
+				held = a
 				continue
 			}
 			kept = append(kept, a)
 		}
-		if held == 0 {
+		if held.Epoch == 0 {
 			return nil
+		}
+		if held.Role != v1alpha1.AttachmentStandby {
+			for i := range kept {
+				if kept[i].Role == v1alpha1.AttachmentStandby {
+					kept[i].Role, promoted = v1alpha1.AttachmentActive, kept[i].Node
+				}
+			}
 		}
 		qv.Status.Attachments = kept
 		return c.Status().Update(ctx, qv, client.FieldOwner(ControllerFieldManager))
@@ -125,8 +156,16 @@ func Detach(ctx context.Context, c client.Client, rec events.EventRecorder, volu
 	if err != nil {
 		return fmt.Errorf("detach %s from %s: %w", volume, node, err)
 	}
-	if held != 0 {
-		rec.Eventf(qv, nil, corev1.EventTypeNormal, "Detached", "Detach", "detached from %s (epoch %d); status.epoch stays %d", node, held, qv.Status.Epoch)
+	switch {
+	case held.Epoch == 0:
+	case promoted != "":
+		rec.Eventf(qv, nil, corev1.EventTypeNormal, "MigrationConfirmed", "Detach",
+			"live migration confirmed: source %s (epoch %d) detached; %s is active", node, held.Epoch, promoted)
+	case held.Role == v1alpha1.AttachmentStandby:
+		rec.Eventf(qv, nil, corev1.EventTypeNormal, "MigrationRolledBack", "Detach",
+			"live migration rolled back: standby %s (epoch %d) detached; %s stays active", node, held.Epoch, activeNode(qv))
+	default:
+		rec.Eventf(qv, nil, corev1.EventTypeNormal, "Detached", "Detach", "detached from %s (epoch %d); status.epoch stays %d", node, held.Epoch, qv.Status.Epoch)
 	}
 	return nil
 }

@@ -42,13 +42,14 @@
 //	  lastTransitionTime; removal at
 //	  deletion
 //	status.epoch, status.attachments[]:    Attach, Detach (ControllerFieldManager),      Status().Update
-//	  the entries, node, epoch               called by CSI ControllerPublish/Unpublish
+//	  the entries, node, epoch, role         called by CSI ControllerPublish/Unpublish
 //	status.attachments[] of node N:        CSI node plugin on N, agent.DataPathWatcher  Status().Update
 //	  conditions (DataPathReady)             (AgentFieldManager(N))
 //
 // The attachment entries are the one place where two writers share a
-// list: Attach and Detach add and remove whole entries (node, epoch) and
-// never touch an entry's conditions; the node's watcher changes only the
+// list: Attach and Detach add and remove whole entries (node, epoch,
+// role), and Detach turns a Standby entry Active, but they never touch
+// an entry's conditions; the node's watcher changes only the
 // conditions of its own node's entry and never adds or removes one. The
 // reconciler writes the whole status back with what it read, so it keeps
 // both. Resyncing, resyncPercent and outOfSyncBytes are known to the
@@ -63,6 +64,14 @@
 // (ErrAttachedElsewhere), a multi-node one at most MaxAttachments (live
 // migration, ErrTooManyAttachments). Both errors are
 // FAILED_PRECONDITION in CSI.
+//
+// The first attachment is Active; a second one is Standby, a live
+// migration's target, whose newer epoch fences the source once the
+// target's first write activates it. Detaching the Active one while a
+// Standby exists confirms the migration (the Standby becomes Active,
+// Event MigrationConfirmed); detaching the Standby rolls it back (Event
+// MigrationRolledBack). The reconciler starts no rebuild while two
+// attachments exist.
 //
 // # Events
 //

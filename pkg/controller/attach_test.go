@@ -18,12 +18,13 @@ func TestAttachDetach(t *testing.T) {
 	ctx := t.Context()
 	rec := contract.NewEventRecorder(e.c, FieldManager, "test")
 	e.createQV("vol", 3, v1alpha1.Placement{})
+	active, standby := v1alpha1.AttachmentActive, v1alpha1.AttachmentStandby
 
 	attach := func(node string, multi bool, want int64) {
 		t.Helper()
 		got, err := contract.Attach(ctx, e.c, rec, "vol", node, multi)
-		if err != nil || got != want {
-			t.Fatalf("Attach(%s, multiNode=%v) = %d, %v; want epoch %d", node, multi, got, err, want)
+		if err != nil || got.Epoch != want {
+			t.Fatalf("Attach(%s, multiNode=%v) = %+v, %v; want epoch %d", node, multi, got, err, want)
 		}
 	}
 	detach := func(node string) {
@@ -35,14 +36,16 @@ func TestAttachDetach(t *testing.T) {
 	check := func(epoch int64, want ...v1alpha1.Attachment) {
 		t.Helper()
 		qv := e.get("vol")
-		if qv.Status.Epoch != epoch || !slices.EqualFunc(qv.Status.Attachments, want, func(a, b v1alpha1.Attachment) bool { return a.Node == b.Node && a.Epoch == b.Epoch }) {
+		if qv.Status.Epoch != epoch || !slices.EqualFunc(qv.Status.Attachments, want, func(a, b v1alpha1.Attachment) bool {
+			return a.Node == b.Node && a.Epoch == b.Epoch && a.Role == b.Role
+		}) {
 			t.Fatalf("status.epoch %d, attachments %v; want %d, %v", qv.Status.Epoch, qv.Status.Attachments, epoch, want)
 		}
 	}
 
 	attach("node-a", false, 1)
 	attach("node-a", false, 1) // idempotent
-	check(1, v1alpha1.Attachment{Node: "node-a", Epoch: 1})
+	check(1, v1alpha1.Attachment{Node: "node-a", Epoch: 1, Role: active})
 	e.waitEvent("vol", "Attached", "Normal", "attached to node-a with epoch 1")
 
 	_, err := contract.Attach(ctx, e.c, rec, "vol", "node-b", false)
@@ -57,17 +60,27 @@ func TestAttachDetach(t *testing.T) {
 
 	// A new attach never reuses the detached epoch.
 	attach("node-b", false, 2)
-	// Live migration: a second attachment with the next epoch.
+	// Live migration: a Standby attachment with the next epoch.
 	attach("node-c", true, 3)
-	check(3, v1alpha1.Attachment{Node: "node-b", Epoch: 2}, v1alpha1.Attachment{Node: "node-c", Epoch: 3})
+	check(3, v1alpha1.Attachment{Node: "node-b", Epoch: 2, Role: active}, v1alpha1.Attachment{Node: "node-c", Epoch: 3, Role: standby})
+	e.waitEvent("vol", "StandbyAttached", "Normal", "standby attached to node-c with epoch 3 beside node-b")
 	attach("node-b", true, 2)
 	if _, err := contract.Attach(ctx, e.c, rec, "vol", "node-d", true); !errors.Is(err, contract.ErrTooManyAttachments) {
 		t.Fatalf("a third attachment: %v, want ErrTooManyAttachments", err)
 	}
-	// The source is unpublished: the target keeps its epoch.
+	// The target is unpublished: rolled back, the source stays Active.
+	detach("node-c")
+	check(3, v1alpha1.Attachment{Node: "node-b", Epoch: 2, Role: active})
+	e.waitEvent("vol", "MigrationRolledBack", "Normal", "standby node-c (epoch 3) detached; node-b stays active")
+	// The source is unpublished: confirmed, the target keeps its epoch
+	// and becomes Active.
+	attach("node-c", true, 4)
 	detach("node-b")
-	check(3, v1alpha1.Attachment{Node: "node-c", Epoch: 3})
-	attach("node-b", true, 4)
+	check(4, v1alpha1.Attachment{Node: "node-c", Epoch: 4, Role: active})
+	e.waitEvent("vol", "MigrationConfirmed", "Normal", "source node-b (epoch 2) detached; node-c is active")
+	// And back: the old source is the new target.
+	attach("node-b", true, 5)
+	check(5, v1alpha1.Attachment{Node: "node-c", Epoch: 4, Role: active}, v1alpha1.Attachment{Node: "node-b", Epoch: 5, Role: standby})
 
 	if err := contract.Detach(ctx, e.c, rec, "missing", "node-a"); err != nil {
 		t.Errorf("detach a volume that does not exist: %v, want success", err)
@@ -85,7 +98,9 @@ func TestAttachDetach(t *testing.T) {
 		errs := make([]error, n)
 		for i := range n {
 			wg.Go(func() {
-				epochs[i], errs[i] = contract.Attach(t.Context(), e.c, rec, "race", "node-"+string(rune('a'+i)), true)
+				var a v1alpha1.Attachment
+				a, errs[i] = contract.Attach(t.Context(), e.c, rec, "race", "node-"+string(rune('a'+i)), true)
+				epochs[i] = a.Epoch
 			})
 		}
 		wg.Wait()
@@ -102,8 +117,12 @@ func TestAttachDetach(t *testing.T) {
 		if !slices.Equal(got, []int64{1, 2}) {
 			t.Errorf("epochs of the attaches that succeeded %v, want exactly [1 2]", got)
 		}
-		if qv := e.get("race"); qv.Status.Epoch != 2 || len(qv.Status.Attachments) != 2 {
-			t.Errorf("status.epoch %d with %d attachments, want 2 and 2", qv.Status.Epoch, len(qv.Status.Attachments))
+		qv := e.get("race")
+		if qv.Status.Epoch != 2 || len(qv.Status.Attachments) != 2 {
+			t.Fatalf("status.epoch %d with %d attachments, want 2 and 2", qv.Status.Epoch, len(qv.Status.Attachments))
+		}
+		if a := qv.Status.Attachments; a[0].Role != active || a[0].Epoch != 1 || a[1].Role != standby || a[1].Epoch != 2 {
+			t.Errorf("attachments %+v, want epoch 1 Active and epoch 2 Standby", a)
 		}
 	})
 }

@@ -13,6 +13,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
+	"github.com/quorum-csi/quorum-csi/pkg/contract"
 )
 
 // long is a lease duration that outlasts any test.
@@ -30,6 +31,7 @@ func TestReconciler(t *testing.T) {
 	t.Run("lease expiry", func(t *testing.T) { e.t = t; testLeaseExpiry(e) })
 	t.Run("node deleted", func(t *testing.T) { e.t = t; testNodeDeleted(e) })
 	t.Run("finalizer", func(t *testing.T) { e.t = t; testFinalizer(e) })
+	t.Run("no rebuild during migration", func(t *testing.T) { e.t = t; testMigrationHoldsRebuild(e) })
 }
 
 func group(g string) map[string]string { return map[string]string{"group": g} }
@@ -327,4 +329,66 @@ func testFinalizer(e *env) {
 	}
 	e.deleteNode("fin-d")
 	e.waitGone("fin-one")
+}
+
+// testMigrationHoldsRebuild: a replica's node goes while a live migration
+// holds two attachments; its replacement is placed only once the
+// migration ends, whether by confirming it (the source unpublished) or by
+// rolling it back (the target unpublished).
+func testMigrationHoldsRebuild(e *env) {
+	parent := e.t
+	for _, tc := range []struct {
+		name string
+		end  string // the attachment unpublished to end the migration
+	}{
+		{"confirmed", "source"},
+		{"rolled back", "target"},
+	} {
+		parent.Run(tc.name, func(t *testing.T) {
+			e.t = t
+			ctx := t.Context()
+			rec := contract.NewEventRecorder(e.c, FieldManager, "test")
+			g := "mig-" + tc.end
+			var nodes []string
+			for _, s := range []string{"a", "b", "c", "d"} {
+				n := g + "-" + s
+				nodes = append(nodes, n)
+				e.node(n, "group", g)
+				e.renew(n, long)
+			}
+			e.createQV(g, 3, v1alpha1.Placement{NodeSelector: group(g)})
+			qv := e.waitFor(g, "three replicas placed", placedAll(3))
+			for _, r := range qv.Status.Replicas {
+				e.reportHealthy(g, r.Name)
+			}
+			e.waitFor(g, "phase Ready", phaseIs(v1alpha1.VolumeReady))
+			attached := map[string]string{"source": g + "-vm-a", "target": g + "-vm-b"}
+			for _, n := range []string{attached["source"], attached["target"]} {
+				if _, err := contract.Attach(ctx, e.c, rec, g, n, true); err != nil {
+					t.Fatal(err)
+				}
+			}
+
+			e.deleteNode(nodes[0])
+			qv = e.waitFor(g, "Placed False, MigrationInProgress", func(qv *v1alpha1.QuorumVolume) bool {
+				c := meta.FindStatusCondition(qv.Status.Conditions, ConditionPlaced)
+				return c != nil && c.Reason == ReasonMigrationInProgress
+			})
+			if len(qv.Status.Replicas) != 3 || qv.Status.Replicas[0].State != v1alpha1.ReplicaStale {
+				t.Fatalf("replicas %+v during the migration, want the three placed, r0 Stale, and no replacement", qv.Status.Replicas)
+			}
+			e.waitEvent(g, ReasonMigrationInProgress, "Normal", "1 replica(s) to replace wait")
+
+			if err := contract.Detach(ctx, e.c, rec, g, attached[tc.end]); err != nil {
+				t.Fatal(err)
+			}
+			qv = e.waitFor(g, "a replacement once the migration ended", placedAll(4))
+			if r := replicaOn(qv, nodes[3]); r == nil || r.Name != "r3" {
+				t.Errorf("replacement %+v, want r3 on %s", r, nodes[3])
+			}
+			if c := meta.FindStatusCondition(qv.Status.Conditions, ConditionPlaced); c == nil || c.Reason != ReasonPlaced {
+				t.Errorf("condition Placed %+v, want reason Placed", c)
+			}
+		})
+	}
 }

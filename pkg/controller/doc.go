@@ -34,6 +34,10 @@
 // InsufficientNodes and a message giving the numbers and why each other
 // node was excluded, and the volume is retried when Nodes or Leases
 // change. Each placement decision is a Normal Event, reason Placed.
+// While a live migration holds two attachments no replacement is placed:
+// Placed is False with reason MigrationInProgress until one is
+// unpublished, because the standby was staged with the replica set of
+// its publish and must activate on the same set the source writes.
 //
 // A placed replica is a status.replicas entry {name, node, state
 // Creating, lastTransitionTime}, written by field manager

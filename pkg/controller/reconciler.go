@@ -391,6 +391,17 @@ func (r *Reconciler) place(ctx context.Context, qv *v1alpha1.QuorumVolume, cl *c
 		meta.SetStatusCondition(&qv.Status.Conditions, cond)
 		return nil, nil
 	}
+	if len(qv.Status.Attachments) > 1 {
+		cond.Status, cond.Reason = metav1.ConditionFalse, ReasonMigrationInProgress
+		cond.Message = fmt.Sprintf("%d replica(s) to replace wait until the live migration between %s ends",
+			need, strings.Join(contract.AttachedNodes(qv), " and "))
+		var evs []pendingEvent
+		if old := meta.FindStatusCondition(qv.Status.Conditions, ConditionPlaced); old == nil || old.Reason != cond.Reason {
+			evs = append(evs, pendingEvent{corev1.EventTypeNormal, ReasonMigrationInProgress, "Place", cond.Message})
+		}
+		meta.SetStatusCondition(&qv.Status.Conditions, cond)
+		return evs, nil
+	}
 	load, err := r.load(ctx, qv.Name)
 	if err != nil {
 		return nil, err

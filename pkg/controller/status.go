@@ -19,7 +19,10 @@ const (
 
 	ReasonPlaced            = "Placed"
 	ReasonInsufficientNodes = "InsufficientNodes"
-	ReasonReady             = "Ready"
+	// ReasonMigrationInProgress: a replacement waits until a live
+	// migration's second attachment is gone.
+	ReasonMigrationInProgress = "MigrationInProgress"
+	ReasonReady               = "Ready"
 )
 
 // Phase derives the volume's phase from its replicas:

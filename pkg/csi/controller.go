@@ -35,6 +35,12 @@ const (
 	// replica servers.
 	PublishContextEpoch = DriverName + "/epoch"
 
+	// PublishContextStandby is "true" when the attachment is a live
+	// migration's Standby target: the node stages it without taking the
+	// replicas over, until its first write activates it. Absent for the
+	// Active attachment.
+	PublishContextStandby = DriverName + "/standby"
+
 	// VolumeContextFSType carries the StorageClass's fsType to the node.
 	VolumeContextFSType = "fsType"
 
@@ -219,9 +225,11 @@ func (s *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRe
 // (contract.Attach) and hands the node its epoch. It does not wait for
 // the replicas: the attachment only decides who may write and with which
 // epoch, and NodeStageVolume waits until the replicas can be assembled.
-// A single-node volume attached elsewhere, or a multi-node one with two
-// attachments already, is FAILED_PRECONDITION; a volume or node that
-// does not exist is NOT_FOUND.
+// A second publish of a multi-node (Block) volume is a live migration's
+// target: a Standby attachment with a newer epoch, which the publish
+// context tells the node. A single-node volume attached elsewhere, or a
+// multi-node one with two attachments already, is FAILED_PRECONDITION;
+// a volume or node that does not exist is NOT_FOUND.
 func (s *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.ControllerPublishVolumeRequest) (*csipb.ControllerPublishVolumeResponse, error) {
 	id, node := req.GetVolumeId(), req.GetNodeId()
 	switch {
@@ -249,18 +257,22 @@ func (s *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.Con
 	} else if err != nil {
 		return nil, fmt.Errorf("get node %s: %w", node, err)
 	}
-	epoch, err := contract.Attach(ctx, s.client, s.events, id, node, multiNode(req.GetVolumeCapability()))
+	att, err := contract.Attach(ctx, s.client, s.events, id, node, multiNode(req.GetVolumeCapability()))
 	if err != nil {
 		return nil, err
 	}
-	return &csipb.ControllerPublishVolumeResponse{
-		PublishContext: map[string]string{PublishContextEpoch: strconv.FormatInt(epoch, 10)},
-	}, nil
+	pc := map[string]string{PublishContextEpoch: strconv.FormatInt(att.Epoch, 10)}
+	if att.Role == v1alpha1.AttachmentStandby {
+		pc[PublishContextStandby] = "true"
+	}
+	return &csipb.ControllerPublishVolumeResponse{PublishContext: pc}, nil
 }
 
 // ControllerUnpublishVolume detaches the volume from the node, or from
-// every node when node_id is empty (as the spec asks). A volume or
-// attachment that is gone is detached.
+// every node when node_id is empty (as the spec asks). During a live
+// migration, unpublishing the source confirms it and unpublishing the
+// target rolls it back (contract.Detach). A volume or attachment that is
+// gone is detached.
 func (s *Controller) ControllerUnpublishVolume(ctx context.Context, req *csipb.ControllerUnpublishVolumeRequest) (*csipb.ControllerUnpublishVolumeResponse, error) {
 	id, node := req.GetVolumeId(), req.GetNodeId()
 	if id == "" {

@@ -27,6 +27,10 @@
 //     that the Node exists), and NodeGetInfo reports the topology
 //     segment TopologyKeyNode with the node's name;
 //   - publish_context[PublishContextEpoch] is the attachment's epoch;
+//   - publish_context[PublishContextStandby] is "true" for a live
+//     migration's target (a Standby attachment): NodeStage stages it as
+//     a data path standby, which takes the replicas over only at its
+//     first write;
 //   - volume_context[VolumeContextFSType], when set, is the filesystem
 //     to make on a Filesystem volume (ext4 or xfs);
 //   - a volume may still be Pending when it is published: NodeStage

@@ -188,7 +188,9 @@ func (s *Node) NodeGetVolumeHealth(ctx context.Context, req *csipb.NodeGetVolume
 // replicas with the attachment's epoch and serve it as a block device,
 // and, for Filesystem access, makes a filesystem on a new volume and
 // mounts it at the staging path. It waits, within the call's deadline,
-// until enough replicas are Healthy to take writes.
+// until enough replicas are Healthy to take writes. A live migration's
+// target (PublishContextStandby) is staged as a standby, so that the
+// source, still running, is not fenced before the switchover.
 func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRequest) (*csipb.NodeStageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
 	switch {
@@ -240,6 +242,10 @@ func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 	if err != nil || epoch == 0 {
 		return nil, fmt.Errorf("%w: publish_context[%s]=%q: want a positive integer", errInvalidArgument, PublishContextEpoch, epochText)
 	}
+	standby, err := parseStandby(req.GetPublishContext())
+	if err != nil {
+		return nil, err
+	}
 	qv, err := s.waitReplicas(ctx, id)
 	if err != nil {
 		return nil, err
@@ -256,6 +262,7 @@ func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 		RewriteCorrupted: qv.Spec.RewriteCorrupted,
 		StagingPath:      staging,
 		Block:            block,
+		Standby:          standby,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("assemble volume %s with epoch %d: %w", id, epoch, err)
@@ -264,8 +271,22 @@ func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 		// Nothing uses a device that was never mounted: take it back.
 		return nil, errors.Join(fmt.Errorf("stage volume %s: %w", id, err), s.cfg.DataPath.Unstage(context.WithoutCancel(ctx), id, 0, true))
 	}
-	logr.FromContextOrDiscard(ctx).Info("staged", "device", st.Device, "epoch", epoch, "frontend", st.Frontend, "block", block)
+	logr.FromContextOrDiscard(ctx).Info("staged", "device", st.Device, "epoch", epoch, "frontend", st.Frontend, "block", block, "standby", standby)
 	return &csipb.NodeStageVolumeResponse{}, nil
+}
+
+// parseStandby reads PublishContextStandby. A value other than "true" or
+// absent is refused rather than read as false: staging a migration's
+// target as Active would fence the running source at once.
+func parseStandby(pc map[string]string) (bool, error) {
+	switch v, ok := pc[PublishContextStandby]; {
+	case !ok:
+		return false, nil
+	case v == "true":
+		return true, nil
+	default:
+		return false, fmt.Errorf("%w: publish_context[%s]=%q: want \"true\" or absent", errInvalidArgument, PublishContextStandby, v)
+	}
 }
 
 // stageDevice mounts a Filesystem volume at the staging path, making the

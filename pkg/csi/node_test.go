@@ -31,6 +31,7 @@ import (
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/internal/testutil"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
+	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/datapath"
 	"github.com/quorum-csi/quorum-csi/pkg/metrics"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
@@ -493,4 +494,58 @@ func (e *nodeEnv) series(node, volume string) map[string]float64 {
 		}
 	}
 	return got
+}
+
+// TestNodeStageStandby: the second publish of an RWX Block volume (a live
+// migration's target) reaches the target node's data path as a standby
+// with the newer epoch, while the source stays active; the target's
+// first write activates it, and once the source is unstaged and
+// unpublished (the migration confirmed) the target is the only, Active,
+// attachment.
+func TestNodeStageStandby(t *testing.T) {
+	e := startNodeEnv(t)
+	ctx := t.Context()
+	c := blockCap(csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)
+	vol := e.create("pvc-migrate", c)
+	src, dst := newPaths(t), newPaths(t)
+	for _, tc := range []struct {
+		node    string
+		p       nodePaths
+		epoch   int64
+		standby bool
+	}{
+		{"n1", src, 1, false},
+		{"n2", dst, 2, true},
+	} {
+		if epoch := e.stage(vol, tc.node, c, tc.p); epoch != tc.epoch {
+			t.Errorf("%s staged with epoch %d, want %d", tc.node, epoch, tc.epoch)
+		}
+		st, err := e.dps[tc.node].Get(ctx, vol.VolumeId)
+		if err != nil {
+			t.Fatalf("data path of %s: %v", tc.node, err)
+		}
+		if st.Standby != tc.standby || st.Epoch != uint64(tc.epoch) {
+			t.Errorf("data path of %s: standby %t, epoch %d; want %t, %d", tc.node, st.Standby, st.Epoch, tc.standby, tc.epoch)
+		}
+	}
+
+	buf := alignbuf.Make(4096, 4096)
+	f, err := os.OpenFile(dst.target, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.WriteAt(buf, 0)
+	f.Close()
+	if err != nil {
+		t.Fatalf("the target's first write: %v", err)
+	}
+	if st, err := e.dps["n2"].Get(ctx, vol.VolumeId); err != nil || st.Standby {
+		t.Errorf("data path of n2 after its first write: %+v, %v; want active", st, err)
+	}
+
+	e.unstage(vol, "n1", src)
+	if a := e.get(vol.VolumeId).Status.Attachments; len(a) != 1 || a[0].Node != "n2" || a[0].Role != v1alpha1.AttachmentActive {
+		t.Errorf("attachments %+v after the source went, want n2 alone and Active", a)
+	}
+	e.unstage(vol, "n2", dst)
 }

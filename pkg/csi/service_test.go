@@ -316,29 +316,79 @@ func testPublishSingleNode(e *env) {
 	}
 }
 
+// testPublishMultiNode walks a live migration's steps on an RWX Block
+// volume: each publish or unpublish, then the attachments it leaves.
+// The second publish is the Standby target with a newer epoch; a third is
+// refused; unpublishing the source confirms, the target rolls back.
 func testPublishMultiNode(e *env) {
 	t := e.t
 	v := e.create(createReq("migrate", 4096, nil, blockCap(mnmw)))
 	id, c := v.GetVolumeId(), blockCap(mnmw)
-	var epochs []string
-	for _, n := range []string{"node-a", "node-b"} {
-		resp, err := e.publish(id, n, c)
-		if err != nil {
-			t.Fatalf("publish to %s: %v", n, err)
+	type att = v1alpha1.Attachment
+	active, standby := v1alpha1.AttachmentActive, v1alpha1.AttachmentStandby
+	steps := []struct {
+		name      string
+		publish   string // the node to publish to, or
+		unpublish string // the node to unpublish from
+		code      codes.Code
+		epoch     string // the publish context's
+		standby   bool
+		want      []att // the attachments after the step
+	}{
+		{name: "source", publish: "node-a", epoch: "1", want: []att{{Node: "node-a", Epoch: 1, Role: active}}},
+		{name: "target", publish: "node-b", epoch: "2", standby: true,
+			want: []att{{Node: "node-a", Epoch: 1, Role: active}, {Node: "node-b", Epoch: 2, Role: standby}}},
+		{name: "target again", publish: "node-b", epoch: "2", standby: true,
+			want: []att{{Node: "node-a", Epoch: 1, Role: active}, {Node: "node-b", Epoch: 2, Role: standby}}},
+		{name: "source again", publish: "node-a", epoch: "1",
+			want: []att{{Node: "node-a", Epoch: 1, Role: active}, {Node: "node-b", Epoch: 2, Role: standby}}},
+		{name: "a third node", publish: "node-c", code: codes.FailedPrecondition,
+			want: []att{{Node: "node-a", Epoch: 1, Role: active}, {Node: "node-b", Epoch: 2, Role: standby}}},
+		{name: "rollback: the target goes", unpublish: "node-b", want: []att{{Node: "node-a", Epoch: 1, Role: active}}},
+		{name: "a new target", publish: "node-c", epoch: "3", standby: true,
+			want: []att{{Node: "node-a", Epoch: 1, Role: active}, {Node: "node-c", Epoch: 3, Role: standby}}},
+		{name: "confirm: the source goes", unpublish: "node-a", want: []att{{Node: "node-c", Epoch: 3, Role: active}}},
+		{name: "back to the old source", publish: "node-a", epoch: "4", standby: true,
+			want: []att{{Node: "node-c", Epoch: 3, Role: active}, {Node: "node-a", Epoch: 4, Role: standby}}},
+		{name: "confirm again", unpublish: "node-c", want: []att{{Node: "node-a", Epoch: 4, Role: active}}},
+	}
+	for _, st := range steps {
+		if st.unpublish != "" {
+			e.unpublish(id, st.unpublish)
+		} else {
+			resp, err := e.publish(id, st.publish, c)
+			if st.code != codes.OK {
+				expectCode(t, err, st.code, "two attachments")
+			} else if err != nil {
+				t.Fatalf("%s: publish to %s: %v", st.name, st.publish, err)
+			} else if pc := resp.GetPublishContext(); pc[PublishContextEpoch] != st.epoch || (pc[PublishContextStandby] == "true") != st.standby {
+				t.Errorf("%s: publish context %v, want epoch %s, standby %t", st.name, pc, st.epoch, st.standby)
+			}
 		}
-		epochs = append(epochs, resp.GetPublishContext()[PublishContextEpoch])
+		got := e.get(id).Status.Attachments
+		if !slices.EqualFunc(got, st.want, func(a, b att) bool { return a.Node == b.Node && a.Epoch == b.Epoch && a.Role == b.Role }) {
+			t.Errorf("%s: attachments %+v, want %+v", st.name, got, st.want)
+		}
 	}
-	if !slices.Equal(epochs, []string{"1", "2"}) {
-		t.Errorf("epochs %v, want [1 2]", epochs)
+
+	// A Filesystem volume stays single-node: multi-node access is refused
+	// as invalid, a second single-node publish as a precondition.
+	fs := e.create(createReq("migrate-fs", 4096, nil, mountCap(snw, ""))).GetVolumeId()
+	if _, err := e.publish(fs, "node-a", mountCap(snw, "")); err != nil {
+		t.Fatalf("publish the Filesystem volume: %v", err)
 	}
-	_, err := e.publish(id, "node-c", c)
-	expectCode(t, err, codes.FailedPrecondition, "two attachments")
-	// The migration source goes; the target keeps its epoch.
-	e.unpublish(id, "node-a")
-	qv := e.get(id)
-	if len(qv.Status.Attachments) != 1 || qv.Status.Attachments[0].Node != "node-b" || qv.Status.Attachments[0].Epoch != 2 {
-		t.Errorf("attachments %v, want node-b with epoch 2", qv.Status.Attachments)
+	for _, tc := range []struct {
+		c    *csipb.VolumeCapability
+		code codes.Code
+		text string
+	}{
+		{mountCap(mnmw, ""), codes.InvalidArgument, "Block"},
+		{mountCap(snw, ""), codes.FailedPrecondition, "node-a"},
+	} {
+		_, err := e.publish(fs, "node-b", tc.c)
+		expectCode(t, err, tc.code, tc.text)
 	}
+	e.unpublish(fs, "node-a")
 }
 
 func testExpand(e *env) {

@@ -189,6 +189,15 @@ func testStatus(t *testing.T, c client.Client) {
 			s.Epoch = 4
 			s.Attachments = append(s.Attachments, v1alpha1.Attachment{Node: "node-b", Epoch: 3}, v1alpha1.Attachment{Node: "node-c", Epoch: 4})
 		}, "status.attachments: Too many: 3: must have at most 2 items"},
+		{"two Active attachments", func(s *v1alpha1.QuorumVolumeStatus) {
+			s.Epoch = 3
+			s.Attachments = append(s.Attachments, v1alpha1.Attachment{Node: "node-b", Epoch: 3, Role: v1alpha1.AttachmentActive})
+		}, "exactly one attachment is Active"},
+		{"only a Standby attachment", func(s *v1alpha1.QuorumVolumeStatus) { s.Attachments[0].Role = v1alpha1.AttachmentStandby }, "exactly one attachment is Active"},
+		{"Standby older than Active", func(s *v1alpha1.QuorumVolumeStatus) {
+			s.Attachments = append(s.Attachments, v1alpha1.Attachment{Node: "node-b", Epoch: 1, Role: v1alpha1.AttachmentStandby})
+		}, "a Standby attachment's epoch must be newer than the Active one's"},
+		{"unknown role", func(s *v1alpha1.QuorumVolumeStatus) { s.Attachments[0].Role = "Primary" }, `status.attachments[0].role: Unsupported value: "Primary"`},
 		{"unknown phase", func(s *v1alpha1.QuorumVolumeStatus) { s.Phase = "Happy" }, `status.phase: Unsupported value: "Happy"`},
 		{"unknown replica state", func(s *v1alpha1.QuorumVolumeStatus) {
 			s.Replicas = []v1alpha1.ReplicaStatus{{Name: "r0", State: "Fine"}}
@@ -224,8 +233,11 @@ func testPrinterColumns(t *testing.T, c client.Client, srv *kubetest.Server) {
 			{Name: "r1", Node: "node-b", State: v1alpha1.ReplicaHealthy},
 			{Name: "r2", Node: "node-c", State: v1alpha1.ReplicaResyncing, ResyncPercent: ptr(int32(40)), OutOfSyncBytes: 1 << 20},
 		},
-		Epoch:       1,
-		Attachments: []v1alpha1.Attachment{{Node: "node-a", Epoch: 1}},
+		Epoch: 2,
+		Attachments: []v1alpha1.Attachment{
+			{Node: "node-a", Epoch: 1, Role: v1alpha1.AttachmentActive},
+			{Node: "node-b", Epoch: 2, Role: v1alpha1.AttachmentStandby},
+		},
 	}
 	qv.Status.Ready = qv.ReadySummary()
 	if err := c.Status().Update(ctx, qv); err != nil {
@@ -240,12 +252,12 @@ func testPrinterColumns(t *testing.T, c client.Client, srv *kubetest.Server) {
 	if len(lines) != 2 {
 		t.Fatalf("kubectl get qv printed %d lines, want header and one row:\n%s", len(lines), out)
 	}
-	wantHeader := []string{"NAME", "SIZE", "READY", "PATTERN", "ATTACHED", "PHASE", "AGE"}
+	wantHeader := []string{"NAME", "SIZE", "READY", "PATTERN", "ACTIVE", "STANDBY", "PHASE", "AGE"}
 	if got := strings.Fields(lines[0]); strings.Join(got, " ") != strings.Join(wantHeader, " ") {
 		t.Errorf("header %q, want %q", got, wantHeader)
 	}
 	row := strings.Fields(lines[1])
-	wantRow := []string{"printed", "1Gi", "2/3", "quorum", "node-a", "Degraded"}
+	wantRow := []string{"printed", "1Gi", "2/3", "quorum", "node-a", "node-b", "Degraded"}
 	if len(row) != len(wantHeader) || strings.Join(row[:len(wantRow)], " ") != strings.Join(wantRow, " ") {
 		t.Errorf("row %q, want %q followed by the age", row, wantRow)
 	}

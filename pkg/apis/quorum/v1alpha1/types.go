@@ -204,6 +204,21 @@ type ReplicaStatus struct {
 	LastTransitionTime metav1.Time `json:"lastTransitionTime,omitempty"`
 }
 
+// AttachmentRole says which of a volume's attachments the controller
+// holds to be the writer.
+// +kubebuilder:validation:Enum=Active;Standby
+type AttachmentRole string
+
+const (
+	// AttachmentActive is the volume's writer: the only attachment, or a
+	// live migration's source.
+	AttachmentActive AttachmentRole = "Active"
+	// AttachmentStandby is a live migration's target: staged without
+	// taking the replicas over, until its first write activates it (which
+	// fences the source) or it is unpublished (a rollback).
+	AttachmentStandby AttachmentRole = "Standby"
+)
+
 // Attachment is a node that the volume is published to.
 type Attachment struct {
 	// Node is the node that assembles the volume.
@@ -216,6 +231,15 @@ type Attachment struct {
 	// of the volume is fenced off.
 	// +kubebuilder:validation:Minimum=1
 	Epoch int64 `json:"epoch"`
+
+	// Role is Active for the volume's writer and Standby for a live
+	// migration's target. Unpublishing the Active one while a Standby
+	// exists confirms the migration: the Standby becomes Active.
+	// Unpublishing the Standby rolls the migration back. An entry
+	// written before roles existed is the only attachment, hence Active.
+	// +kubebuilder:default=Active
+	// +optional
+	Role AttachmentRole `json:"role,omitempty"`
 
 	// Conditions are the attachment as its node sees it. DataPathReady
 	// (AttachmentDataPathReady) is False while the node's data path does
@@ -241,6 +265,8 @@ const AttachmentDataPathReady = "DataPathReady"
 //
 // +kubebuilder:validation:XValidation:rule="!has(oldSelf.epoch) || (has(self.epoch) && self.epoch >= oldSelf.epoch)",message="status.epoch never decreases: a reused epoch would let a fenced node write again"
 // +kubebuilder:validation:XValidation:rule="!has(self.attachments) || self.attachments.all(a, has(self.epoch) && a.epoch <= self.epoch)",message="an attachment's epoch must not exceed status.epoch"
+// +kubebuilder:validation:XValidation:rule="!has(self.attachments) || self.attachments.size() == 0 || self.attachments.exists_one(a, !has(a.role) || a.role == 'Active')",message="exactly one attachment is Active"
+// +kubebuilder:validation:XValidation:rule="!has(self.attachments) || self.attachments.all(s, !has(s.role) || s.role != 'Standby' || self.attachments.all(a, (has(a.role) && a.role == 'Standby') || a.epoch < s.epoch))",message="a Standby attachment's epoch must be newer than the Active one's: it fences the source when it activates"
 type QuorumVolumeStatus struct {
 	// Phase summarises the volume's health.
 	// +optional
@@ -295,7 +321,8 @@ type QuorumVolumeStatus struct {
 // +kubebuilder:printcolumn:name="Size",type=string,JSONPath=`.spec.size`
 // +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.ready`,description="healthy/total replicas"
 // +kubebuilder:printcolumn:name="Pattern",type=string,JSONPath=`.spec.readPattern`
-// +kubebuilder:printcolumn:name="Attached",type=string,JSONPath=`.status.attachments[0].node`,description="node holding the oldest attachment"
+// +kubebuilder:printcolumn:name="Active",type=string,JSONPath=`.status.attachments[?(@.role=="Active")].node`,description="node of the Active attachment, the writer"
+// +kubebuilder:printcolumn:name="Standby",type=string,JSONPath=`.status.attachments[?(@.role=="Standby")].node`,description="node of a live migration's Standby attachment"
 // +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type QuorumVolume struct {
