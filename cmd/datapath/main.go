@@ -55,6 +55,7 @@ type options struct {
 	tlsDir       string
 	kubeconfig   string
 	handoverWait time.Duration
+	instance     string
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -82,6 +83,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.dp.ScrubInterval, "scrub-interval", 24*time.Hour, "time between background scrub passes of a staged volume; the first starts at stage")
 	fs.DurationVar(&o.handoverWait, "handover-timeout", time.Minute, "how long a data path that starts beside a running one waits for it to hand over")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; default: in-cluster config, or $KUBECONFIG")
+	fs.StringVar(&o.instance, "instance", os.Getenv("POD_UID"), "names this process in its ready answer, so that the readiness probe (datapath probe --instance) does not take the answer of the predecessor it replaces for its own (default $POD_UID)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -197,7 +199,7 @@ func serve(o options, log logr.Logger) error {
 		return letGoErr
 	}
 	handedOver := make(chan struct{})
-	api := &datapath.Server{Service: svc, Handover: func(context.Context) error {
+	api := &datapath.Server{Service: svc, Instance: o.instance, Handover: func(context.Context) error {
 		err := letGo("a successor asked for the node")
 		close(handedOver)
 		return err
@@ -242,12 +244,17 @@ func probe(args []string, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	socket := fs.String("socket", datapath.DefaultSocket, "the data path's API socket")
 	timeout := fs.Duration("timeout", 2*time.Second, "how long to wait for an answer")
+	instance := fs.String("instance", os.Getenv("POD_UID"), "the data path instance that must answer (its --instance; default $POD_UID): an answer from another one, a predecessor still on the socket, is not ready; empty: any")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	if err := datapath.NewClient(*socket).Ready(ctx); err != nil {
+	got, err := datapath.NewClient(*socket).ReadyInstance(ctx)
+	if err == nil && *instance != "" && got != *instance {
+		err = fmt.Errorf("instance %q answered, not this one (%q): the predecessor has not handed over yet", got, *instance)
+	}
+	if err != nil {
 		fmt.Fprintln(stderr, "datapath probe:", err)
 		return 1
 	}

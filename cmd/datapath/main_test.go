@@ -1,10 +1,15 @@
 package main
 
 import (
+	"context"
 	"io"
+	"net/http"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/quorum-csi/quorum-csi/pkg/datapath"
 )
 
 func TestParseFlags(t *testing.T) {
@@ -78,5 +83,33 @@ func TestRunRefusesBadCommandLine(t *testing.T) {
 	var stderr strings.Builder
 	if code := run(nil, &stderr); code != 2 || !strings.Contains(stderr.String(), "no node name") {
 		t.Fatalf("exit %d, stderr %q", code, stderr.String())
+	}
+}
+
+// TestProbeInstance: the readiness probe is ready only when its own
+// instance answers, not the predecessor still on the socket.
+func TestProbeInstance(t *testing.T) {
+	dir := t.TempDir()
+	svc, err := datapath.New(datapath.Config{StateDir: filepath.Join(dir, "state"), Frontend: "fuse-loop"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc.TakeOver(context.Background())
+	sock := filepath.Join(dir, "datapath.sock")
+	l, err := datapath.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: (&datapath.Server{Service: svc, Instance: "old-pod"}).Handler()}
+	go hs.Serve(l)
+	defer hs.Close()
+	for _, tc := range []struct {
+		instance string
+		want     int
+	}{{"old-pod", 0}, {"new-pod", 1}, {"", 0}} {
+		var stderr strings.Builder
+		if got := run([]string{"probe", "--socket", sock, "--instance", tc.instance}, &stderr); got != tc.want {
+			t.Errorf("probe --instance %q: exit %d, want %d (%s)", tc.instance, got, tc.want, stderr.String())
+		}
 	}
 }

@@ -44,7 +44,7 @@ func (c *cluster) quorumVolumeWithKubectl(t *testing.T) {
 	if len(lines) != 2 {
 		t.Fatalf("kubectl get qv printed %d lines, want a header and a row", len(lines))
 	}
-	// Columns by the header's offsets: an empty ATTACHED cell would shift
+	// Columns by the header's offsets: an empty ACTIVE cell would shift
 	// a split on spaces.
 	row := map[string]string{}
 	starts := regexp.MustCompile(`\S+`).FindAllStringIndex(lines[0], -1)

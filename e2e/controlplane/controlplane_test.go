@@ -392,7 +392,7 @@ func TestControlPlane(t *testing.T) {
 		metas[a.node] = m
 	}
 	row := columns(t, cl.kubectl("get", "qv", "vol1"))
-	for col, want := range map[string]string{"NAME": "vol1", "SIZE": "64Mi", "READY": "3/3", "PATTERN": "fifo", "ATTACHED": "", "PHASE": "Ready"} {
+	for col, want := range map[string]string{"NAME": "vol1", "SIZE": "64Mi", "READY": "3/3", "PATTERN": "fifo", "ACTIVE": "", "STANDBY": "", "PHASE": "Ready"} {
 		if row[col] != want {
 			t.Errorf("kubectl get qv: %s is %q, want %q (%v)", col, row[col], want, row)
 		}
@@ -427,8 +427,8 @@ func TestControlPlane(t *testing.T) {
 	if epoch != 1 {
 		t.Errorf("first attach got epoch %d, want 1", epoch)
 	}
-	if row := columns(t, cl.kubectl("get", "qv", "vol1")); row["ATTACHED"] != a1.node {
-		t.Errorf("kubectl get qv: ATTACHED %q, want %s", row["ATTACHED"], a1.node)
+	if row := columns(t, cl.kubectl("get", "qv", "vol1")); row["ACTIVE"] != a1.node || row["STANDBY"] != "" {
+		t.Errorf("kubectl get qv: ACTIVE %q, STANDBY %q, want %s and none", row["ACTIVE"], row["STANDBY"], a1.node)
 	}
 	v, err := cl.open(qv, a1.node, epoch)
 	if err != nil {

@@ -72,6 +72,18 @@ type Server struct {
 	// Handover ends this process's service for a successor (see
 	// Service.Handover); the process decides what else it lets go of.
 	Handover func(ctx context.Context) error
+	// Instance names this process's pod (its UID) in the ready answer:
+	// until a successor listens, its predecessor answers on the same
+	// socket, and the successor's readiness probe must not take that
+	// answer for its own (its pod would be ready, and the predecessor's
+	// pod with the FUSE descriptor holder deleted, before it took the
+	// devices back).
+	Instance string
+}
+
+// readyAnswer is the body of a ready answer.
+type readyAnswer struct {
+	Instance string `json:"instance,omitempty"`
 }
 
 // Handler is the API.
@@ -82,7 +94,7 @@ func (a *Server) Handler() http.Handler {
 			writeError(w, ErrNotReady)
 			return
 		}
-		writeJSON(w, http.StatusOK, struct{}{})
+		writeJSON(w, http.StatusOK, readyAnswer{Instance: a.Instance})
 	})
 	mux.HandleFunc("GET /v1/volumes", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, a.Service.List())
@@ -270,7 +282,16 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 
 // Ready reports nil once the data path took back every volume.
 func (c *Client) Ready(ctx context.Context) error {
-	return c.do(ctx, http.MethodGet, "/v1/ready", nil, nil, nil)
+	_, err := c.ReadyInstance(ctx)
+	return err
+}
+
+// ReadyInstance is Ready that also says which instance answered
+// (Server.Instance).
+func (c *Client) ReadyInstance(ctx context.Context) (string, error) {
+	var a readyAnswer
+	err := c.do(ctx, http.MethodGet, "/v1/ready", nil, nil, &a)
+	return a.Instance, err
 }
 
 // Stage serves a volume (see Service.Stage).

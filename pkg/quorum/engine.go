@@ -463,11 +463,13 @@ func (e *Engine) readFIFO(ctx context.Context, p []byte, off int64) error {
 			e.fenced.Store(true)
 			return e.fencedFailure(OpRead, off, length)
 		}
-		tried++
-		e.emit(Event{Type: EventReportBad, Op: OpRead, Offset: off, Length: length, Child: m.Name, Error: err.Error()})
 		if ctx.Err() != nil {
+			// Given up (a scrub stopped at a detach, a caller gone): no
+			// child is to blame.
 			return fmt.Errorf("read at %d length %d: %w", off, length, ctx.Err())
 		}
+		tried++
+		e.emit(Event{Type: EventReportBad, Op: OpRead, Offset: off, Length: length, Child: m.Name, Error: err.Error()})
 	}
 	return e.quorumFailure(OpRead, off, length, fmt.Sprintf("all %d healthy children failed", tried))
 }
@@ -493,6 +495,11 @@ func (e *Engine) readVote(ctx context.Context, p []byte, off int64, mode voteMod
 		}
 	}()
 	errs := fanout(len(idx), func(k int) error { return e.children[idx[k]].Child.ReadAt(ctx, bufs[k], off) })
+	if err := ctx.Err(); err != nil {
+		// Given up (a scrub stopped at a detach, a caller gone): no
+		// child is to blame and no vote failed.
+		return 0, fmt.Errorf("read at %d length %d: %w", off, length, err)
+	}
 	replies := make([][]byte, len(idx))
 	ok := 0
 	fenced := false
