@@ -136,12 +136,18 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 		dev.HolderDir = cfg.StateDir
 		dev.HolderSocket = cfg.HolderSocket
 	}
-	gate := &setupFlushes{Child: served}
+	// Only a new standby's device is wrapped: every other device's
+	// requests reach the engine with no layer between.
+	var gate *setupFlushes
 	if cfg.Options.Standby && !exists(dev.StateFile) {
+		gate = &setupFlushes{Child: served}
 		gate.setup.Store(true)
+		served = gate
 	}
-	a.Device, err = attach.Attach(ctx, cfg.Frontend, gate, dev)
-	gate.setup.Store(false)
+	a.Device, err = attach.Attach(ctx, cfg.Frontend, served, dev)
+	if gate != nil {
+		gate.setup.Store(false)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("attach volume %s (%s): %w", name, cfg.Frontend, err)
 	}
