@@ -337,11 +337,13 @@ func (c *cluster) helmUpgrade(t *testing.T) {
 	c.helm(t, "upgrade", "quorum-csi", c.chart(), "--reuse-values", "--set", "image.node="+upgraded, "--wait", "--timeout", "6m")
 	c.waitDaemonSetReady(t, "quorum-csi-node")
 	c.waitDaemonSetReady(t, "quorum-csi-datapath")
-	images := c.kubectl("-n", namespace, "get", "pods", "-l", "app.kubernetes.io/component in (node,datapath)",
-		"-o", "jsonpath={.items[*].spec.containers[*].image}")
-	if strings.Count(images, upgraded) != strings.Count(images, "quorum-csi/node:") {
-		t.Fatalf("node pods after the upgrade run %s, want %s everywhere", images, upgraded)
-	}
+	// The old pods may take a moment to go once the new ones are ready;
+	// poll fails the test if one still runs the old image after that.
+	c.poll(t, "node pods running "+upgraded+" only", 2*time.Minute, func() bool {
+		images := c.kubectl("-n", namespace, "get", "pods", "-l", "app.kubernetes.io/component in (node,datapath)",
+			"-o", "jsonpath={.items[*].spec.containers[*].image}")
+		return strings.Count(images, upgraded) == strings.Count(images, "quorum-csi/node:")
+	})
 	t.Logf("helm upgrade rolled both DaemonSets in %s", time.Since(began).Round(time.Second))
 	logs := c.kubectl("-n", namespace, "logs", "-l", "app.kubernetes.io/component=datapath", "-c", "datapath", "--tail=-1")
 	if !strings.Contains(logs, "asking it to hand over") {
