@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -203,10 +204,34 @@ func TestStandbyMigration(t *testing.T) {
 // TestStandbyCancelled: a standby detached without a write (a cancelled
 // migration) leaves everything to the source: the epochs stay 1, the
 // source writes on and detaches cleanly, the replicas end identical.
+// What the kubelet does to every Block volume's device on the target (a
+// loop device over it, whose setup flushes it) and a flush of its own
+// leave it a standby.
 func TestStandbyCancelled(t *testing.T) {
 	m := startMigration(t, "64M")
 	m.standby(t)
 	readDirect(t, m.tgt.dev, 0, 1<<20)
+	out, err := exec.Command("losetup", "-f", "--show", m.tgt.dev).CombinedOutput()
+	if err != nil {
+		t.Fatalf("loop device over the standby: %v: %s", err, out)
+	}
+	loop := strings.TrimSpace(string(out))
+	t.Cleanup(func() { exec.Command("losetup", "-d", loop).Run() })
+	f, err := os.Open(m.tgt.dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatalf("flush the standby: %v", err)
+	}
+	f.Close()
+	// The detach waits for the device's users, the loop device one.
+	if out, err := exec.Command("losetup", "-d", loop).CombinedOutput(); err != nil {
+		t.Fatalf("losetup -d %s: %v: %s", loop, err, out)
+	}
+	if st := m.states(t); st != "source active, target standby" {
+		t.Fatalf("after a loop device over the standby and a flush: %s", st)
+	}
 	m.tgt.stop(syscall.SIGTERM)
 	if e := m.epochs(t); strings.Join(e, ",") != "1,1,1" {
 		t.Fatalf("epochs after a standby came and went: %v, want 1", e)

@@ -39,9 +39,10 @@
 //     a range with a write to it half applied. Requests that do not
 //     overlap run fully concurrently.
 //   - A standby engine (Config.Standby, a live migration's target) takes
-//     nothing over until its first write, write-zeroes, discard or flush:
-//     it only reads, rewrites no loser, resyncs and scrubs nothing and
-//     commits no record. That request, or Activate, runs the Activator,
+//     nothing over until its first write, write-zeroes or discard: it
+//     only reads, rewrites no loser, resyncs and scrubs nothing and
+//     commits no record; a flush has nothing of its to make durable and
+//     succeeds. That request, or Activate, runs the Activator,
 //     which fences the last holder and reports the state it left; the
 //     engine applies it as New does, recovers the holder's write intent,
 //     and serves. Requests arriving meanwhile wait for it.

@@ -413,9 +413,16 @@ func (e *Engine) Discard(ctx context.Context, off, length int64) error {
 }
 
 // Flush makes every completed write durable on at least t children.
+//
+// A standby's flush succeeds without activating it: no write has
+// completed through it, so there is nothing to make durable, and the
+// kernel flushes a device for reasons of its own. The kubelet puts a
+// loop device over every Block volume's device, and setting one up
+// flushes the device below; were that an activation, staging a live
+// migration's target would fence the running source at once.
 func (e *Engine) Flush(ctx context.Context) error {
-	if err := e.awaitActive(ctx, OpFlush); err != nil {
-		return err
+	if !e.active.Load() {
+		return nil
 	}
 	idx, healthy := e.writeTargets(0, 0)
 	return e.modifyLocked(ctx, OpFlush, 0, 0, idx, healthy, func(c Child) error { return c.Flush(ctx) })

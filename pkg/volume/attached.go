@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -115,7 +114,7 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 		}
 	}()
 	if cfg.Options.Standby {
-		a.log.Info("standby: serving reads; the first write, flush, discard or write-zeroes takes the replicas over", "epoch", cfg.Options.Epoch)
+		a.log.Info("standby: serving reads; the first write, discard or write-zeroes takes the replicas over", "epoch", cfg.Options.Epoch)
 	} else {
 		a.logActivation()
 	}
@@ -136,18 +135,7 @@ func Attach(ctx context.Context, cfg AttachConfig) (_ *Attached, err error) {
 		dev.HolderDir = cfg.StateDir
 		dev.HolderSocket = cfg.HolderSocket
 	}
-	// Only a new standby's device is wrapped: every other device's
-	// requests reach the engine with no layer between.
-	var gate *setupFlushes
-	if cfg.Options.Standby && !exists(dev.StateFile) {
-		gate = &setupFlushes{Child: served}
-		gate.setup.Store(true)
-		served = gate
-	}
 	a.Device, err = attach.Attach(ctx, cfg.Frontend, served, dev)
-	if gate != nil {
-		gate.setup.Store(false)
-	}
 	if err != nil {
 		return nil, fmt.Errorf("attach volume %s (%s): %w", name, cfg.Frontend, err)
 	}
@@ -196,32 +184,6 @@ func (a *Attached) logActivation() {
 	for _, p := range a.Stale {
 		a.log.Warn("replica missed writes; resyncing it in the background", "replica", p)
 	}
-}
-
-// setupFlushes answers the flushes that reach a new standby's device
-// while the kernel sets it up without the engine: the loop driver
-// fsyncs its backing file when it turns direct I/O on, and that must
-// not activate the standby. Nothing was written through the device
-// then, and it has no user yet. A device taken back may have users'
-// flushes waiting, so it gets no such gate.
-type setupFlushes struct {
-	quorum.Child
-	setup atomic.Bool
-}
-
-func (s *setupFlushes) Flush(ctx context.Context) error {
-	if s.setup.Load() {
-		return nil
-	}
-	return s.Child.Flush(ctx)
-}
-
-func exists(path string) bool {
-	if path == "" {
-		return false
-	}
-	_, err := os.Stat(path)
-	return err == nil
 }
 
 // DeviceStateFile is where the device of volume id, made by frontend, keeps
