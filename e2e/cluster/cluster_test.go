@@ -142,6 +142,16 @@ func (c *cluster) teardown() {
 			c.dumpLogs()
 		}
 		if _, err := c.kubectlErr("delete", "namespace", appNamespace, "--ignore-not-found", "--timeout=120s"); err != nil {
+			// What holds the namespace, and the driver's view of it.
+			for _, args := range [][]string{
+				{"-n", appNamespace, "get", "pods,pvc", "-o", "wide"},
+				{"-n", appNamespace, "describe", "pods"},
+				{"get", "qv,volumeattachments", "-o", "wide"},
+				{"-n", namespace, "logs", "-l", "app.kubernetes.io/component=node", "--tail=40", "--prefix"},
+			} {
+				out, err := c.kubectlErr(args...)
+				t.Logf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+			}
 			t.Errorf("delete the scenarios' namespace: %v", err)
 		}
 		if _, err := c.kubectlErr("delete", "qv", "--all", "--timeout=60s"); err != nil {
