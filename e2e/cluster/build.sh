@@ -67,4 +67,35 @@ if [[ ! -f $IMAGES/e2e-app.tar ]]; then
 	mv "$IMAGES/e2e-app.tar.tmp" "$IMAGES/e2e-app.tar"
 	log "wrote $IMAGES/e2e-app.tar"
 fi
+# The VM image, when something it is made of changed: QEMU, or what
+# e2e/guest/build.sh puts in the initramfs.
+vm_inputs=(/usr/bin/qemu-system-x86_64 "$REPO"/e2e/guest/build.sh "$REPO"/e2e/guest/init "$REPO"/e2e/guest/tests/*)
+vm_stale=false
+for f in "${vm_inputs[@]}"; do
+	[[ -f $IMAGES/e2e-vm.tar && $IMAGES/e2e-vm.tar -nt $f ]] || vm_stale=true
+done
+if $vm_stale; then
+	R=$WORK/rootfs-vm
+	mkdir -p "$R/guest" "$R/tmp" "$R/usr/share" "$R/usr/lib/x86_64-linux-gnu/qemu"
+	chmod 1777 "$R/tmp"
+	bash "$REPO/e2e/guest/build.sh" "$WORK/guest"
+	cp "$WORK/guest/vmlinuz" "$WORK/guest/initramfs.cpio.gz" "$R/guest/"
+	# TCG is a module in Debian's QEMU; the firmware is SeaBIOS plus
+	# QEMU's option ROMs (linuxboot_dma.bin for -kernel).
+	bins=(/usr/bin/qemu-system-x86_64 /usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so)
+	for b in "${bins[@]}"; do
+		mkdir -p "$R$(dirname "$b")"
+		cp -L "$b" "$R$b"
+		for l in $(ldd "$b" | awk '/=>/ {print $3} /ld-linux/ {print $1}' | grep '^/'); do
+			mkdir -p "$R$(dirname "$l")"
+			cp -Ln "$l" "$R$l"
+		done
+	done
+	cp -a /usr/share/qemu /usr/share/seabios "$R/usr/share/"
+	tar --numeric-owner --owner=0 --group=0 -C "$R" -cf "$WORK/vm.tar" .
+	"$WORK/ociimage" --tag quorum-csi/e2e-vm:dev --entrypoint /usr/bin/qemu-system-x86_64 \
+		--out "$IMAGES/e2e-vm.tar.tmp" "$WORK/vm.tar"
+	mv "$IMAGES/e2e-vm.tar.tmp" "$IMAGES/e2e-vm.tar"
+	log "wrote $IMAGES/e2e-vm.tar ($(du -h "$IMAGES/e2e-vm.tar" | cut -f1))"
+fi
 log "ready in $((SECONDS - start)) s"

@@ -42,8 +42,9 @@ type cluster struct {
 	root       string // cluster.sh's state folder
 	kubeconfig string
 	kubectlBin string
-	certs      string // the TLS folder the chart's Secret was made from
-	quorumctl  string // built from this tree
+	certs      string   // the TLS folder the chart's Secret was made from
+	quorumctl  string   // built from this tree
+	failed     []string // the scenarios that failed, named again last: CI shows a log's tail
 }
 
 func TestCluster(t *testing.T) {
@@ -59,16 +60,29 @@ func TestCluster(t *testing.T) {
 	c := start(t)
 	// Each scenario leaves the cluster as it found it; an earlier
 	// failure does not stop the later ones.
-	t.Run("QuorumVolumeWithKubectl", c.quorumVolumeWithKubectl)
-	t.Run("FilesystemPVCMovesToAnotherNode", c.filesystemPVCMoves)
-	t.Run("BlockPVC", c.blockPVC)
-	t.Run("NodeCutOffDuringFio", c.nodeCutOff)
-	t.Run("PVCExpansion", c.pvcExpansion)
-	t.Run("ScrubRepairsFifoVolume", c.scrubRepairsFifoVolume)
-	t.Run("NodePluginKilled", c.nodePluginKilled)
-	t.Run("DataPathKilled", c.dataPathKilled)
-	t.Run("NodeRolloutRestart", c.nodeRolloutRestart)
-	t.Run("HelmUpgrade", c.helmUpgrade)
+	for _, s := range []struct {
+		name string
+		run  func(*testing.T)
+	}{
+		{"QuorumVolumeWithKubectl", c.quorumVolumeWithKubectl},
+		{"FilesystemPVCMovesToAnotherNode", c.filesystemPVCMoves},
+		{"BlockPVC", c.blockPVC},
+		{"NodeCutOffDuringFio", c.nodeCutOff},
+		{"PVCExpansion", c.pvcExpansion},
+		{"ScrubRepairsFifoVolume", c.scrubRepairsFifoVolume},
+		{"NodePluginKilled", c.nodePluginKilled},
+		{"DataPathKilled", c.dataPathKilled},
+		{"NodeRolloutRestart", c.nodeRolloutRestart},
+		{"HelmUpgrade", c.helmUpgrade},
+		{"LiveMigration", c.liveMigration},
+		{"LiveMigrationCancelled", c.liveMigrationCancelled},
+		{"LiveMigrationReplicaCut", c.liveMigrationReplicaCut},
+		{"LiveMigrationBackAndForth", c.liveMigrationBackAndForth},
+	} {
+		if !t.Run(s.name, s.run) {
+			c.failed = append(c.failed, s.name)
+		}
+	}
 }
 
 // start builds what is missing, brings the cluster up and installs the
@@ -165,6 +179,9 @@ func (c *cluster) teardown() {
 	}
 	if out, err := exec.Command("bash", filepath.Join(c.dir, "cluster.sh"), "leaks").CombinedOutput(); err != nil {
 		t.Errorf("the cluster left things behind:\n%s", out)
+	}
+	if len(c.failed) > 0 {
+		t.Logf("failed scenarios: %s", strings.Join(c.failed, ", "))
 	}
 }
 

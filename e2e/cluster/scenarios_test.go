@@ -278,9 +278,13 @@ func countSeries(metrics, name, part string) int {
 
 // warnings lists the reasons and notes of the Warning Events about a
 // QuorumVolume.
-func (c *cluster) warnings(t *testing.T, vol string) []string {
+func (c *cluster) warnings(t *testing.T, vol string) []string { return c.events(t, vol, "Warning", "") }
+
+// events lists the reasons and notes of the Events of type typ about a
+// QuorumVolume, only those for reason unless it is empty.
+func (c *cluster) events(t *testing.T, vol, typ, reason string) []string {
 	t.Helper()
-	out, err := c.kubectlErr("get", "events.events.k8s.io", "-A", "--field-selector", "type=Warning", "-o", "json")
+	out, err := c.kubectlErr("get", "events.events.k8s.io", "-A", "--field-selector", "type="+typ, "-o", "json")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -297,13 +301,13 @@ func (c *cluster) warnings(t *testing.T, vol string) []string {
 	if err := json.Unmarshal([]byte(out), &list); err != nil {
 		t.Fatal(err)
 	}
-	var ws []string
+	var es []string
 	for _, e := range list.Items {
-		if e.Regarding.Kind == "QuorumVolume" && e.Regarding.Name == vol {
-			ws = append(ws, e.Reason+": "+e.Note)
+		if e.Regarding.Kind == "QuorumVolume" && e.Regarding.Name == vol && (reason == "" || e.Reason == reason) {
+			es = append(es, e.Reason+": "+e.Note)
 		}
 	}
-	return ws
+	return es
 }
 
 // pvcExpansion: a PVC's request is raised while no pod uses it (the
