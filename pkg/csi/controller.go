@@ -78,8 +78,8 @@ func NewController(c client.Client) *Controller {
 // NBD), so accessible_topology stays empty.
 func (s *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRequest) (*csipb.CreateVolumeResponse, error) {
 	name := req.GetName()
-	if name == "" {
-		return nil, fmt.Errorf("%w: name missing", errInvalidArgument)
+	if err := required(arg{"name", name != ""}); err != nil {
+		return nil, err
 	}
 	if req.GetVolumeContentSource() != nil {
 		return nil, fmt.Errorf("%w: volume_content_source: snapshots and clones are not supported", errInvalidArgument)
@@ -191,10 +191,7 @@ func preferredNode(t *csipb.TopologyRequirement) string {
 // pull the replicas from under a running consumer.
 func (s *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRequest) (*csipb.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	}
-	release, err := s.locks.acquire(id, "DeleteVolume")
+	release, err := s.locks.begin(id, "DeleteVolume", arg{"volume_id", id != ""})
 	if err != nil {
 		return nil, err
 	}
@@ -232,15 +229,7 @@ func (s *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRe
 // a volume or node that does not exist is NOT_FOUND.
 func (s *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.ControllerPublishVolumeRequest) (*csipb.ControllerPublishVolumeResponse, error) {
 	id, node := req.GetVolumeId(), req.GetNodeId()
-	switch {
-	case id == "":
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	case node == "":
-		return nil, fmt.Errorf("%w: node_id missing", errInvalidArgument)
-	case req.GetVolumeCapability() == nil:
-		return nil, fmt.Errorf("%w: volume_capability missing", errInvalidArgument)
-	}
-	release, err := s.locks.acquire(id, "ControllerPublishVolume")
+	release, err := s.locks.begin(id, "ControllerPublishVolume", arg{"volume_id", id != ""}, arg{"node_id", node != ""}, arg{"volume_capability", req.GetVolumeCapability() != nil})
 	if err != nil {
 		return nil, err
 	}
@@ -275,10 +264,7 @@ func (s *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.Con
 // gone is detached.
 func (s *Controller) ControllerUnpublishVolume(ctx context.Context, req *csipb.ControllerUnpublishVolumeRequest) (*csipb.ControllerUnpublishVolumeResponse, error) {
 	id, node := req.GetVolumeId(), req.GetNodeId()
-	if id == "" {
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	}
-	release, err := s.locks.acquire(id, "ControllerUnpublishVolume")
+	release, err := s.locks.begin(id, "ControllerUnpublishVolume", arg{"volume_id", id != ""})
 	if err != nil {
 		return nil, err
 	}
@@ -310,11 +296,8 @@ func (s *Controller) ControllerUnpublishVolume(ctx context.Context, req *csipb.C
 // otherwise says why not.
 func (s *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.ValidateVolumeCapabilitiesRequest) (*csipb.ValidateVolumeCapabilitiesResponse, error) {
 	id := req.GetVolumeId()
-	switch {
-	case id == "":
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	case len(req.GetVolumeCapabilities()) == 0:
-		return nil, fmt.Errorf("%w: volume_capabilities missing", errInvalidArgument)
+	if err := required(arg{"volume_id", id != ""}, arg{"volume_capabilities", len(req.GetVolumeCapabilities()) > 0}); err != nil {
+		return nil, err
 	}
 	qv, err := s.getVolume(ctx, id)
 	if err != nil {
@@ -346,11 +329,8 @@ func (s *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.
 // of the read that saw no attachment.
 func (s *Controller) ControllerExpandVolume(ctx context.Context, req *csipb.ControllerExpandVolumeRequest) (*csipb.ControllerExpandVolumeResponse, error) {
 	id := req.GetVolumeId()
-	switch {
-	case id == "":
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	case req.GetCapacityRange().GetRequiredBytes() == 0:
-		return nil, fmt.Errorf("%w: capacity_range.required_bytes missing", errInvalidArgument)
+	if err := required(arg{"volume_id", id != ""}, arg{"capacity_range.required_bytes", req.GetCapacityRange().GetRequiredBytes() != 0}); err != nil {
+		return nil, err
 	}
 	size, err := volumeSize(req.GetCapacityRange())
 	if err != nil {
@@ -425,11 +405,7 @@ func (e codedError) GRPCStatus() *status.Status { return e.status }
 // Its health is ControllerGetVolumeHealth's: CSI v1.13 removed the
 // VolumeCondition this response used to carry.
 func (s *Controller) ControllerGetVolume(ctx context.Context, req *csipb.ControllerGetVolumeRequest) (*csipb.ControllerGetVolumeResponse, error) {
-	id := req.GetVolumeId()
-	if id == "" {
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	}
-	qv, err := s.getVolume(ctx, id)
+	qv, err := s.getVolume(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -467,11 +443,7 @@ func (s *Controller) ListVolumes(ctx context.Context, req *csipb.ListVolumesRequ
 
 // ControllerGetVolumeHealth reports the volume's health (volumeHealth).
 func (s *Controller) ControllerGetVolumeHealth(ctx context.Context, req *csipb.ControllerGetVolumeHealthRequest) (*csipb.ControllerGetVolumeHealthResponse, error) {
-	id := req.GetVolumeId()
-	if id == "" {
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	}
-	qv, err := s.getVolume(ctx, id)
+	qv, err := s.getVolume(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, err
 	}
@@ -571,8 +543,12 @@ func (s *Controller) listVolumes(ctx context.Context, maxEntries int32, token st
 }
 
 // getVolume reads a volume the CO may still use: one that is missing or
-// being deleted (DeleteVolume succeeded for the CO) is errNotFound.
+// being deleted (DeleteVolume succeeded for the CO) is errNotFound, and
+// an empty id is the request's missing volume_id.
 func (s *Controller) getVolume(ctx context.Context, id string) (*v1alpha1.QuorumVolume, error) {
+	if err := required(arg{"volume_id", id != ""}); err != nil {
+		return nil, err
+	}
 	qv := &v1alpha1.QuorumVolume{}
 	if err := s.client.Get(ctx, client.ObjectKey{Name: id}, qv); kerrors.IsNotFound(err) {
 		return nil, fmt.Errorf("%w: volume %s", errNotFound, id)

@@ -3,6 +3,7 @@ package csi
 import (
 	"context"
 	"errors"
+	"fmt"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -27,6 +28,24 @@ var (
 	// The CO retries.
 	errAborted = errors.New("aborted")
 )
+
+// arg is a field CSI requires of a request, and whether the request has
+// it.
+type arg struct {
+	name string
+	set  bool
+}
+
+// required is INVALID_ARGUMENT naming the first of args the request
+// lacks, checked in the order given, or nil when it has them all.
+func required(args ...arg) error {
+	for _, a := range args {
+		if !a.set {
+			return fmt.Errorf("%w: %s missing", errInvalidArgument, a.name)
+		}
+	}
+	return nil
+}
 
 // sentinelCodes maps the errors above, and the controller's, to codes.
 // The first match wins: an error that wraps one of this package's

@@ -87,20 +87,23 @@ func extSmallerThanDevice(dev string) (bool, error) {
 	return size >= (blocks+1)*blockSize, nil
 }
 
-// unmount unmounts path if something is mounted there. The path itself
-// stays: the CO made the staging folder and removes it.
-func (s *Node) unmount(path string) error {
+// unmount unmounts path if something is mounted there, then removes
+// made: what publish or stage made at path (the target itself, or the
+// device record in the staging folder). The staging folder stays: the
+// CO made it and removes it.
+func (s *Node) unmount(path, made string) error {
 	mounted, err := s.mounter.IsMountPoint(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
 		return fmt.Errorf("check mount %s: %w", path, err)
-	}
-	if mounted {
+	case mounted:
 		if err := s.mounter.Unmount(path); err != nil {
 			return fmt.Errorf("unmount %s: %w", path, err)
 		}
+	}
+	if err := os.Remove(made); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
 	}
 	return nil
 }

@@ -33,3 +33,13 @@ func (f *inflight) acquire(volume, method string) (release func(), err error) {
 		delete(f.busy, volume)
 	}, nil
 }
+
+// begin starts a call that changes a volume, in the order every such call
+// follows: the request's required fields (INVALID_ARGUMENT), then the
+// volume taken for method (ABORTED while another call holds it).
+func (f *inflight) begin(volume, method string, args ...arg) (release func(), err error) {
+	if err := required(args...); err != nil {
+		return nil, err
+	}
+	return f.acquire(volume, method)
+}

@@ -122,8 +122,11 @@ func (*Node) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilitiesRequ
 }
 
 // staged asks the data path for the volume; nil, nil when it is not
-// staged on this node.
+// staged on this node. An empty id is the request's missing volume_id.
 func (s *Node) staged(ctx context.Context, id string) (*datapath.Status, error) {
+	if err := required(arg{"volume_id", id != ""}); err != nil {
+		return nil, err
+	}
 	st, err := s.cfg.DataPath.Get(ctx, id)
 	if errors.Is(err, datapath.ErrNotFound) {
 		return nil, nil
@@ -134,6 +137,20 @@ func (s *Node) staged(ctx context.Context, id string) (*datapath.Status, error) 
 	return &st, nil
 }
 
+// lockStaged takes the volume for method and asks the data path for it,
+// as staged does.
+func (s *Node) lockStaged(ctx context.Context, id, method string) (release func(), sv *datapath.Status, err error) {
+	release, err = s.locks.acquire(id, method)
+	if err != nil {
+		return nil, nil, err
+	}
+	if sv, err = s.staged(ctx, id); err != nil {
+		release()
+		return nil, nil, err
+	}
+	return release, sv, nil
+}
+
 // NodeGetVolumeHealth reports the staged volume's replicas as the engine
 // sees them: DEGRADED while some replica is faulty or resyncing but
 // writes still reach the vote threshold, INACCESSIBLE when fewer
@@ -141,9 +158,6 @@ func (s *Node) staged(ctx context.Context, id string) (*datapath.Status, error) 
 // volume; the message says replica by replica what is wrong.
 func (s *Node) NodeGetVolumeHealth(ctx context.Context, req *csipb.NodeGetVolumeHealthRequest) (*csipb.NodeGetVolumeHealthResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	}
 	sv, err := s.staged(ctx, id)
 	if err != nil {
 		return nil, err
@@ -193,13 +207,8 @@ func (s *Node) NodeGetVolumeHealth(ctx context.Context, req *csipb.NodeGetVolume
 // source, still running, is not fenced before the switchover.
 func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRequest) (*csipb.NodeStageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	switch {
-	case id == "":
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	case staging == "":
-		return nil, fmt.Errorf("%w: staging_target_path missing", errInvalidArgument)
-	case req.GetVolumeCapability() == nil:
-		return nil, fmt.Errorf("%w: volume_capability missing", errInvalidArgument)
+	if err := required(arg{"volume_id", id != ""}, arg{"staging_target_path", staging != ""}, arg{"volume_capability", req.GetVolumeCapability() != nil}); err != nil {
+		return nil, err
 	}
 	fsType := req.GetVolumeContext()[VolumeContextFSType]
 	if err := checkCapability(req.GetVolumeCapability(), fsType); err != nil {
@@ -212,16 +221,11 @@ func (s *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 	if fsType == "" {
 		fsType = defaultFSType
 	}
-	release, err := s.locks.acquire(id, "NodeStageVolume")
+	release, sv, err := s.lockStaged(ctx, id, "NodeStageVolume")
 	if err != nil {
 		return nil, err
 	}
 	defer release()
-
-	sv, err := s.staged(ctx, id)
-	if err != nil {
-		return nil, err
-	}
 	switch {
 	case sv != nil && sv.Lost != "":
 		return nil, fmt.Errorf("%w: volume %s was lost by this node's data path (%s); unstage it first", errFailedPrecondition, id, sv.Lost)
@@ -318,21 +322,12 @@ func (s *Node) stageDevice(dev, staging string, block bool, fsType string, flags
 // cleaned.
 func (s *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolumeRequest) (*csipb.NodeUnstageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	switch {
-	case id == "":
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	case staging == "":
-		return nil, fmt.Errorf("%w: staging_target_path missing", errInvalidArgument)
-	}
-	release, err := s.locks.acquire(id, "NodeUnstageVolume")
+	release, err := s.locks.begin(id, "NodeUnstageVolume", arg{"volume_id", id != ""}, arg{"staging_target_path", staging != ""})
 	if err != nil {
 		return nil, err
 	}
 	defer release()
-	if err := s.unmount(staging); err != nil {
-		return nil, fmt.Errorf("unstage volume %s: %w", id, err)
-	}
-	if err := os.Remove(filepath.Join(staging, deviceFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := s.unmount(staging, filepath.Join(staging, deviceFile)); err != nil {
 		return nil, fmt.Errorf("unstage volume %s: %w", id, err)
 	}
 	err = s.cfg.DataPath.Unstage(ctx, id, detachTimeout, false)
@@ -350,30 +345,19 @@ func (s *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 // folder, or the staged device onto the target file for Block access.
 func (s *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
 	id, staging, target := req.GetVolumeId(), req.GetStagingTargetPath(), req.GetTargetPath()
-	switch {
-	case id == "":
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	case staging == "":
-		return nil, fmt.Errorf("%w: staging_target_path missing", errInvalidArgument)
-	case target == "":
-		return nil, fmt.Errorf("%w: target_path missing", errInvalidArgument)
-	case req.GetVolumeCapability() == nil:
-		return nil, fmt.Errorf("%w: volume_capability missing", errInvalidArgument)
+	if err := required(arg{"volume_id", id != ""}, arg{"staging_target_path", staging != ""}, arg{"target_path", target != ""}, arg{"volume_capability", req.GetVolumeCapability() != nil}); err != nil {
+		return nil, err
 	}
 	if err := checkCapability(req.GetVolumeCapability(), req.GetVolumeContext()[VolumeContextFSType]); err != nil {
 		return nil, fmt.Errorf("volume_capability: %w", err)
 	}
 	block := isBlock(req.GetVolumeCapability())
 	single := req.GetVolumeCapability().GetAccessMode().GetMode() == csipb.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER
-	release, err := s.locks.acquire(id, "NodePublishVolume")
+	release, sv, err := s.lockStaged(ctx, id, "NodePublishVolume")
 	if err != nil {
 		return nil, err
 	}
 	defer release()
-	sv, err := s.staged(ctx, id)
-	if err != nil {
-		return nil, err
-	}
 	if sv != nil {
 		for t, exclusive := range sv.Targets {
 			if t != target && (single || exclusive) {
@@ -426,21 +410,12 @@ func (s *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 // NodeUnpublishVolume unmounts the target and removes it.
 func (s *Node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublishVolumeRequest) (*csipb.NodeUnpublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
-	switch {
-	case id == "":
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	case target == "":
-		return nil, fmt.Errorf("%w: target_path missing", errInvalidArgument)
-	}
-	release, err := s.locks.acquire(id, "NodeUnpublishVolume")
+	release, err := s.locks.begin(id, "NodeUnpublishVolume", arg{"volume_id", id != ""}, arg{"target_path", target != ""})
 	if err != nil {
 		return nil, err
 	}
 	defer release()
-	if err := s.unmount(target); err != nil {
-		return nil, fmt.Errorf("unpublish volume %s: %w", id, err)
-	}
-	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := s.unmount(target, target); err != nil {
 		return nil, fmt.Errorf("unpublish volume %s: %w", id, err)
 	}
 	if err := s.cfg.DataPath.SetTarget(ctx, id, datapath.Target{Path: target}, false); err != nil {
@@ -453,11 +428,8 @@ func (s *Node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublish
 // mounted path, or the device's size for a published block file.
 func (s *Node) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolumeStatsRequest) (*csipb.NodeGetVolumeStatsResponse, error) {
 	id, path := req.GetVolumeId(), req.GetVolumePath()
-	switch {
-	case id == "":
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	case path == "":
-		return nil, fmt.Errorf("%w: volume_path missing", errInvalidArgument)
+	if err := required(arg{"volume_id", id != ""}, arg{"volume_path", path != ""}); err != nil {
+		return nil, err
 	}
 	fi, err := os.Stat(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -498,21 +470,14 @@ func (s *Node) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolumeS
 // only XFS is grown here.
 func (s *Node) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolumeRequest) (*csipb.NodeExpandVolumeResponse, error) {
 	id := req.GetVolumeId()
-	switch {
-	case id == "":
-		return nil, fmt.Errorf("%w: volume_id missing", errInvalidArgument)
-	case req.GetVolumePath() == "":
-		return nil, fmt.Errorf("%w: volume_path missing", errInvalidArgument)
+	if err := required(arg{"volume_id", id != ""}, arg{"volume_path", req.GetVolumePath() != ""}); err != nil {
+		return nil, err
 	}
-	release, err := s.locks.acquire(id, "NodeExpandVolume")
+	release, sv, err := s.lockStaged(ctx, id, "NodeExpandVolume")
 	if err != nil {
 		return nil, err
 	}
 	defer release()
-	sv, err := s.staged(ctx, id)
-	if err != nil {
-		return nil, err
-	}
 	if sv == nil || sv.Lost != "" {
 		return nil, fmt.Errorf("%w: volume %s is not staged on node %s", errNotFound, id, s.cfg.NodeName)
 	}
