@@ -30,12 +30,10 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
-	ctrl "sigs.k8s.io/controller-runtime"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/quorum-csi/quorum-csi/internal/daemon"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/datapath"
@@ -84,11 +82,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.handoverWait, "handover-timeout", time.Minute, "how long a data path that starts beside a running one waits for it to hand over")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; default: in-cluster config, or $KUBECONFIG")
 	fs.StringVar(&o.instance, "instance", os.Getenv("POD_UID"), "names this process in its ready answer, so that the readiness probe (datapath probe --instance) does not take the answer of the predecessor it replaces for its own (default $POD_UID)")
-	if err := fs.Parse(args); err != nil {
+	if err := daemon.ParseFlags(fs, args); err != nil {
 		return o, err
-	}
-	if fs.NArg() > 0 {
-		return o, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	if o.agent.Node == "" {
 		return o, errors.New("no node name: give --node-name or set NODE_NAME")
@@ -110,15 +105,10 @@ func run(args []string, stderr io.Writer) int {
 		return probe(args[1:], stderr)
 	}
 	o, err := parseFlags(args, stderr)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
+	log, exit, ok := daemon.Start("datapath", err, stderr)
+	if !ok {
+		return exit
 	}
-	if err != nil {
-		fmt.Fprintln(stderr, "datapath:", err)
-		return 2
-	}
-	log := logr.FromSlogHandler(slog.NewJSONHandler(stderr, nil))
-	ctrl.SetLogger(log)
 	if err := serve(o, log); err != nil {
 		log.Error(err, "data path failed")
 		return 1
@@ -133,12 +123,7 @@ func serve(o options, log logr.Logger) error {
 	if o.agent.TLS, err = nbd.ServerTLSDir(o.tlsDir); err != nil {
 		return fmt.Errorf("load TLS files: %w", err)
 	}
-	var rc *rest.Config
-	if o.kubeconfig != "" {
-		rc, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
-	} else {
-		rc, err = ctrl.GetConfig()
-	}
+	rc, err := daemon.RESTConfig(o.kubeconfig)
 	if err != nil {
 		return fmt.Errorf("API server configuration: %w", err)
 	}

@@ -2,27 +2,21 @@ package main
 
 import (
 	"context"
-	"io"
 	"net/http"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/quorum-csi/quorum-csi/internal/daemon/daemontest"
 	"github.com/quorum-csi/quorum-csi/pkg/datapath"
 )
 
 func TestParseFlags(t *testing.T) {
-	tests := []struct {
-		name    string
-		env     string
-		args    []string
-		wantErr string
-		check   func(t *testing.T, o options)
-	}{
+	daemontest.Run(t, []daemontest.Case[options]{
 		{
-			name: "defaults", env: "n1", args: []string{"--tls-dir", "/tls"},
-			check: func(t *testing.T, o options) {
+			Name: "defaults", Env: "n1", Args: []string{"--tls-dir", "/tls"},
+			Check: func(t *testing.T, o options) {
 				a, d := o.agent, o.dp
 				if a.Node != "n1" || a.Namespace != "quorum-csi" || a.Listen != ":10809" || a.MetricsAddress != ":9809" ||
 					a.LeaseDuration != 30*time.Second || a.RenewInterval != 10*time.Second || a.LocalSocket != "/run/quorum-csi/nbd.sock" {
@@ -36,12 +30,12 @@ func TestParseFlags(t *testing.T) {
 			},
 		},
 		{
-			name: "flags",
-			args: []string{"--node-name", "n2", "--namespace", "ns", "--data-dir", "/d", "--listen", "127.0.0.2:0",
+			Name: "flags",
+			Args: []string{"--node-name", "n2", "--namespace", "ns", "--data-dir", "/d", "--listen", "127.0.0.2:0",
 				"--advertise-address", "10.0.0.2", "--metrics-address", "0", "--tls-dir", "/tls", "--lease-duration", "3s",
 				"--renew-interval", "1s", "--socket", "/s.sock", "--state-dir", "/st", "--frontend", "fuse-loop",
 				"--nbd-timeout", "3s", "--scrub-rate", "0", "--handover-timeout", "5s"},
-			check: func(t *testing.T, o options) {
+			Check: func(t *testing.T, o options) {
 				a, d := o.agent, o.dp
 				if a.Node != "n2" || a.Namespace != "ns" || a.DataDir != "/d" || a.Listen != "127.0.0.2:0" || a.AdvertiseAddress != "10.0.0.2" ||
 					a.MetricsAddress != "0" || o.tlsDir != "/tls" || a.LeaseDuration != 3*time.Second || a.RenewInterval != time.Second {
@@ -53,37 +47,13 @@ func TestParseFlags(t *testing.T) {
 				}
 			},
 		},
-		{name: "no TLS", env: "n1", wantErr: "--tls-dir is required"},
-		{name: "negative scrub rate", env: "n1", args: []string{"--tls-dir", "/tls", "--scrub-rate", "-1"}, wantErr: "--scrub-rate -1"},
-		{name: "zero timeout", env: "n1", args: []string{"--tls-dir", "/tls", "--nbd-timeout", "0s"}, wantErr: "must be positive"},
-		{name: "no node name", wantErr: "no node name"},
-		{name: "stray argument", env: "n1", args: []string{"--tls-dir", "/tls", "extra"}, wantErr: "unexpected arguments"},
-		{name: "unknown flag", env: "n1", args: []string{"--bogus"}, wantErr: "bogus"},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			t.Setenv("NODE_NAME", tc.env)
-			o, err := parseFlags(tc.args, io.Discard)
-			if tc.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-					t.Fatalf("error %v, want one containing %q", err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			tc.check(t, o)
-		})
-	}
-}
-
-func TestRunRefusesBadCommandLine(t *testing.T) {
-	t.Setenv("NODE_NAME", "")
-	var stderr strings.Builder
-	if code := run(nil, &stderr); code != 2 || !strings.Contains(stderr.String(), "no node name") {
-		t.Fatalf("exit %d, stderr %q", code, stderr.String())
-	}
+		{Name: "no TLS", Env: "n1", WantErr: "--tls-dir is required"},
+		{Name: "negative scrub rate", Env: "n1", Args: []string{"--tls-dir", "/tls", "--scrub-rate", "-1"}, WantErr: "--scrub-rate -1"},
+		{Name: "zero timeout", Env: "n1", Args: []string{"--tls-dir", "/tls", "--nbd-timeout", "0s"}, WantErr: "must be positive"},
+		{Name: "no node name", WantErr: "no node name"},
+		{Name: "stray argument", Env: "n1", Args: []string{"--tls-dir", "/tls", "extra"}, WantErr: "unexpected arguments"},
+		{Name: "unknown flag", Env: "n1", Args: []string{"--bogus"}, WantErr: "bogus"},
+	}, parseFlags, run)
 }
 
 // TestProbeInstance: the readiness probe is ready only when its own

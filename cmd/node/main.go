@@ -11,18 +11,12 @@ import (
 	"context"
 	"errors"
 	"flag"
-	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
 
-	"github.com/go-logr/logr"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
-	ctrl "sigs.k8s.io/controller-runtime"
-
+	"github.com/quorum-csi/quorum-csi/internal/daemon"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/contract"
 	"github.com/quorum-csi/quorum-csi/pkg/csi"
@@ -56,11 +50,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "the kubelet's folder: the plugin registers with the kubelet through DIR/plugins_registry/quorum.csi.dev-reg.sock; empty: no registration")
 	fs.StringVar(&o.regPath, "kubelet-registration-path", "", "the CSI socket's path on the host, as the kubelet dials it (default: the --csi-endpoint path, when the container sees it at the same path)")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; default: in-cluster config, or $KUBECONFIG")
-	if err := fs.Parse(args); err != nil {
+	if err := daemon.ParseFlags(fs, args); err != nil {
 		return o, err
-	}
-	if fs.NArg() > 0 {
-		return o, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	switch {
 	case o.csi.NodeName == "":
@@ -76,21 +67,11 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 
 func run(args []string, stderr io.Writer) int {
 	o, err := parseFlags(args, stderr)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
+	log, exit, ok := daemon.Start("node", err, stderr)
+	if !ok {
+		return exit
 	}
-	if err != nil {
-		fmt.Fprintln(stderr, "node:", err)
-		return 2
-	}
-	log := logr.FromSlogHandler(slog.NewJSONHandler(stderr, nil))
-	ctrl.SetLogger(log)
-	var rc *rest.Config
-	if o.kubeconfig != "" {
-		rc, err = clientcmd.BuildConfigFromFlags("", o.kubeconfig)
-	} else {
-		rc, err = ctrl.GetConfig()
-	}
+	rc, err := daemon.RESTConfig(o.kubeconfig)
 	if err != nil {
 		log.Error(err, "API server configuration")
 		return 1
