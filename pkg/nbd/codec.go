@@ -3,6 +3,7 @@ package nbd
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"unicode/utf8"
 )
@@ -74,36 +75,20 @@ type OptionRequest struct {
 
 // WriteOption writes an option request.
 func WriteOption(w io.Writer, o OptionRequest) error {
-	b := make([]byte, optionHeaderSize, optionHeaderSize+len(o.Data))
-	be.PutUint64(b[0:], magicOpt)
-	be.PutUint32(b[8:], uint32(o.Option))
-	be.PutUint32(b[12:], uint32(len(o.Data)))
-	_, err := w.Write(append(b, o.Data...))
-	return err
+	return writeOptionMessage(w, magicOpt, o.Data, uint32(o.Option))
 }
 
 // ReadOption reads an option request whose data is at most maxData bytes.
 // A longer one is a *ProtocolError and its data is left unread.
 func ReadOption(r io.Reader, maxData uint32) (OptionRequest, error) {
 	var b [optionHeaderSize]byte
-	if err := readFull(r, b[:]); err != nil {
+	if err := readOptionHeader(r, b[:], magicOpt, "option magic %#x, want IHAVEOPT"); err != nil {
 		return OptionRequest{}, err
 	}
-	if m := be.Uint64(b[0:]); m != magicOpt {
-		return OptionRequest{}, protoErrorf("option magic %#x, want IHAVEOPT", m)
-	}
 	o := OptionRequest{Option: Option(be.Uint32(b[8:]))}
-	n := be.Uint32(b[12:])
-	if n > maxData {
-		return o, protoErrorf("%v with %d bytes of data, limit %d", o.Option, n, maxData)
-	}
-	if n > 0 {
-		o.Data = make([]byte, n)
-		if err := readFull(r, o.Data); err != nil {
-			return o, unexpected(err)
-		}
-	}
-	return o, nil
+	var err error
+	o.Data, err = readOptionData(r, b[:], maxData, o.Option)
+	return o, err
 }
 
 // OptionReply is one reply of the server to an option.
@@ -115,37 +100,74 @@ type OptionReply struct {
 
 // WriteOptionReply writes an option reply.
 func WriteOptionReply(w io.Writer, rep OptionReply) error {
-	b := make([]byte, optionReplyHdrSize, optionReplyHdrSize+len(rep.Data))
-	be.PutUint64(b[0:], magicOptReply)
-	be.PutUint32(b[8:], uint32(rep.Option))
-	be.PutUint32(b[12:], uint32(rep.Type))
-	be.PutUint32(b[16:], uint32(len(rep.Data)))
-	_, err := w.Write(append(b, rep.Data...))
-	return err
+	return writeOptionMessage(w, magicOptReply, rep.Data, uint32(rep.Option), uint32(rep.Type))
 }
 
 // ReadOptionReply reads an option reply whose data is at most maxData
 // bytes.
 func ReadOptionReply(r io.Reader, maxData uint32) (OptionReply, error) {
 	var b [optionReplyHdrSize]byte
-	if err := readFull(r, b[:]); err != nil {
+	if err := readOptionHeader(r, b[:], magicOptReply, "option reply magic %#x"); err != nil {
 		return OptionReply{}, err
 	}
-	if m := be.Uint64(b[0:]); m != magicOptReply {
-		return OptionReply{}, protoErrorf("option reply magic %#x", m)
-	}
 	rep := OptionReply{Option: Option(be.Uint32(b[8:])), Type: ReplyType(be.Uint32(b[12:]))}
-	n := be.Uint32(b[16:])
+	var err error
+	rep.Data, err = readOptionData(r, b[:], maxData, optionReplyName{rep.Option, rep.Type})
+	return rep, err
+}
+
+// optionReplyName names an option reply in errors, formatted only when
+// one is.
+type optionReplyName struct {
+	option Option
+	reply  ReplyType
+}
+
+func (n optionReplyName) String() string { return fmt.Sprintf("%v reply %v", n.option, n.reply) }
+
+// writeOptionMessage writes an option request or reply: magic, the
+// header's fields, the data's length and the data, in one write.
+func writeOptionMessage(w io.Writer, magic uint64, data []byte, fields ...uint32) error {
+	b := make([]byte, 0, 8+4*len(fields)+4+len(data))
+	b = be.AppendUint64(b, magic)
+	for _, f := range fields {
+		b = be.AppendUint32(b, f)
+	}
+	b = be.AppendUint32(b, uint32(len(data)))
+	_, err := w.Write(append(b, data...))
+	return err
+}
+
+// readOptionHeader reads the header of an option request or reply into
+// hdr, which must start with magic (else a *ProtocolError that
+// badMagic formats).
+func readOptionHeader(r io.Reader, hdr []byte, magic uint64, badMagic string) error {
+	if err := readFull(r, hdr); err != nil {
+		return err
+	}
+	if m := be.Uint64(hdr); m != magic {
+		return protoErrorf(badMagic, m)
+	}
+	return nil
+}
+
+// readOptionData reads the data that follows an option request's or
+// reply's header hdr, whose last four bytes give its length. More than
+// maxData bytes is a *ProtocolError naming the message what, and the
+// data is left unread.
+func readOptionData(r io.Reader, hdr []byte, maxData uint32, what fmt.Stringer) ([]byte, error) {
+	n := be.Uint32(hdr[len(hdr)-4:])
 	if n > maxData {
-		return rep, protoErrorf("%v reply %v with %d bytes of data, limit %d", rep.Option, rep.Type, n, maxData)
+		return nil, protoErrorf("%v with %d bytes of data, limit %d", what, n, maxData)
 	}
-	if n > 0 {
-		rep.Data = make([]byte, n)
-		if err := readFull(r, rep.Data); err != nil {
-			return rep, unexpected(err)
-		}
+	if n == 0 {
+		return nil, nil
 	}
-	return rep, nil
+	data := make([]byte, n)
+	if err := readFull(r, data); err != nil {
+		return nil, unexpected(err)
+	}
+	return data, nil
 }
 
 // ExportRequest is the data of NBD_OPT_INFO and NBD_OPT_GO.
@@ -156,8 +178,7 @@ type ExportRequest struct {
 
 // Append appends the wire form of q to b.
 func (q ExportRequest) Append(b []byte) []byte {
-	b = be.AppendUint32(b, uint32(len(q.Name)))
-	b = append(b, q.Name...)
+	b = appendString32(b, q.Name)
 	b = be.AppendUint16(b, uint16(len(q.Infos)))
 	for _, i := range q.Infos {
 		b = be.AppendUint16(b, uint16(i))
@@ -195,12 +216,10 @@ type MetaContextRequest struct {
 
 // Append appends the wire form of q to b.
 func (q MetaContextRequest) Append(b []byte) []byte {
-	b = be.AppendUint32(b, uint32(len(q.Export)))
-	b = append(b, q.Export...)
+	b = appendString32(b, q.Export)
 	b = be.AppendUint32(b, uint32(len(q.Queries)))
 	for _, s := range q.Queries {
-		b = be.AppendUint32(b, uint32(len(s)))
-		b = append(b, s...)
+		b = appendString32(b, s)
 	}
 	return b
 }
@@ -234,6 +253,13 @@ func ParseMetaContextRequest(data []byte) (MetaContextRequest, error) {
 		return MetaContextRequest{}, protoErrorf("metadata context request has %d trailing bytes", len(rest))
 	}
 	return q, nil
+}
+
+// appendString32 appends s with its 32-bit length prefix, as
+// takeString32 reads it.
+func appendString32(b []byte, s string) []byte {
+	b = be.AppendUint32(b, uint32(len(s)))
+	return append(b, s...)
 }
 
 // takeString32 splits a string with a 32-bit length prefix off b.
@@ -332,8 +358,7 @@ func ParseInfo(data []byte) (Info, error) {
 
 // AppendServerReply appends the data of an NBD_REP_SERVER reply.
 func AppendServerReply(b []byte, name, description string) []byte {
-	b = be.AppendUint32(b, uint32(len(name)))
-	b = append(b, name...)
+	b = appendString32(b, name)
 	return append(b, description...)
 }
 
