@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net"
 	"sync"
 	"testing"
@@ -29,65 +28,12 @@ func TestClientAgainstServerModel(t *testing.T) {
 	if i := c.Info(); !i.Structured || !i.BlockStatus || i.MaxBlock != MaxPayload || i.Flags&FlagSendWriteZeroes == 0 {
 		t.Fatalf("negotiated %+v", i)
 	}
-	model := make([]byte, size)
-	ctx := context.Background()
-	var wg sync.WaitGroup
-	errs := make(chan error, workers)
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w), 1))
-			base := int64(w) * size / workers
-			span := int64(size / workers)
-			for i := 0; i < 200; i++ {
-				n := (rng.Int64N(64) + 1) * block
-				off := base + rng.Int64N((span-n)/block+1)*block
-				switch rng.IntN(6) {
-				case 0, 1:
-					p := pattern(int(n), byte(rng.IntN(256)))
-					if err := c.WriteAt(ctx, p, off); err != nil {
-						errs <- err
-						return
-					}
-					copy(model[off:], p)
-				case 2:
-					if err := c.Discard(ctx, off, n); err != nil {
-						errs <- err
-						return
-					}
-					clear(model[off : off+n])
-				case 3:
-					if err := c.WriteZeroes(ctx, off, n); err != nil {
-						errs <- err
-						return
-					}
-					clear(model[off : off+n])
-				case 4:
-					if err := c.Flush(ctx); err != nil {
-						errs <- err
-						return
-					}
-				default:
-					p := make([]byte, n)
-					if err := c.ReadAt(ctx, p, off); err != nil {
-						errs <- err
-						return
-					}
-					if !bytes.Equal(p, model[off:off+n]) {
-						errs <- errors.New("read returned other bytes than written")
-						return
-					}
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	wl := &workload{c: c, model: make([]byte, size), block: block, maxBlocks: 64,
+		kinds: []opKind{opWrite, opWrite, opDiscard, opZeroes, opFlush, opRead}}
+	for _, err := range wl.run(context.Background(), 1, 0, workers-1, size/workers, func(i int) bool { return i < 200 }) {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(m.snapshot(), model) {
+	if !bytes.Equal(m.snapshot(), wl.model) {
 		t.Fatal("export differs from the model")
 	}
 }
@@ -154,12 +100,7 @@ func TestClientTimeoutKeepsConnection(t *testing.T) {
 	m := newMem(1<<20, 512)
 	copy(m.data, pattern(1<<20, 5))
 	slow := make(chan struct{})
-	m.before = func(op string, off, length int64) error {
-		if op == "read" && off == 0 {
-			<-slow
-		}
-		return nil
-	}
+	m.stall("read", 0, 0, func() { <-slow })
 	ts := memServer(t, "unix", m)
 	c := dial(t, ts, Config{Export: "mem", Timeout: 100 * time.Millisecond})
 	ctx := context.Background()
@@ -217,19 +158,10 @@ func TestClientBlockStatus(t *testing.T) {
 func TestClientCloseWaitsAndRefuses(t *testing.T) {
 	checkNoGoroutines(t)
 	m := newMem(1<<20, 512)
-	entered := make(chan struct{}, 1)
-	m.before = func(op string, off, length int64) error {
-		if op == "write" {
-			entered <- struct{}{}
-			time.Sleep(100 * time.Millisecond)
-		}
-		return nil
-	}
+	entered := m.stall("write", -1, 1, func() { time.Sleep(100 * time.Millisecond) })
 	ts := memServer(t, "unix", m)
 	c := dial(t, ts, Config{Export: "mem"})
-	errc := make(chan error, 1)
-	go func() { errc <- c.WriteAt(context.Background(), pattern(512, 4), 0) }()
-	<-entered
+	errc := writeInFlight(c, entered)
 	c.Close()
 	if err := <-errc; err != nil {
 		t.Fatalf("write in flight at Close: %v", err)

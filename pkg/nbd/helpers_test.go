@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -47,6 +49,34 @@ func (m *memBackend) setBefore(f func(op string, off, length int64) error) {
 	m.mu.Unlock()
 }
 
+// stall has each op of m at offset at (any offset when at < 0)
+// announce itself on the returned channel and then call hold before it
+// runs, so that a test knows the request is in flight in the backend.
+// The channel keeps the first n announcements.
+func (m *memBackend) stall(op string, at int64, n int, hold func()) <-chan struct{} {
+	entered := make(chan struct{}, n)
+	m.setBefore(func(o string, off, length int64) error {
+		if o == op && (at < 0 || off == at) {
+			select {
+			case entered <- struct{}{}:
+			default:
+			}
+			hold()
+		}
+		return nil
+	})
+	return entered
+}
+
+// writeInFlight starts a write through c and returns its result once
+// the backend has it, as entered (from stall) says.
+func writeInFlight(c *Client, entered <-chan struct{}) <-chan error {
+	errc := make(chan error, 1)
+	go func() { errc <- c.WriteAt(context.Background(), pattern(512, 4), 0) }()
+	<-entered
+	return errc
+}
+
 func (m *memBackend) count(op string) int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -61,50 +91,35 @@ func (m *memBackend) check(off, length int64) error {
 	return nil
 }
 
-func (m *memBackend) ReadAt(ctx context.Context, p []byte, off int64) error {
-	m.check(off, int64(len(p)))
-	if err := m.hook("read", off, int64(len(p))); err != nil {
+// do runs one request: the check, the hook, then f on the data, under
+// the lock.
+func (m *memBackend) do(op string, off, length int64, f func()) error {
+	m.check(off, length)
+	if err := m.hook(op, off, length); err != nil {
 		return err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	copy(p, m.data[off:])
+	f()
 	return nil
 }
 
+func (m *memBackend) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return m.do("read", off, int64(len(p)), func() { copy(p, m.data[off:]) })
+}
+
 func (m *memBackend) WriteAt(ctx context.Context, p []byte, off int64) error {
-	m.check(off, int64(len(p)))
-	if err := m.hook("write", off, int64(len(p))); err != nil {
-		return err
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	copy(m.data[off:], p)
-	return nil
+	return m.do("write", off, int64(len(p)), func() { copy(m.data[off:], p) })
 }
 
 func (m *memBackend) Flush(ctx context.Context) error { return m.hook("flush", 0, 0) }
 
 func (m *memBackend) Discard(ctx context.Context, off, length int64) error {
-	m.check(off, length)
-	if err := m.hook("discard", off, length); err != nil {
-		return err
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	clear(m.data[off : off+length])
-	return nil
+	return m.do("discard", off, length, func() { clear(m.data[off : off+length]) })
 }
 
 func (m *memBackend) WriteZeroes(ctx context.Context, off, length int64) error {
-	m.check(off, length)
-	if err := m.hook("zero", off, length); err != nil {
-		return err
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	clear(m.data[off : off+length])
-	return nil
+	return m.do("zero", off, length, func() { clear(m.data[off : off+length]) })
 }
 
 func (m *memBackend) Size() int64      { return int64(len(m.data)) }
@@ -360,4 +375,93 @@ func pattern(n int, seed byte) []byte {
 		b[i] = seed + byte(i*7) + byte(i>>9)
 	}
 	return b
+}
+
+// opKind is a kind of request a workload sends.
+type opKind int
+
+const (
+	opWrite opKind = iota
+	opDiscard
+	opZeroes
+	opFlush
+	opRead
+)
+
+// workload sends random requests through c and checks every read
+// against model, what the export must hold. Its goroutines each keep to
+// their own slice of the export, so the model stays exact while
+// requests are pipelined and answered out of order.
+type workload struct {
+	c         *Client
+	model     []byte
+	block     int64
+	maxBlocks int64    // a request is 1 to maxBlocks blocks long
+	kinds     []opKind // drawn uniformly: repeat a kind to weight it
+	done      atomic.Int64
+}
+
+// run starts goroutines first to last, goroutine w seeded with (w, seed)
+// and sending requests within [w*span, (w+1)*span) while more allows,
+// each stopping at its first error. It returns those errors.
+func (wl *workload) run(ctx context.Context, seed uint64, first, last int, span int64, more func(i int) bool) []error {
+	var wg sync.WaitGroup
+	errs := make(chan error, last-first+1)
+	for w := first; w <= last; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), seed))
+			for i := 0; more(i); i++ {
+				if err := wl.op(ctx, rng, int64(w)*span, span); err != nil {
+					errs <- err
+					return
+				}
+				wl.done.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	var all []error
+	for err := range errs {
+		all = append(all, err)
+	}
+	return all
+}
+
+// op sends one request at a block-aligned offset within
+// [base, base+span) and applies what it did to the model.
+func (wl *workload) op(ctx context.Context, rng *rand.Rand, base, span int64) error {
+	n := (rng.Int64N(wl.maxBlocks) + 1) * wl.block
+	off := base + rng.Int64N((span-n)/wl.block+1)*wl.block
+	switch wl.kinds[rng.IntN(len(wl.kinds))] {
+	case opWrite:
+		p := pattern(int(n), byte(rng.IntN(256)))
+		if err := wl.c.WriteAt(ctx, p, off); err != nil {
+			return err
+		}
+		copy(wl.model[off:], p)
+	case opDiscard:
+		if err := wl.c.Discard(ctx, off, n); err != nil {
+			return err
+		}
+		clear(wl.model[off : off+n])
+	case opZeroes:
+		if err := wl.c.WriteZeroes(ctx, off, n); err != nil {
+			return err
+		}
+		clear(wl.model[off : off+n])
+	case opFlush:
+		return wl.c.Flush(ctx)
+	case opRead:
+		p := make([]byte, n)
+		if err := wl.c.ReadAt(ctx, p, off); err != nil {
+			return err
+		}
+		if !bytes.Equal(p, wl.model[off:off+n]) {
+			return fmt.Errorf("read at %d: other bytes than written", off)
+		}
+	}
+	return nil
 }

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -394,49 +393,10 @@ func modelWorkout(t *testing.T, c *Client, workers, ops int) []byte {
 	if err := c.ReadAt(ctx, model, 0); err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	errs := make(chan error, workers)
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w), 7))
-			span := size / int64(workers) / block * block
-			base := int64(w) * span
-			for i := 0; i < ops; i++ {
-				n := (rng.Int64N(32) + 1) * block
-				off := base + rng.Int64N((span-n)/block+1)*block
-				var err error
-				switch rng.IntN(5) {
-				case 0, 1:
-					p := pattern(int(n), byte(rng.IntN(256)))
-					if err = c.WriteAt(ctx, p, off); err == nil {
-						copy(model[off:], p)
-					}
-				case 2:
-					if err = c.Discard(ctx, off, n); err == nil {
-						clear(model[off : off+n])
-					}
-				case 3:
-					if err = c.WriteZeroes(ctx, off, n); err == nil {
-						clear(model[off : off+n])
-					}
-				default:
-					p := make([]byte, n)
-					if err = c.ReadAt(ctx, p, off); err == nil && !bytes.Equal(p, model[off:off+n]) {
-						err = fmt.Errorf("read at %d: other bytes than written", off)
-					}
-				}
-				if err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	wl := &workload{c: c, model: model, block: block, maxBlocks: 32,
+		kinds: []opKind{opWrite, opWrite, opDiscard, opZeroes, opRead}}
+	span := size / int64(workers) / block * block
+	for _, err := range wl.run(ctx, 7, 0, workers-1, span, func(i int) bool { return i < ops }) {
 		t.Fatal(err)
 	}
 	if err := c.Flush(ctx); err != nil {

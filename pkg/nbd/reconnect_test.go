@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"math/rand/v2"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -185,7 +184,6 @@ func TestClientSurvivesServerRestart(t *testing.T) {
 
 	model := make([]byte, size)
 	var stop atomic.Bool
-	var ops atomic.Int64
 	var wg sync.WaitGroup
 	errs := make(chan error, workers+1)
 	// The hanging write: in flight, in the old server's backend, when
@@ -200,51 +198,26 @@ func TestClientSurvivesServerRestart(t *testing.T) {
 	}()
 	<-hung
 	copy(model, hangData)
-	for w := 1; w <= workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w), 2))
-			span := int64(size/(workers+1)) / block * block
-			base := int64(w) * span
-			for !stop.Load() {
-				n := (rng.Int64N(32) + 1) * block
-				off := base + rng.Int64N((span-n)/block+1)*block
-				var err error
-				switch rng.IntN(4) {
-				case 0, 1:
-					p := pattern(int(n), byte(rng.IntN(256)))
-					if err = c.WriteAt(ctx, p, off); err == nil {
-						copy(model[off:], p)
-					}
-				case 2:
-					if err = c.WriteZeroes(ctx, off, n); err == nil {
-						clear(model[off : off+n])
-					}
-				default:
-					p := make([]byte, n)
-					if err = c.ReadAt(ctx, p, off); err == nil && !bytes.Equal(p, model[off:off+n]) {
-						err = errors.New("read returned other bytes than written")
-					}
-				}
-				if err != nil {
-					errs <- err
-					return
-				}
-				ops.Add(1)
-			}
-		}()
-	}
+	wl := &workload{c: c, model: model, block: block, maxBlocks: 32,
+		kinds: []opKind{opWrite, opWrite, opZeroes, opRead}}
+	span := int64(size/(workers+1)) / block * block
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for _, err := range wl.run(ctx, 2, 1, workers, span, func(int) bool { return !stop.Load() }) {
+			errs <- err
+		}
+	}()
 	time.Sleep(100 * time.Millisecond)
 	killServer(s1, life1)
-	before := ops.Load()
+	before := wl.done.Load()
 	time.Sleep(300 * time.Millisecond)
-	if during := ops.Load() - before; during > workers {
+	if during := wl.done.Load() - before; during > workers {
 		t.Errorf("%d requests completed while no server ran", during)
 	}
 	restartOn(t, "tcp", s1.Addr, m)
 	waitState(t, c, Connected)
-	after := ops.Load()
+	after := wl.done.Load()
 	time.Sleep(200 * time.Millisecond)
 	stop.Store(true)
 	wg.Wait()
@@ -252,7 +225,7 @@ func TestClientSurvivesServerRestart(t *testing.T) {
 	for err := range errs {
 		t.Errorf("request across the restart: %v", err)
 	}
-	if ops.Load() == after {
+	if wl.done.Load() == after {
 		t.Error("no request completed after the restart")
 	}
 	if !bytes.Equal(m.snapshot(), model) {

@@ -276,12 +276,7 @@ func TestRepliesOutOfOrder(t *testing.T) {
 	checkNoGoroutines(t)
 	m := newMem(1<<20, 512)
 	release := make(chan struct{})
-	m.before = func(op string, off, length int64) error {
-		if op == "read" && off == 0 {
-			<-release
-		}
-		return nil
-	}
+	m.stall("read", 0, 0, func() { <-release })
 	ts := memServer(t, "unix", m)
 	c := dial(t, ts, Config{Export: "mem"})
 	ctx := context.Background()
@@ -310,15 +305,8 @@ func TestRepliesOutOfOrder(t *testing.T) {
 func TestShutdownFinishesRequestsInFlight(t *testing.T) {
 	checkNoGoroutines(t)
 	m := newMem(1<<20, 512)
-	entered := make(chan struct{}, 8)
 	release := make(chan struct{})
-	m.before = func(op string, off, length int64) error {
-		if op == "write" {
-			entered <- struct{}{}
-			<-release
-		}
-		return nil
-	}
+	entered := m.stall("write", -1, 8, func() { <-release })
 	ts := memServer(t, "unix", m)
 	c := dial(t, ts, Config{Export: "mem", MinBackoff: time.Hour})
 	ctx := context.Background()
@@ -382,19 +370,10 @@ func TestShutdownFinishesRequestsInFlight(t *testing.T) {
 func TestShutdownDeadlineForcesClose(t *testing.T) {
 	checkNoGoroutines(t)
 	m := newMem(1<<20, 512)
-	entered := make(chan struct{}, 1)
-	m.before = func(op string, off, length int64) error {
-		if op == "write" {
-			entered <- struct{}{}
-			time.Sleep(300 * time.Millisecond)
-		}
-		return nil
-	}
+	entered := m.stall("write", -1, 1, func() { time.Sleep(300 * time.Millisecond) })
 	ts := memServer(t, "unix", m)
 	c := dial(t, ts, Config{Export: "mem", MinBackoff: time.Hour, Timeout: time.Second})
-	errc := make(chan error, 1)
-	go func() { errc <- c.WriteAt(context.Background(), make([]byte, 512), 0) }()
-	<-entered
+	errc := writeInFlight(c, entered)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 	defer cancel()
 	if err := ts.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
