@@ -4,38 +4,11 @@
 # replicas read quorum. Prints a table; asserts nothing. See bench/README.md.
 set -Eeuo pipefail
 
-usage() {
-	cat <<EOF
-usage: $0 [--runtime SECS] [--ramp SECS] [--size SIZE] [--workdir DIR]
-
-  --runtime SECS  measured seconds per fio pattern (default 10)
-  --ramp SECS     fio ramp time before measuring (default 2)
-  --size SIZE     size of every backing file and volume (default 2G)
-  --workdir DIR   folder on the filesystem to measure (default /var/tmp);
-                  a fresh subfolder is made there and removed afterwards
-EOF
-}
-
-RUNTIME=10
-RAMP=2
-SIZE=2G
-WORKDIR=/var/tmp
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-bench_options usage --runtime RUNTIME --ramp RAMP --size SIZE --workdir WORKDIR -- "$@"
-want_count --runtime "$RUNTIME"
-want_count --ramp "$RAMP" 0
-want_size SIZE_BYTES --size "$SIZE" $((1 << 20))
-need_tools go fio losetup blockdev python3 setsid
-
-bench_init device "$WORKDIR"
+fio_bench device 2G "size of every backing file and volume (default 2G)" "$@"
 # raw + 1 replica + 3 replicas
 need_space $((SIZE_BYTES * 5 + (64 << 20)))
-
-START=$SECONDS
-RESULTS=$WORK/results.tsv
-: >"$RESULTS"
-FAILED=0
 
 # name rw bs iodepth
 PATTERNS=(
@@ -82,7 +55,7 @@ attach_stop_checked "$PID" || FAILED=1
 ELAPSED=$((SECONDS - START))
 
 HEADER1="quorumctl device benchmark: fio libaio direct=1, runtime ${RUNTIME}s (+${RAMP}s ramp), size $SIZE ($SIZE_BYTES bytes)"
-HEADER2="backing files in ${WORK%/*} ($(df --output=fstype "$WORK" | tail -n1 | tr -d ' ') on $(df --output=source "$WORK" | tail -n1 | tr -d ' ')), $(nproc) CPUs, kernel $(uname -r)"
+HEADER2="backing files in $(work_host)"
 python3 - "$RESULTS" "$HEADER1" "$HEADER2" "$ELAPSED" <<'EOF'
 import sys
 

@@ -126,7 +126,7 @@ fi
 
 ELAPSED=$((SECONDS - START))
 HEADER1="engine benchmark: qemu-img bench (QEMU quorum driver, -t none -i $AIO) vs quorumctl bench, 3 replicas of $SIZE, vote-threshold 2, depth $DEPTH"
-HEADER2="images in ${WORK%/*} ($(df --output=fstype "$WORK" | tail -n1 | tr -d ' ') on $(df --output=source "$WORK" | tail -n1 | tr -d ' ')), $(nproc) CPUs, kernel $(uname -r), $(qemu-img --version | head -n1)"
+HEADER2="images in $(work_host), $(qemu-img --version | head -n1)"
 python3 - "$RESULTS" "$HEADER1" "$HEADER2" "$ELAPSED" <<'EOF'
 import sys
 print()

@@ -117,6 +117,51 @@ need_tools() {
 	done
 }
 
+# fio_bench NAME SIZE SIZE_HELP ARGS...: the start of the fio device
+# benchmarks (device.sh, nbd.sh), which take the same command line:
+# parses ARGS into RUNTIME, RAMP, SIZE (default SIZE, described in the
+# usage as SIZE_HELP; in bytes SIZE_BYTES) and WORKDIR, checks the tools
+# and makes the work folder (bench_init). Then START is the time the
+# runs start, RESULTS an empty file for run_patterns, and FAILED 0.
+fio_bench() {
+	local name=$1
+	SIZE=$2
+	FIO_SIZE_HELP=$3
+	shift 3
+	RUNTIME=10
+	RAMP=2
+	WORKDIR=/var/tmp
+	bench_options fio_bench_usage --runtime RUNTIME --ramp RAMP --size SIZE --workdir WORKDIR -- "$@"
+	want_count --runtime "$RUNTIME"
+	want_count --ramp "$RAMP" 0
+	want_size SIZE_BYTES --size "$SIZE" $((1 << 20))
+	need_tools go fio losetup blockdev python3 setsid
+	bench_init "$name" "$WORKDIR"
+	START=$SECONDS
+	RESULTS=$WORK/results.tsv
+	: >"$RESULTS"
+	FAILED=0
+}
+
+fio_bench_usage() {
+	cat <<EOF
+usage: $0 [--runtime SECS] [--ramp SECS] [--size SIZE] [--workdir DIR]
+
+  --runtime SECS  measured seconds per fio pattern (default 10)
+  --ramp SECS     fio ramp time before measuring (default 2)
+  --size SIZE     $FIO_SIZE_HELP
+  --workdir DIR   folder on the filesystem to measure (default /var/tmp);
+                  a fresh subfolder is made there and removed afterwards
+EOF
+}
+
+# work_host describes where the benchmark ran, for its table's header:
+# the work folder's parent, its filesystem and device, the CPUs and the
+# kernel.
+work_host() {
+	echo "${WORK%/*} ($(df --output=fstype "$WORK" | tail -n1 | tr -d ' ') on $(df --output=source "$WORK" | tail -n1 | tr -d ' ')), $(nproc) CPUs, kernel $(uname -r)"
+}
+
 # bench_init NAME WORKDIR_PARENT: checks we are root, makes $WORK and
 # $BINDIR, installs the cleanup traps and builds quorumctl.
 bench_init() {

@@ -6,37 +6,10 @@
 # nothing. See bench/README.md.
 set -Eeuo pipefail
 
-usage() {
-	cat <<EOF
-usage: $0 [--runtime SECS] [--ramp SECS] [--size SIZE] [--workdir DIR]
-
-  --runtime SECS  measured seconds per fio pattern (default 10)
-  --ramp SECS     fio ramp time before measuring (default 2)
-  --size SIZE     size of the volume and of each replica (default 1G)
-  --workdir DIR   folder on the filesystem to measure (default /var/tmp);
-                  a fresh subfolder is made there and removed afterwards
-EOF
-}
-
-RUNTIME=10
-RAMP=2
-SIZE=1G
-WORKDIR=/var/tmp
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-bench_options usage --runtime RUNTIME --ramp RAMP --size SIZE --workdir WORKDIR -- "$@"
-want_count --runtime "$RUNTIME"
-want_count --ramp "$RAMP" 0
-want_size SIZE_BYTES --size "$SIZE" $((1 << 20))
-need_tools go fio losetup blockdev python3 setsid
-
-bench_init nbd "$WORKDIR"
+fio_bench nbd 1G "size of the volume and of each replica (default 1G)" "$@"
 need_space $((SIZE_BYTES * 3 + (64 << 20)))
-
-START=$SECONDS
-RESULTS=$WORK/results.tsv
-: >"$RESULTS"
-FAILED=0
 PATTERNS=(
 	"4k randread QD32|randread|4k|32"
 	"4k randwrite QD32|randwrite|4k|32"
@@ -73,7 +46,7 @@ done
 
 ELAPSED=$((SECONDS - START))
 HEADER1="quorumctl NBD benchmark: 3 replicas, all local files vs a local file + 2 quorumctl serve on 127.0.0.1; fio libaio direct=1, runtime ${RUNTIME}s (+${RAMP}s ramp), size $SIZE"
-HEADER2="replica files in ${WORK%/*} ($(df --output=fstype "$WORK" | tail -n1 | tr -d ' ') on $(df --output=source "$WORK" | tail -n1 | tr -d ' ')), $(nproc) CPUs, kernel $(uname -r)"
+HEADER2="replica files in $(work_host)"
 python3 - "$RESULTS" "$HEADER1" "$HEADER2" "$ELAPSED" <<'PY'
 import sys
 res, rows = {}, []
