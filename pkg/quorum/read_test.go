@@ -25,6 +25,33 @@ func setupReads(r *rig, labels []string) {
 	}
 }
 
+// readVersion reads the first 512 bytes through r's engine, which must
+// return the version want (a label of contents) or, when want is "",
+// fail with a quorum failure. It returns the events the read must have
+// reported: REPORT_BAD for each child of bad, and QUORUM_FAILURE.
+func readVersion(t *testing.T, r *rig, want string, bad []string) []string {
+	t.Helper()
+	p := make([]byte, 512)
+	err := r.e.ReadAt(context.Background(), p, 0)
+	var events []string
+	for _, b := range bad {
+		events = append(events, "REPORT_BAD:"+b)
+	}
+	if want == "" {
+		if !errors.Is(err, ErrQuorumFailure) {
+			t.Fatalf("err = %v, want quorum failure", err)
+		}
+		return append(events, "QUORUM_FAILURE")
+	}
+	if err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if !bytes.Equal(p, pattern(contents[want], 512)) {
+		t.Fatalf("read %x..., want version %s", p[:4], want)
+	}
+	return events
+}
+
 func TestQuorumRead(t *testing.T) {
 	tests := []struct {
 		labels    []string
@@ -60,25 +87,7 @@ func TestQuorumRead(t *testing.T) {
 		t.Run(fmt.Sprintf("%v/t=%d", tc.labels, tc.threshold), func(t *testing.T) {
 			r := newRig(t, len(tc.labels), 4096, Config{VoteThreshold: tc.threshold})
 			setupReads(r, tc.labels)
-			p := make([]byte, 512)
-			err := r.e.ReadAt(context.Background(), p, 0)
-			var want []string
-			for _, b := range tc.bad {
-				want = append(want, "REPORT_BAD:"+b)
-			}
-			if tc.want == "" {
-				if !errors.Is(err, ErrQuorumFailure) {
-					t.Fatalf("err = %v, want quorum failure", err)
-				}
-				want = append(want, "QUORUM_FAILURE")
-			} else {
-				if err != nil {
-					t.Fatalf("read: %v", err)
-				}
-				if !bytes.Equal(p, pattern(contents[tc.want], 512)) {
-					t.Fatalf("read %x..., want version %s", p[:4], tc.want)
-				}
-			}
+			want := readVersion(t, r, tc.want, tc.bad)
 			got := r.events.summary()
 			slices.Sort(got)
 			slices.Sort(want)
@@ -197,20 +206,7 @@ func TestFIFORead(t *testing.T) {
 			}
 			r.events.events = nil
 			setupReads(r, tc.labels)
-			p := make([]byte, 512)
-			err := r.e.ReadAt(context.Background(), p, 0)
-			var want []string
-			for _, b := range tc.bad {
-				want = append(want, "REPORT_BAD:"+b)
-			}
-			if tc.want == "" {
-				if !errors.Is(err, ErrQuorumFailure) {
-					t.Fatalf("err = %v, want quorum failure", err)
-				}
-				want = append(want, "QUORUM_FAILURE")
-			} else if err != nil || p[0] != contents[tc.want] {
-				t.Fatalf("read %x err %v, want version %s", p[0], err, tc.want)
-			}
+			want := readVersion(t, r, tc.want, tc.bad)
 			var read []int
 			for i, k := range r.kids {
 				if k.count(OpRead) > 0 {
