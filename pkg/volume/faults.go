@@ -27,18 +27,7 @@ func watchFaults(ctx context.Context, c quorum.Child, control string, interval t
 		f.on.Store(err == nil)
 	}
 	check()
-	go func() {
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				check()
-			}
-		}
-	}()
+	go every(ctx, interval, check)
 	return f
 }
 

@@ -71,6 +71,11 @@ func (v *Volume) Scrub(ctx context.Context, rate int64) (quorum.ScrubStats, erro
 // ProbeEvery asks the faulty replicas every interval whether they answer
 // again (which starts their resync), until ctx ends.
 func (v *Volume) ProbeEvery(ctx context.Context, interval time.Duration) {
+	every(ctx, interval, func() { v.Probe(ctx) })
+}
+
+// every calls fn every interval until ctx ends.
+func every(ctx context.Context, interval time.Duration, fn func()) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -78,7 +83,7 @@ func (v *Volume) ProbeEvery(ctx context.Context, interval time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			v.Probe(ctx)
+			fn()
 		}
 	}
 }
