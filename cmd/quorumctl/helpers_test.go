@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -79,25 +78,12 @@ func replicas(t *testing.T, dir, size string, names ...string) []string {
 type daemon struct {
 	t      *testing.T
 	cmd    *exec.Cmd
-	mu     sync.Mutex
-	stderr bytes.Buffer
+	stderr testutil.SyncBuffer
 	exited chan struct{} // closed once the process is reaped; then err is set
 	err    error
 }
 
-// Write collects stderr, so that the test can read it while the
-// process writes.
-func (d *daemon) Write(p []byte) (int, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.stderr.Write(p)
-}
-
-func (d *daemon) logs() string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.stderr.String()
-}
+func (d *daemon) logs() string { return d.stderr.String() }
 
 // startDaemon runs argv and returns it with its first stdout line. The
 // test's cleanup stops it with SIGTERM, and kills it (failing the test)
@@ -109,7 +95,7 @@ func startDaemon(t *testing.T, argv ...string) (*daemon, string) {
 	// The race detector sleeps a second before a process exits, which
 	// the handover tests would count as the stall of a handover.
 	d.cmd.Env = append(os.Environ(), "GORACE="+strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
-	d.cmd.Stderr = d
+	d.cmd.Stderr = &d.stderr
 	stdout, err := d.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

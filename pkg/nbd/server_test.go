@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/quorum-csi/quorum-csi/internal/testutil"
 )
 
 func memServer(t testing.TB, network string, m Backend, mods ...func(*ServerConfig)) *testServer {
@@ -239,7 +241,7 @@ func TestRequestErrors(t *testing.T) {
 func TestMalformedRequestClosesOnlyThatConnection(t *testing.T) {
 	checkNoGoroutines(t)
 	m := newMem(1<<20, 512)
-	var logs logBuffer
+	var logs testutil.SyncBuffer
 	ts := memServer(t, "unix", m, func(c *ServerConfig) {
 		c.Logger = slog.New(slog.NewTextHandler(&logs, nil))
 	})
