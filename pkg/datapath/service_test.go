@@ -41,6 +41,21 @@ func startService(t *testing.T, state string) (*Service, *Client) {
 
 // unstageAll removes whatever the service still serves when the test
 // ends, so that a failing test leaves no device behind.
+// newReplicas creates 16 MiB replica images with the given names in a
+// folder of their own.
+func newReplicas(t *testing.T, names ...string) []string {
+	t.Helper()
+	dir := t.TempDir()
+	var ps []string
+	for _, n := range names {
+		ps = append(ps, filepath.Join(dir, n))
+	}
+	if err := replica.Create(ps, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	return ps
+}
+
 func unstageAll(t *testing.T, svc *Service) {
 	t.Cleanup(func() {
 		for _, st := range svc.List() {
@@ -74,11 +89,7 @@ func directIO(t *testing.T, dev string, write bool, p []byte, off int64) {
 // requests are refused with what is wrong.
 func TestTakeOver(t *testing.T) {
 	testutil.RequireKernel(t)
-	dir := t.TempDir()
-	reps := []string{filepath.Join(dir, "a"), filepath.Join(dir, "b"), filepath.Join(dir, "c")}
-	if err := replica.Create(reps, 16<<20); err != nil {
-		t.Fatal(err)
-	}
+	reps := newReplicas(t, "a", "b", "c")
 	state := t.TempDir()
 	svc, c := startService(t, state)
 	unstageAll(t, svc)
@@ -185,11 +196,7 @@ func TestTakeOver(t *testing.T) {
 // new device nobody holds: it is reported lost, its record removed.
 func TestLostDevice(t *testing.T) {
 	testutil.RequireKernel(t)
-	dir := t.TempDir()
-	reps := []string{filepath.Join(dir, "a"), filepath.Join(dir, "b")}
-	if err := replica.Create(reps, 16<<20); err != nil {
-		t.Fatal(err)
-	}
+	reps := newReplicas(t, "a", "b")
 	state := t.TempDir()
 	s := store{dir: filepath.Join(state, "volumes")}
 	rec := Record{StageRequest: StageRequest{VolumeID: "gone", Replicas: reps, Epoch: 1, VoteThreshold: 1, ReadPattern: "quorum", StagingPath: "/s"},

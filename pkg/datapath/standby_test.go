@@ -85,11 +85,7 @@ func recordOnDisk(t *testing.T, state, id string) map[string]any {
 // source's writes fail from then on; the source unstages cleanly.
 func TestStandbyStage(t *testing.T) {
 	testutil.RequireKernel(t)
-	dir := t.TempDir()
-	reps := []string{filepath.Join(dir, "a"), filepath.Join(dir, "b"), filepath.Join(dir, "c")}
-	if err := replica.Create(reps, 16<<20); err != nil {
-		t.Fatal(err)
-	}
+	reps := newReplicas(t, "a", "b", "c")
 	uris := serveReplicas(t, reps...)
 	ctx := t.Context()
 	srcSvc, src := startService(t, t.TempDir())
@@ -178,11 +174,7 @@ func TestStandbyStage(t *testing.T) {
 // replicas over at once; its record and status follow.
 func TestActivateAPI(t *testing.T) {
 	testutil.RequireKernel(t)
-	dir := t.TempDir()
-	reps := []string{filepath.Join(dir, "a"), filepath.Join(dir, "b")}
-	if err := replica.Create(reps, 16<<20); err != nil {
-		t.Fatal(err)
-	}
+	reps := newReplicas(t, "a", "b")
 	uris := serveReplicas(t, reps...)
 	state := t.TempDir()
 	svc, c := startService(t, state)
