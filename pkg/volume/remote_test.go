@@ -73,6 +73,15 @@ func (s *replicaServer) uri(i int) string {
 	return "nbd://" + s.addr + "/" + filepath.Base(s.paths[i])
 }
 
+// servedReplicas creates three 4 MiB replicas and serves them all from
+// one server, which uris name in order.
+func servedReplicas(t *testing.T) (ps []string, srv *replicaServer, uris []string) {
+	t.Helper()
+	ps = newReplicas(t, t.TempDir(), 4<<20, "a", "b", "c")
+	srv = startReplicaServer(t, "127.0.0.1:0", ps...)
+	return ps, srv, []string{srv.uri(0), srv.uri(1), srv.uri(2)}
+}
+
 // stop ends the server abruptly (connections dropped, as when its
 // process dies) and releases the replicas.
 func (s *replicaServer) stop() {
@@ -246,10 +255,7 @@ func TestRemoteReplicaServerRestarts(t *testing.T) {
 }
 
 func TestRemoteFencing(t *testing.T) {
-	dir := t.TempDir()
-	ps := newReplicas(t, dir, 4<<20, "a", "b", "c")
-	srv := startReplicaServer(t, "127.0.0.1:0", ps...)
-	uris := []string{srv.uri(0), srv.uri(1), srv.uri(2)}
+	ps, srv, uris := servedReplicas(t)
 	ctx := context.Background()
 	old, err := Open(ctx, uris, Options{Epoch: 1})
 	if err != nil {

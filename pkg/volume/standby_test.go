@@ -36,10 +36,7 @@ func readBlock(t *testing.T, v *Volume, off int64) byte {
 // identical with the source's data before the activation and the
 // standby's after it.
 func TestStandbyOpen(t *testing.T) {
-	dir := t.TempDir()
-	ps := newReplicas(t, dir, 4<<20, "a", "b", "c")
-	srv := startReplicaServer(t, "127.0.0.1:0", ps...)
-	uris := []string{srv.uri(0), srv.uri(1), srv.uri(2)}
+	ps, srv, uris := servedReplicas(t)
 	ctx := context.Background()
 	var bad *failingChild
 	src, err := Open(ctx, uris, small(Options{Epoch: 1, wrapChild: func(i int, c quorum.Child) quorum.Child {
@@ -136,9 +133,7 @@ func TestStandbyDetachWritesNothing(t *testing.T) {
 // epoch 1 and a standby with epoch 2.
 func migration(t *testing.T) (ps []string, srv *replicaServer, src, tgt *Volume) {
 	t.Helper()
-	ps = newReplicas(t, t.TempDir(), 4<<20, "a", "b", "c")
-	srv = startReplicaServer(t, "127.0.0.1:0", ps...)
-	uris := []string{srv.uri(0), srv.uri(1), srv.uri(2)}
+	ps, srv, uris := servedReplicas(t)
 	var err error
 	if src, err = Open(context.Background(), uris, small(Options{Epoch: 1})); err != nil {
 		t.Fatal(err)
