@@ -36,6 +36,19 @@ func TestReconciler(t *testing.T) {
 
 func group(g string) map[string]string { return map[string]string{"group": g} }
 
+// placedInGroup makes four live nodes g-a to g-d labelled group=g and a
+// three-replica volume g placed on them, and waits for its placement.
+func (e *env) placedInGroup(g string) *v1alpha1.QuorumVolume {
+	e.t.Helper()
+	for _, s := range []string{"a", "b", "c", "d"} {
+		n := g + "-" + s
+		e.node(n, "group", g)
+		e.renew(n, long)
+	}
+	e.createQV(g, 3, v1alpha1.Placement{NodeSelector: group(g)})
+	return e.waitFor(g, "three replicas placed", placedAll(3))
+}
+
 func placedAll(n int) func(*v1alpha1.QuorumVolume) bool {
 	return func(qv *v1alpha1.QuorumVolume) bool { return len(qv.Status.Replicas) == n }
 }
@@ -248,12 +261,7 @@ func testLeaseExpiry(e *env) {
 // removed once the replacement is Healthy.
 func testNodeDeleted(e *env) {
 	t := e.t
-	for _, n := range []string{"gone-a", "gone-b", "gone-c", "gone-d"} {
-		e.node(n, "group", "gone")
-		e.renew(n, long)
-	}
-	e.createQV("gone", 3, v1alpha1.Placement{NodeSelector: group("gone")})
-	qv := e.waitFor("gone", "three replicas placed", placedAll(3))
+	qv := e.placedInGroup("gone")
 	if got := nodesOf(qv); !slices.Equal(got, []string{"gone-a", "gone-b", "gone-c"}) {
 		t.Fatalf("replicas on %v, want gone-a, gone-b, gone-c", got)
 	}
@@ -291,12 +299,7 @@ func testNodeDeleted(e *env) {
 // entries, or until the remaining ones are on nodes that are gone.
 func testFinalizer(e *env) {
 	t := e.t
-	for _, n := range []string{"fin-a", "fin-b", "fin-c", "fin-d"} {
-		e.node(n, "group", "fin")
-		e.renew(n, long)
-	}
-	e.createQV("fin", 3, v1alpha1.Placement{NodeSelector: group("fin")})
-	qv := e.waitFor("fin", "three replicas placed", placedAll(3))
+	qv := e.placedInGroup("fin")
 	// The least loaded node left is fin-d.
 	e.createQV("fin-one", 1, v1alpha1.Placement{NodeSelector: group("fin")})
 	one := e.waitFor("fin-one", "one replica placed", placedAll(1))
@@ -349,15 +352,7 @@ func testMigrationHoldsRebuild(e *env) {
 			ctx := t.Context()
 			rec := contract.NewEventRecorder(e.c, FieldManager, "test")
 			g := "mig-" + tc.end
-			var nodes []string
-			for _, s := range []string{"a", "b", "c", "d"} {
-				n := g + "-" + s
-				nodes = append(nodes, n)
-				e.node(n, "group", g)
-				e.renew(n, long)
-			}
-			e.createQV(g, 3, v1alpha1.Placement{NodeSelector: group(g)})
-			qv := e.waitFor(g, "three replicas placed", placedAll(3))
+			qv := e.placedInGroup(g)
 			for _, r := range qv.Status.Replicas {
 				e.reportHealthy(g, r.Name)
 			}
@@ -369,7 +364,7 @@ func testMigrationHoldsRebuild(e *env) {
 				}
 			}
 
-			e.deleteNode(nodes[0])
+			e.deleteNode(g + "-a")
 			qv = e.waitFor(g, "Placed False, MigrationInProgress", func(qv *v1alpha1.QuorumVolume) bool {
 				c := meta.FindStatusCondition(qv.Status.Conditions, ConditionPlaced)
 				return c != nil && c.Reason == ReasonMigrationInProgress
@@ -383,8 +378,8 @@ func testMigrationHoldsRebuild(e *env) {
 				t.Fatal(err)
 			}
 			qv = e.waitFor(g, "a replacement once the migration ended", placedAll(4))
-			if r := replicaOn(qv, nodes[3]); r == nil || r.Name != "r3" {
-				t.Errorf("replacement %+v, want r3 on %s", r, nodes[3])
+			if r := replicaOn(qv, g+"-d"); r == nil || r.Name != "r3" {
+				t.Errorf("replacement %+v, want r3 on %s", r, g+"-d")
 			}
 			if c := meta.FindStatusCondition(qv.Status.Conditions, ConditionPlaced); c == nil || c.Reason != ReasonPlaced {
 				t.Errorf("condition Placed %+v, want reason Placed", c)
