@@ -222,6 +222,15 @@ func TestResizer(t *testing.T) {
 			status: corev1.PersistentVolumeClaimNodeResizePending, conditions: "FileSystemResizePending,Resizing"}
 	}
 	unchanged := claimState{volumeSize: "1Mi", pvCapacity: "1Mi", capacity: "1Mi"}
+	// claimed is re for subtest t, with a 1 MiB volume and a claim of it
+	// both named name; it returns the volume's ID.
+	claimed := func(t *testing.T, name string) (resizeEnv, string) {
+		e := resizeEnv{re.env}
+		e.t = t
+		vol := e.volume(name, "1Mi")
+		e.claim(name, DriverName, vol, "1Mi", "1Mi")
+		return e, vol
+	}
 	for _, tc := range []struct {
 		name    string
 		driver  string
@@ -303,10 +312,7 @@ func TestResizer(t *testing.T) {
 	}
 
 	t.Run("recover from infeasible", func(t *testing.T) {
-		e := resizeEnv{re.env}
-		e.t = t
-		vol := e.volume("c-recover", "1Mi")
-		e.claim("c-recover", DriverName, vol, "1Mi", "1Mi")
+		e, vol := claimed(t, "c-recover")
 		e.request("c-recover", "9223372036854775807")
 		e.poll("c-recover infeasible", func(context.Context) bool {
 			return e.state("c-recover", vol).status == corev1.PersistentVolumeClaimControllerResizeInfeasible
@@ -321,10 +327,7 @@ func TestResizer(t *testing.T) {
 	})
 
 	t.Run("shrink while the node expands", func(t *testing.T) {
-		e := resizeEnv{re.env}
-		e.t = t
-		vol := e.volume("c-shrink", "1Mi")
-		e.claim("c-shrink", DriverName, vol, "1Mi", "1Mi")
+		e, vol := claimed(t, "c-shrink")
 		e.request("c-shrink", "2Mi")
 		want := growing("2Mi")
 		e.poll("c-shrink expanded", func(context.Context) bool { return e.state("c-shrink", vol) == want })
@@ -339,11 +342,8 @@ func TestResizer(t *testing.T) {
 	})
 
 	t.Run("published", func(t *testing.T) {
-		e := resizeEnv{re.env}
-		e.t = t
+		e, vol := claimed(t, "c-published")
 		ctx := t.Context()
-		vol := e.volume("c-published", "1Mi")
-		e.claim("c-published", DriverName, vol, "1Mi", "1Mi")
 		if _, err := e.ctl.ControllerPublishVolume(ctx, &csipb.ControllerPublishVolumeRequest{
 			VolumeId: vol, NodeId: "node-a", VolumeCapability: mountCap(snw, ""),
 		}); err != nil {
