@@ -22,18 +22,27 @@ func unhex(t testing.TB, s string) []byte {
 	return b
 }
 
-func TestGreetingBytes(t *testing.T) {
+// wireBytes writes v with write, checks that it wrote exactly want (hex,
+// spaces ignored) and returns what read makes of those bytes.
+func wireBytes[T any](t *testing.T, v T, want string, write func(io.Writer, T) error, read func(io.Reader) (T, error)) T {
+	t.Helper()
 	var buf bytes.Buffer
-	if err := WriteGreeting(&buf, FlagFixedNewstyle|FlagNoZeroes); err != nil {
+	if err := write(&buf, v); err != nil {
 		t.Fatal(err)
 	}
-	want := unhex(t, "4e42444d41474943 49484156454f5054 0003")
-	if !bytes.Equal(buf.Bytes(), want) {
-		t.Fatalf("greeting\n got %x\nwant %x", buf.Bytes(), want)
+	if w := unhex(t, want); !bytes.Equal(buf.Bytes(), w) {
+		t.Fatalf("\n got %x\nwant %x", buf.Bytes(), w)
 	}
-	f, err := ReadGreeting(&buf)
-	if err != nil || f != FlagFixedNewstyle|FlagNoZeroes {
-		t.Fatalf("ReadGreeting = %v, %v", f, err)
+	got, err := read(&buf)
+	if err != nil {
+		t.Fatalf("read back: %v", err)
+	}
+	return got
+}
+
+func TestGreetingBytes(t *testing.T) {
+	if f := wireBytes(t, FlagFixedNewstyle|FlagNoZeroes, "4e42444d41474943 49484156454f5054 0003", WriteGreeting, ReadGreeting); f != FlagFixedNewstyle|FlagNoZeroes {
+		t.Fatalf("ReadGreeting = %v", f)
 	}
 	// An oldstyle server sends cliserv_magic instead of IHAVEOPT.
 	old := unhex(t, "4e42444d41474943 0000420281861253 0000")
@@ -41,7 +50,7 @@ func TestGreetingBytes(t *testing.T) {
 		t.Fatalf("oldstyle greeting: %v, want a protocol error", err)
 	}
 
-	buf.Reset()
+	var buf bytes.Buffer
 	WriteClientFlags(&buf, FlagCFixedNewstyle|FlagCNoZeroes)
 	if want := unhex(t, "00000003"); !bytes.Equal(buf.Bytes(), want) {
 		t.Fatalf("client flags %x", buf.Bytes())
@@ -73,18 +82,7 @@ func TestOptionBytes(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var buf bytes.Buffer
-			if err := WriteOption(&buf, tt.opt); err != nil {
-				t.Fatal(err)
-			}
-			want := unhex(t, tt.want)
-			if !bytes.Equal(buf.Bytes(), want) {
-				t.Fatalf("\n got %x\nwant %x", buf.Bytes(), want)
-			}
-			got, err := ReadOption(&buf, 1<<16)
-			if err != nil {
-				t.Fatal(err)
-			}
+			got := wireBytes(t, tt.opt, tt.want, WriteOption, func(r io.Reader) (OptionRequest, error) { return ReadOption(r, 1<<16) })
 			if got.Option != tt.opt.Option || !bytes.Equal(got.Data, tt.opt.Data) {
 				t.Fatalf("round trip: %+v, want %+v", got, tt.opt)
 			}
@@ -163,17 +161,9 @@ func TestOptionReplyBytes(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var buf bytes.Buffer
-			if err := WriteOptionReply(&buf, tt.rep); err != nil {
-				t.Fatal(err)
-			}
-			want := unhex(t, tt.want)
-			if !bytes.Equal(buf.Bytes(), want) {
-				t.Fatalf("\n got %x\nwant %x", buf.Bytes(), want)
-			}
-			got, err := ReadOptionReply(&buf, 1<<16)
-			if err != nil || !reflect.DeepEqual(got, tt.rep) {
-				t.Fatalf("round trip: %+v, %v", got, err)
+			got := wireBytes(t, tt.rep, tt.want, WriteOptionReply, func(r io.Reader) (OptionReply, error) { return ReadOptionReply(r, 1<<16) })
+			if !reflect.DeepEqual(got, tt.rep) {
+				t.Fatalf("round trip: %+v, want %+v", got, tt.rep)
 			}
 		})
 	}
@@ -219,18 +209,11 @@ func TestExportNameReplyBytes(t *testing.T) {
 
 func TestRequestBytes(t *testing.T) {
 	q := Request{Flags: CmdFlagFUA, Command: CmdWrite, Cookie: 0x0102030405060708, Offset: 1 << 20, Length: 4096}
-	var buf bytes.Buffer
-	if err := WriteRequest(&buf, q); err != nil {
-		t.Fatal(err)
+	const wire = "25609513 0001 0001 0102030405060708 0000000000100000 00001000"
+	if got := wireBytes(t, q, wire, WriteRequest, ReadRequest); got != q {
+		t.Fatalf("round trip %+v", got)
 	}
-	want := unhex(t, "25609513 0001 0001 0102030405060708 0000000000100000 00001000")
-	if !bytes.Equal(buf.Bytes(), want) {
-		t.Fatalf("\n got %x\nwant %x", buf.Bytes(), want)
-	}
-	got, err := ReadRequest(&buf)
-	if err != nil || got != q {
-		t.Fatalf("round trip %+v %v", got, err)
-	}
+	want := unhex(t, wire)
 	bad := append([]byte(nil), want...)
 	bad[0] = 0x12 // the historic, reserved request magic
 	if _, err := ReadRequest(bytes.NewReader(bad)); !isProtocolError(err) {
