@@ -52,19 +52,21 @@ func (m *memVolume) Flush(context.Context) error {
 }
 
 func (m *memVolume) Discard(_ context.Context, off, length int64) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.discard = append(m.discard, [2]int64{off, length})
-	clear(m.data[off : off+length])
+	m.zero(&m.discard, off, length)
 	return nil
 }
 
 func (m *memVolume) WriteZeroes(_ context.Context, off, length int64) error {
+	m.zero(&m.zeroes, off, length)
+	return nil
+}
+
+// zero clears the range and records it in asked.
+func (m *memVolume) zero(asked *[][2]int64, off, length int64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.zeroes = append(m.zeroes, [2]int64{off, length})
+	*asked = append(*asked, [2]int64{off, length})
 	clear(m.data[off : off+length])
-	return nil
 }
 
 func (m *memVolume) Size() int64 { return int64(len(m.data)) }
