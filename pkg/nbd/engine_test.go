@@ -24,12 +24,7 @@ func TestEngineWithNBDChildren(t *testing.T) {
 	s1, s2 := memServer(t, "unix", r1), memServer(t, "unix", r2)
 	c1 := dial(t, s1, Config{Export: "mem", Timeout: 2 * time.Second})
 	c2 := dial(t, s2, Config{Export: "mem", Timeout: 2 * time.Second, MinBackoff: time.Hour})
-	e, err := quorum.New(quorum.Config{Children: []quorum.Member{
-		{Name: "local", Child: local}, {Name: "nbd-1", Child: c1}, {Name: "nbd-2", Child: c2},
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := nodeEngine(t, local, c1, c2, nil)
 	defer e.Close()
 	ctx := context.Background()
 	midway, wait := engineWrites(t, e, size, 50)
@@ -66,16 +61,11 @@ func TestEngineNBDChildSurvivesRestart(t *testing.T) {
 	c2 := dial(t, s2, Config{Export: "mem", Timeout: 10 * time.Second, MinBackoff: 20 * time.Millisecond})
 	var events sync.Mutex
 	var bad []quorum.Event
-	e, err := quorum.New(quorum.Config{Children: []quorum.Member{
-		{Name: "local", Child: local}, {Name: "nbd-1", Child: c1}, {Name: "nbd-2", Child: c2},
-	}, OnEvent: func(ev quorum.Event) {
+	e := nodeEngine(t, local, c1, c2, func(ev quorum.Event) {
 		events.Lock()
 		bad = append(bad, ev)
 		events.Unlock()
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	})
 	defer e.Close()
 	ctx := context.Background()
 	midway, wait := engineWrites(t, e, size, 30)
@@ -102,6 +92,19 @@ func TestEngineNBDChildSurvivesRestart(t *testing.T) {
 			t.Errorf("replica %d differs from what the engine acknowledged", i)
 		}
 	}
+}
+
+// nodeEngine is the engine as a node runs it: a local replica and two
+// remote ones over NBD, nbd-1 and nbd-2.
+func nodeEngine(t *testing.T, local quorum.Child, c1, c2 *Client, onEvent func(quorum.Event)) *quorum.Engine {
+	t.Helper()
+	e, err := quorum.New(quorum.Config{Children: []quorum.Member{
+		{Name: "local", Child: local}, {Name: "nbd-1", Child: c1}, {Name: "nbd-2", Child: c2},
+	}, OnEvent: onEvent})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
 }
 
 // engineWrites writes random data through e from 8 goroutines, 100
