@@ -129,13 +129,8 @@ func TestOverlappingWrites(t *testing.T) {
 func TestCorruptedReplicaOutvoted(t *testing.T) {
 	dir := kernelTest(t, "dd")
 	ps := replicas(t, dir, "16M", "a.img", "b.img", "c.img")
-	data := make([]byte, 1<<20)
-	rand.Read(data)
-	src := filepath.Join(dir, "data")
-	os.WriteFile(src, data, 0o600)
-
 	a := attach(t, dir, ps...)
-	testutil.Run(t, "dd", "if="+src, "of="+a.dev, "bs=1M", "seek=2", "oflag=direct", "status=none")
+	data := ddRandom(t, dir, a.dev, 1, 2)
 	a.stop(syscall.SIGTERM)
 
 	// Flip bytes of the middle replica, behind the engine's back.
@@ -192,6 +187,20 @@ func TestCorruptedReplicaOutvoted(t *testing.T) {
 	}
 }
 
+// ddRandom writes mib MiB of random bytes to dev, seek MiB into it, with
+// dd and direct I/O, and returns them.
+func ddRandom(t *testing.T, dir, dev string, mib, seek int) []byte {
+	t.Helper()
+	data := make([]byte, mib<<20)
+	rand.Read(data)
+	src := filepath.Join(dir, "data")
+	if err := os.WriteFile(src, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Run(t, "dd", "if="+src, "of="+dev, "bs=1M", fmt.Sprint("seek=", seek), "oflag=direct", "status=none")
+	return data
+}
+
 func waitFor(t *testing.T, a *attached, s string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -208,12 +217,8 @@ func waitFor(t *testing.T, a *attached, s string) {
 func TestQEMUReadsReplicas(t *testing.T) {
 	dir := kernelTest(t, "qemu-img", "qemu-io", "dd")
 	ps := replicas(t, dir, "32M", "a.img", "b.img", "c.img")
-	data := make([]byte, 8<<20)
-	rand.Read(data)
-	src := filepath.Join(dir, "data")
-	os.WriteFile(src, data, 0o600)
 	a := attach(t, dir, ps...)
-	testutil.Run(t, "dd", "if="+src, "of="+a.dev, "bs=1M", "seek=3", "oflag=direct", "status=none")
+	data := ddRandom(t, dir, a.dev, 8, 3)
 	testutil.Run(t, "blkdiscard", "--offset", "0", "--length", "1048576", a.dev)
 	a.stop(syscall.SIGTERM)
 
