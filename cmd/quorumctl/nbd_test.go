@@ -62,26 +62,19 @@ func (s *server) uri(name string) string { return "nbd://" + s.addr + "/" + name
 // fio sees no error, the replica comes back and resyncs, and the
 // replicas end identical.
 func TestNBDReplicaServerKilled(t *testing.T) {
-	dir := kernelTest(t, "fio")
-	ps := replicas(t, dir, "512M", "a.img", "b.img", "c.img")
-	sb := serve(t, nil, "--listen", "127.0.0.1:0", "--export", "b="+ps[1])
-	sc := serve(t, nil, "--listen", "127.0.0.1:0", "--export", "c="+ps[2])
-	a := attach(t, dir, "--epoch", "1", "--probe-interval", "200ms", "--nbd-timeout", "5s", ps[0], sb.uri("b"), sc.uri("c"))
-	wait := fioVerify(t, a.dev, "256M")
+	v := startNBDDevice(t, "512M", "5s")
+	wait := fioVerify(t, v.a.dev, "256M")
 	time.Sleep(time.Second)
-	sc.kill()
-	waitChild(t, dir, ps[0], 2, "faulty", 15*time.Second)
+	v.sc.kill()
+	waitChild(t, v.dir, v.ps[0], 2, "faulty", 15*time.Second)
 	time.Sleep(time.Second)
-	sc = serve(t, nil, "--listen", sc.addr, "--export", "c="+ps[2])
+	v.restartC(t)
 	wait()
-	waitChild(t, dir, ps[0], 2, "healthy", 60*time.Second)
-	if !strings.Contains(a.logs(), `"event":"REPORT_BAD"`) {
+	waitChild(t, v.dir, v.ps[0], 2, "healthy", 60*time.Second)
+	if !strings.Contains(v.a.logs(), `"event":"REPORT_BAD"`) {
 		t.Errorf("no REPORT_BAD for the lost replica in the log")
 	}
-	a.stop(syscall.SIGTERM)
-	sb.stop()
-	sc.stop()
-	assertIdentical(t, ps...)
+	v.detach(t)
 }
 
 // TestNBDReplicaServerRestarted: as TestNBDReplicaServerKilled, but the
@@ -90,31 +83,61 @@ func TestNBDReplicaServerKilled(t *testing.T) {
 // out: no REPORT_BAD, the client logs the loss and the reconnect, fio
 // sees no error and the replicas end identical.
 func TestNBDReplicaServerRestarted(t *testing.T) {
-	dir := kernelTest(t, "fio")
-	ps := replicas(t, dir, "256M", "a.img", "b.img", "c.img")
-	sb := serve(t, nil, "--listen", "127.0.0.1:0", "--export", "b="+ps[1])
-	sc := serve(t, nil, "--listen", "127.0.0.1:0", "--export", "c="+ps[2])
-	a := attach(t, dir, "--epoch", "1", "--probe-interval", "200ms", "--nbd-timeout", "10s", ps[0], sb.uri("b"), sc.uri("c"))
-	wait := fioVerify(t, a.dev, "64M")
+	v := startNBDDevice(t, "256M", "10s")
+	wait := fioVerify(t, v.a.dev, "64M")
 	time.Sleep(time.Second)
-	sc.kill()
+	v.sc.kill()
 	time.Sleep(500 * time.Millisecond)
-	sc = serve(t, nil, "--listen", sc.addr, "--export", "c="+ps[2])
+	v.restartC(t)
 	wait()
-	if st := status(t, dir, ps[0]); st[2].State != "healthy" {
+	if st := status(t, v.dir, v.ps[0]); st[2].State != "healthy" {
 		t.Errorf("replica c after a restart within the timeout: %+v", st[2])
 	}
-	logs := a.logs()
+	logs := v.a.logs()
 	if strings.Contains(logs, `"event":"REPORT_BAD"`) {
 		t.Errorf("a restart within the timeout left the replica out:\n%s", logs)
 	}
 	if !strings.Contains(logs, "connection lost") || !strings.Contains(logs, "reconnected") {
 		t.Errorf("the log does not show the loss and the reconnect:\n%s", logs)
 	}
-	a.stop(syscall.SIGTERM)
-	sb.stop()
-	sc.stop()
-	assertIdentical(t, ps...)
+	v.detach(t)
+}
+
+// nbdDevice is a device over three replicas: ps[0] local, ps[1] and
+// ps[2] each behind its own quorumctl serve, sb and sc.
+type nbdDevice struct {
+	dir    string
+	ps     []string
+	sb, sc *server
+	a      *attached
+}
+
+// startNBDDevice creates the replicas with size bytes each, serves
+// b and c, and attaches them with --nbd-timeout timeout.
+func startNBDDevice(t *testing.T, size, timeout string) *nbdDevice {
+	t.Helper()
+	v := &nbdDevice{dir: kernelTest(t, "fio")}
+	v.ps = replicas(t, v.dir, size, "a.img", "b.img", "c.img")
+	v.sb = serve(t, nil, "--listen", "127.0.0.1:0", "--export", "b="+v.ps[1])
+	v.sc = serve(t, nil, "--listen", "127.0.0.1:0", "--export", "c="+v.ps[2])
+	v.a = attach(t, v.dir, "--epoch", "1", "--probe-interval", "200ms", "--nbd-timeout", timeout, v.ps[0], v.sb.uri("b"), v.sc.uri("c"))
+	return v
+}
+
+// restartC serves replica c again, on the address sc had.
+func (v *nbdDevice) restartC(t *testing.T) {
+	t.Helper()
+	v.sc = serve(t, nil, "--listen", v.sc.addr, "--export", "c="+v.ps[2])
+}
+
+// detach stops the device and both servers and expects the replicas
+// identical.
+func (v *nbdDevice) detach(t *testing.T) {
+	t.Helper()
+	v.a.stop(syscall.SIGTERM)
+	v.sb.stop()
+	v.sc.stop()
+	assertIdentical(t, v.ps...)
 }
 
 // netns is a network namespace joined to this one by a veth pair, for
