@@ -45,6 +45,7 @@ func TestChartAppliesToAPIServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	dashboard, rule := "configmap/quorum-csi-dashboard", "prometheusrule.monitoring.coreos.com/quorum-csi"
+	t.Run("notes", func(t *testing.T) { testNotes(t, bin, srv) })
 	for _, tc := range []struct {
 		name   string
 		set    []string
@@ -83,6 +84,38 @@ func TestChartAppliesToAPIServer(t *testing.T) {
 				t.Errorf("the TLS Secret is mounted %d times, want by both node DaemonSets", n)
 			}
 		})
+	}
+}
+
+// testNotes: what helm prints after an install tells how to see the
+// driver work, with the release's names in it. helm renders NOTES.txt
+// only on install, here a dry run against the API server.
+func testNotes(t *testing.T, bin string, srv *kubetest.Server) {
+	cmd := exec.Command(bin, "install", "quorum-csi", "../../charts/quorum-csi", "--namespace", "quorum-csi", "--dry-run=server",
+		"--kubeconfig", srv.Kubeconfig, "--set", "tls.secretName=quorum-tls", "--set", "storageClasses[0].name=only",
+		"--set", "storageClasses[0].default=true")
+	home := t.TempDir() // helm's cache and config, not the user's
+	cmd.Env = append(os.Environ(), "HELM_CACHE_HOME="+home, "HELM_CONFIG_HOME="+home, "HELM_DATA_HOME="+home)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("helm install --dry-run=server: %v\n%s", err, out)
+	}
+	_, notes, ok := strings.Cut(string(out), "\nNOTES:\n")
+	if !ok {
+		t.Fatalf("no NOTES in helm's output:\n%s", out)
+	}
+	for _, want := range []string{
+		"kubectl -n quorum-csi rollout status daemonset/quorum-csi-datapath",
+		"storageClassName: only",
+		"kubectl get qv",
+		"kubectl delete pod/quorum-test pvc/quorum-test",
+		"port-forward deployment/quorum-csi-controller 8080",
+		":9809/metrics",
+		"--set monitoring.dashboard.enabled=true",
+	} {
+		if !strings.Contains(notes, want) {
+			t.Errorf("NOTES lack %q:\n%s", want, notes)
+		}
 	}
 }
 
