@@ -41,6 +41,8 @@ tools:
 chart-check: tools
 	$(TOOLS_BIN)/helm lint --strict charts/quorum-csi --set tls.secretName=quorum-tls
 	$(TOOLS_BIN)/helm template quorum-csi charts/quorum-csi --namespace quorum-csi --kube-version v1.37.2 --set tls.secretName=quorum-tls >/dev/null
+	$(TOOLS_BIN)/helm template quorum-csi charts/quorum-csi --namespace quorum-csi --kube-version v1.37.2 --set tls.secretName=quorum-tls \
+		--set monitoring.dashboard.enabled=true --set monitoring.rules.enabled=true >/dev/null
 
 # etcd, kube-apiserver and kubectl for the API-server tests (internal/kubetest).
 k8s-bins:

@@ -34,7 +34,7 @@ import (
 // TestBinary builds the controller and runs it against a real API server
 // with its default leader election and --resizer: it must become ready,
 // answer CSI calls on its endpoint, place the volume CreateVolume made,
-// serve the phase gauge, expand the volume when its claim's request
+// serve the phase gauges and the agents' Lease gauge, expand the volume when its claim's request
 // grows, and exit 0 on SIGTERM.
 func TestBinary(t *testing.T) {
 	srv, c := qvtest.Start(t)
@@ -110,10 +110,16 @@ func TestBinary(t *testing.T) {
 		}
 		return len(qv.Status.Replicas) == 1 && qv.Status.Replicas[0].Node == "node-a", nil
 	})
-	poll(t, `quorum_volumes{phase="Pending"} 1 on /metrics`, func() (bool, error) {
-		body, ok := get("http://" + metricsAddr + "/metrics")
-		return ok && strings.Contains(body, `quorum_volumes{phase="Pending"} 1`), nil
-	})
+	for _, want := range []string{
+		`quorum_volumes{phase="Pending"} 1`,
+		fmt.Sprintf(`quorum_volume_phase{phase="Pending",volume=%q} 1`, qv.Name),
+		`quorum_agent_lease_current{node="node-a"} 1`,
+	} {
+		poll(t, want+" on /metrics", func() (bool, error) {
+			body, ok := get("http://" + metricsAddr + "/metrics")
+			return ok && strings.Contains(body, want), nil
+		})
+	}
 
 	expandClaim(t, c, qv.Name)
 

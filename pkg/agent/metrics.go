@@ -54,9 +54,19 @@ func newMetrics() *metrics {
 			Help: "Failed attempts, by volume and action: serve (create, grow or open and export a replica) or delete.",
 		}, []string{"volume", "action"}),
 	}
-	m.registry.MustRegister(m.served, m.bytes, m.ops, m.ioErrors, m.failures)
+	m.registry.MustRegister(m.collectors()...)
 	return m
 }
+
+func (m *metrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.served, m.bytes, m.ops, m.ioErrors, m.failures}
+}
+
+// MetricCollectors are the collectors an agent registers, new and empty,
+// for checks of what the data path exports: the chart's dashboard and
+// alerts may name only these series, the volumes' (package metrics) and
+// controller-runtime's.
+func MetricCollectors() []prometheus.Collector { return newMetrics().collectors() }
 
 // forget drops a volume's series once the node no longer serves it, so
 // that deleted volumes do not accumulate.

@@ -1,6 +1,7 @@
 package controller
 
 import (
+	"context"
 	"slices"
 	"strings"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
@@ -28,7 +30,7 @@ func TestReconciler(t *testing.T) {
 
 	t.Run("placement", func(t *testing.T) { e.t = t; testPlacement(e, reg) })
 	t.Run("insufficient nodes", func(t *testing.T) { e.t = t; testInsufficient(e) })
-	t.Run("lease expiry", func(t *testing.T) { e.t = t; testLeaseExpiry(e) })
+	t.Run("lease expiry", func(t *testing.T) { e.t = t; testLeaseExpiry(e, reg) })
 	t.Run("node deleted", func(t *testing.T) { e.t = t; testNodeDeleted(e) })
 	t.Run("finalizer", func(t *testing.T) { e.t = t; testFinalizer(e) })
 	t.Run("no rebuild during migration", func(t *testing.T) { e.t = t; testMigrationHoldsRebuild(e) })
@@ -104,6 +106,9 @@ func testPlacement(e *env, reg *prometheus.Registry) {
 	if got := gaugeValue(t, reg, "Ready"); got < 1 {
 		t.Errorf("quorum_volumes{phase=Ready} = %v, want at least 1", got)
 	}
+	if got := volumePhases(t, reg, "place"); !slices.Equal(got, []string{"Ready"}) {
+		t.Errorf("quorum_volume_phase{volume=place} at 1 for %v, want [Ready] alone", got)
+	}
 }
 
 // checkManagedBy fails unless manager wrote part of qv's status.
@@ -135,6 +140,59 @@ func gaugeValue(t *testing.T, reg *prometheus.Registry, phase string) float64 {
 	}
 	t.Fatalf("no quorum_volumes{phase=%q} gathered", phase)
 	return 0
+}
+
+// volumePhases are the phases quorum_volume_phase sets to 1 for volume.
+func volumePhases(t *testing.T, reg *prometheus.Registry, volume string) []string {
+	t.Helper()
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var phases []string
+	for _, f := range fams {
+		if f.GetName() != "quorum_volume_phase" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			if !labelIs(m, "volume", volume) || m.GetGauge().GetValue() != 1 {
+				continue
+			}
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "phase" {
+					phases = append(phases, l.GetValue())
+				}
+			}
+		}
+	}
+	return phases
+}
+
+// waitLeaseGauge waits until quorum_agent_lease_current{node} is want.
+func waitLeaseGauge(e *env, reg *prometheus.Registry, node string, want float64) {
+	e.t.Helper()
+	var got []float64
+	err := wait.PollUntilContextTimeout(e.t.Context(), 50*time.Millisecond, 10*time.Second, true, func(context.Context) (bool, error) {
+		fams, err := reg.Gather()
+		if err != nil {
+			return false, err
+		}
+		got = nil
+		for _, f := range fams {
+			if f.GetName() != "quorum_agent_lease_current" {
+				continue
+			}
+			for _, m := range f.GetMetric() {
+				if labelIs(m, "node", node) {
+					got = append(got, m.GetGauge().GetValue())
+				}
+			}
+		}
+		return len(got) == 1 && got[0] == want, nil
+	})
+	if err != nil {
+		e.t.Fatalf("quorum_agent_lease_current{node=%q}: %v, want %v: %v", node, got, want, err)
+	}
 }
 
 func labelIs(m *dto.Metric, name, value string) bool {
@@ -212,7 +270,7 @@ func testInsufficient(e *env) {
 // testLeaseExpiry: a node agent stops renewing its short lease; its
 // replica turns Faulty and the volume Degraded; when the agent is back
 // and reports the replica Healthy, the volume is Ready again.
-func testLeaseExpiry(e *env) {
+func testLeaseExpiry(e *env, reg *prometheus.Registry) {
 	t := e.t
 	for _, n := range []string{"lease-a", "lease-b", "lease-c"} {
 		e.node(n, "group", "lease")
@@ -227,8 +285,15 @@ func testLeaseExpiry(e *env) {
 	}
 	e.waitFor("lease", "phase Ready", phaseIs(v1alpha1.VolumeReady))
 
+	waitLeaseGauge(e, reg, "lease-a", 1)
+	waitLeaseGauge(e, reg, "lease-b", 1)
 	stop()
 	qv = e.waitFor("lease", "phase Degraded", phaseIs(v1alpha1.VolumeDegraded))
+	waitLeaseGauge(e, reg, "lease-a", 0)
+	waitLeaseGauge(e, reg, "lease-b", 1)
+	if got := volumePhases(t, reg, "lease"); !slices.Equal(got, []string{"Degraded"}) {
+		t.Errorf("quorum_volume_phase{volume=lease} at 1 for %v, want [Degraded] alone", got)
+	}
 	r := replicaOn(qv, "lease-a")
 	if r == nil || r.State != v1alpha1.ReplicaFaulty || r.Message != "node agent on lease-a not renewing its lease" {
 		t.Fatalf("replica on lease-a: %+v; want Faulty, node agent on lease-a not renewing its lease", r)
@@ -245,6 +310,7 @@ func testLeaseExpiry(e *env) {
 	// The agent comes back: a renewed lease alone does not make the
 	// replica Healthy, the agent's report does.
 	e.renew("lease-a", long)
+	waitLeaseGauge(e, reg, "lease-a", 1)
 	time.Sleep(500 * time.Millisecond)
 	if got := e.get("lease"); got.Status.Phase != v1alpha1.VolumeDegraded {
 		t.Errorf("phase %s after the lease alone was renewed, want still Degraded", got.Status.Phase)

@@ -54,8 +54,9 @@ const (
 type Options struct {
 	// Namespace holds the agents' Leases (contract.DefaultNamespace when empty).
 	Namespace string
-	// Registerer gets the quorum_volumes gauge; controller-runtime's
-	// registry, served on the metrics endpoint, when nil.
+	// Registerer gets the quorum_volumes, quorum_volume_phase and
+	// quorum_agent_lease_current gauges; controller-runtime's registry,
+	// served on the metrics endpoint, when nil.
 	Registerer prometheus.Registerer
 }
 
@@ -83,7 +84,11 @@ func New(c client.Client, rec events.EventRecorder, opts Options) (*Reconciler, 
 	if err != nil {
 		return nil, err
 	}
-	return &Reconciler{client: c, recorder: rec, namespace: opts.Namespace, metrics: m}, nil
+	r := &Reconciler{client: c, recorder: rec, namespace: opts.Namespace, metrics: m}
+	if err := opts.Registerer.Register(newLeaseCollector(r.observe)); err != nil {
+		return nil, fmt.Errorf("register quorum_agent_lease_current: %w", err)
+	}
+	return r, nil
 }
 
 // CacheOptions limits the manager's Lease cache to the agents' namespace,
