@@ -64,6 +64,11 @@ type member struct {
 	dirty       *Bitmap
 	resyncDone  atomic.Int64
 	resyncTotal atomic.Int64
+	// resyncRunning is set while a resync goroutine of the child has not
+	// returned: one that faulted may still be finishing a copy, and a
+	// second one beside it would see the first clear the dirty map.
+	// Guarded by Engine.resyncMu.
+	resyncRunning bool
 }
 
 // Engine is a replicated volume over N children. Its methods are safe for

@@ -33,14 +33,16 @@ func (e *Engine) Probe(ctx context.Context) {
 
 // StartResync moves faulty child i to resyncing and copies its dirty
 // regions to it in the background, while the volume stays in use.
-// It does nothing unless the child is faulty and the engine active.
+// It does nothing unless the child is faulty, the engine active and the
+// child's last resync has returned.
 func (e *Engine) StartResync(i int) {
 	e.resyncMu.Lock()
 	defer e.resyncMu.Unlock()
 	m := e.children[i]
-	if e.bg.Err() != nil || !e.active.Load() || !m.state.CompareAndSwap(stateFaulty, stateResyncing) {
+	if e.bg.Err() != nil || !e.active.Load() || m.resyncRunning || !m.state.CompareAndSwap(stateFaulty, stateResyncing) {
 		return
 	}
+	m.resyncRunning = true
 	e.dirtyMu.Lock()
 	m.resyncDone.Store(0)
 	m.resyncTotal.Store(m.dirty.Bytes())
@@ -48,7 +50,12 @@ func (e *Engine) StartResync(i int) {
 	e.bgWG.Add(1)
 	go func() {
 		defer e.bgWG.Done()
-		if err := e.resync(e.bg, i); err != nil && e.bg.Err() == nil {
+		err := e.resync(e.bg, i)
+		// Its copies are done: the next resync may start.
+		e.resyncMu.Lock()
+		m.resyncRunning = false
+		e.resyncMu.Unlock()
+		if err != nil && e.bg.Err() == nil {
 			e.fault(i, OpWrite, 0, 0, fmt.Errorf("resync: %w", err))
 			// The record is retried by the next modifying request if it
 			// fails here.

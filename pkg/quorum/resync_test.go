@@ -206,6 +206,58 @@ func TestResyncFailureAndRetry(t *testing.T) {
 	r.assertIdentical(t)
 }
 
+// TestResyncNotStartedTwice: a resyncing child fails a write while its
+// resync still waits on a copy; a probe meanwhile starts no second
+// resync beside the first (which would find the dirty map cleared under
+// it by the other's finish). Once the first has returned, the next probe
+// resyncs the child.
+func TestResyncNotStartedTwice(t *testing.T) {
+	r := newRig(t, 3, 64<<10, Config{RegionSize: 4096})
+	defer r.e.Close()
+	ctx := context.Background()
+	r.kids[2].setInject(failOn(OpWrite))
+	for i := range 8 {
+		if err := r.e.WriteAt(ctx, pattern(byte(i+1), 4096), int64(i)*8192); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hold, held := make(chan struct{}), make(chan struct{})
+	var once, failOnce sync.Once
+	r.kids[2].setInject(func(op Op, off, _ int64) error {
+		failed := false
+		if op == OpWrite && off == 4096 {
+			failOnce.Do(func() { failed = true })
+		}
+		switch {
+		case failed:
+			return errors.New("fails a user's write")
+		case op == OpWrite:
+			once.Do(func() { close(held); <-hold })
+		}
+		return nil
+	})
+	r.e.Probe(ctx)
+	<-held
+	if err := r.e.WriteAt(ctx, pattern(9, 4096), 4096); err != nil {
+		t.Fatal(err)
+	}
+	waitState(t, r.e, 2, ChildFaulty)
+	r.e.Probe(ctx)
+	if st := r.e.Status()[2]; st.State != ChildFaulty {
+		t.Fatalf("a probe while the last resync still copies: %+v, want it left faulty", st)
+	}
+	close(hold)
+	deadline := time.Now().Add(10 * time.Second)
+	for r.e.Status()[2].State != ChildHealthy {
+		if time.Now().After(deadline) {
+			t.Fatalf("not resynced after the first resync returned: %+v", r.e.Status()[2])
+		}
+		r.e.Probe(ctx)
+		time.Sleep(5 * time.Millisecond)
+	}
+	r.assertIdentical(t)
+}
+
 // TestFailedFlushDirtiesAll: a child that fails a flush may have lost any
 // earlier write, so all of it is resynced.
 func TestFailedFlushDirtiesAll(t *testing.T) {
