@@ -174,12 +174,16 @@ func (j *journal) Commit(ctx context.Context, rec quorum.Record) error {
 	return nil
 }
 
-// newest reads every replica's journal and decodes the newest record, or
-// an empty one for a volume that never had a record.
-func (j *journal) newest(ctx context.Context) (record, error) {
+// newest reads the journal of every replica but those left out and
+// decodes the newest record, or an empty one for a volume that never had
+// a record.
+func (j *journal) newest(ctx context.Context, leftOut map[int]bool) (record, error) {
 	var best replica.JournalEntry
 	found := false
-	for _, r := range j.replicas {
+	for i, r := range j.replicas {
+		if leftOut[i] {
+			continue
+		}
 		e, ok, err := r.readJournal(ctx, j.slotSize)
 		if err != nil {
 			return record{}, err

@@ -127,6 +127,9 @@ type member interface {
 	name() string
 	Meta() replica.Meta
 	BlockSize() int64
+	// reach reads from the replica, fencing nobody: whether a takeover
+	// would get through.
+	reach(ctx context.Context) error
 	// takeOver fences the replica's previous holder and reads its
 	// metadata again.
 	takeOver(ctx context.Context) error
@@ -140,7 +143,9 @@ type localReplica struct{ *replica.File }
 
 func (l localReplica) name() string { return l.Path() }
 
-// takeOver has nothing to fence: the image is locked by this process.
+// reach and takeOver have nothing to do: the image is open and locked
+// by this process.
+func (l localReplica) reach(context.Context) error    { return nil }
 func (l localReplica) takeOver(context.Context) error { return nil }
 
 func (l localReplica) updateMeta(_ context.Context, fn func(*replica.Meta)) error {
@@ -219,6 +224,8 @@ func (r *remoteReplica) loadMeta(ctx context.Context) error {
 	r.mu.Unlock()
 	return nil
 }
+
+func (r *remoteReplica) reach(ctx context.Context) error { return r.loadMeta(ctx) }
 
 func (r *remoteReplica) takeOver(ctx context.Context) error {
 	if err := r.Client.Flush(ctx); err != nil {

@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"github.com/quorum-csi/quorum-csi/pkg/quorum"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,6 +12,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 )
 
 func block(b byte) []byte { return bytes.Repeat([]byte{b}, 4096) }
@@ -262,5 +265,97 @@ func TestStandbyRace(t *testing.T) {
 				t.Errorf("%s's acknowledged write %d is lost", who, n)
 			}
 		}
+	}
+}
+
+// TestStandbyActivationReplicaUnreachable: a replica's server goes away
+// after the standby connected (its node cut off during a live
+// migration). With the default threshold the activation leaves that
+// replica out: two of three hold every write the source acknowledged.
+// The standby serves, the source is fenced, and the replica, back,
+// is resynced until all three are identical. With threshold 1 an
+// acknowledged write may stand on the missing replica alone, so the
+// activation refuses and nothing is written.
+func TestStandbyActivationReplicaUnreachable(t *testing.T) {
+	for _, tc := range []struct {
+		threshold int
+		wantErr   string
+	}{
+		{threshold: 0},
+		{threshold: 1, wantErr: "2 of 3 replicas reachable, 3 needed"},
+	} {
+		t.Run(fmt.Sprintf("threshold=%d", tc.threshold), func(t *testing.T) {
+			ps := newReplicas(t, t.TempDir(), 4<<20, "a", "b", "c")
+			var srvs []*replicaServer
+			var uris []string
+			for _, p := range ps {
+				s := startReplicaServer(t, "127.0.0.1:0", p)
+				srvs, uris = append(srvs, s), append(uris, s.uri(0))
+			}
+			ctx := context.Background()
+			opts := small(Options{Epoch: 1, VoteThreshold: tc.threshold, RequestTimeout: time.Second})
+			src, err := Open(ctx, uris, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer src.closeFiles()
+			if err := src.WriteAt(ctx, block(1), 0); err != nil {
+				t.Fatal(err)
+			}
+			opts.Epoch, opts.Standby = 2, true
+			tgt, err := Open(ctx, uris, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer tgt.closeFiles()
+			addrC := srvs[2].addr
+			srvs[2].stop()
+			if err := src.WriteAt(ctx, block(2), 4096); err != nil {
+				t.Fatalf("source write with c gone: %v", err)
+			}
+
+			err = tgt.WriteAt(ctx, block(3), 8192)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("activation without c at threshold %d: %v, want %q", tc.threshold, err, tc.wantErr)
+				}
+				if err := src.WriteAt(ctx, block(4), 12288); err != nil {
+					t.Fatalf("the source after a refused activation: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("the standby's first write with c gone: %v", err)
+			}
+			if !slices.Equal(tgt.Stale, []string{uris[2]}) {
+				t.Errorf("stale after the activation: %v, want c", tgt.Stale)
+			}
+			assertFenced(t, src, 2)
+			srvs[2] = startReplicaServer(t, addrC, ps[2])
+			deadline := time.Now().Add(30 * time.Second)
+			for tgt.Status()[2].State != quorum.ChildHealthy {
+				if time.Now().After(deadline) {
+					t.Fatalf("c did not come back: %+v", tgt.Status())
+				}
+				tgt.Probe(ctx)
+				time.Sleep(50 * time.Millisecond)
+			}
+			if err := tgt.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+			for _, s := range srvs {
+				s.stop()
+			}
+			assertSame(t, ps)
+			c, err := os.ReadFile(ps[2])
+			if err != nil {
+				t.Fatal(err)
+			}
+			for off, want := range map[int64]byte{0: 1, 4096: 2, 8192: 3} {
+				if !bytes.Equal(c[off:off+4096], block(want)) {
+					t.Errorf("c at %d after its resync: %d, want %d", off, c[off], want)
+				}
+			}
+		})
 	}
 }

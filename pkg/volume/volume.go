@@ -145,11 +145,11 @@ func Open(ctx context.Context, paths []string, opts Options) (_ *Volume, err err
 	}
 	// What the replicas say before the takeover only decides what a
 	// standby reads; the activation reads it all again.
-	rec, err := j.newest(ctx)
+	rec, err := j.newest(ctx, nil)
 	if err != nil {
 		return nil, err
 	}
-	st, err := v.syncState(rec)
+	st, err := v.syncState(rec, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -204,19 +204,21 @@ type syncState struct {
 	generation     uint64 // the newest
 }
 
-func (v *Volume) syncState(rec record) (syncState, error) {
+func (v *Volume) syncState(rec record, leftOut map[int]bool) (syncState, error) {
 	var st syncState
-	for _, r := range v.replicas {
-		st.generation = max(st.generation, r.Meta().Generation)
+	for i, r := range v.replicas {
+		if !leftOut[i] {
+			st.generation = max(st.generation, r.Meta().Generation)
+		}
 	}
 	size, region := v.replicas[0].Size(), v.journal.region
-	for _, r := range v.replicas {
+	for i, r := range v.replicas {
 		m := r.Meta()
 		var d *quorum.Bitmap
-		if words, ok := rec.dirty[m.ReplicaID]; ok {
+		if words, ok := rec.dirty[m.ReplicaID]; ok && !leftOut[i] {
 			d = quorum.NewBitmap(size, region)
 			d.Load(words)
-		} else if m.Generation < st.generation {
+		} else if m.Generation < st.generation || leftOut[i] {
 			// Left out of an attach, or a replacement: what it misses is
 			// unknown, so it gets everything.
 			d = quorum.NewBitmap(size, region)
@@ -240,6 +242,17 @@ func (v *Volume) syncState(rec record) (syncState, error) {
 // last attach on every replica before it reads their metadata and
 // journal again, so that what it reads is final, and then does what
 // attaching after a crash of that attach does.
+//
+// A replica that cannot be reached (its node cut off since a standby
+// connected, say) is left out, as long as every write the last attach
+// acknowledged is still on a replica taken over: each stands on at
+// least vote-threshold replicas, so n-t+1 of them suffice. Which are
+// reachable is asked first, with reads that fence nobody, so that an
+// activation without enough replicas leaves the last attach writing.
+// One left out keeps its generation and is resynced in full when it
+// returns (the next attach would do the same, from its older
+// generation). A replica that a newer epoch holds fails the
+// activation: this attach has lost the volume.
 func (v *Volume) activate(ctx context.Context, takeOver func(quorum.Activation) error) (err error) {
 	start := time.Now()
 	if v.standby {
@@ -250,28 +263,44 @@ func (v *Volume) activate(ctx context.Context, takeOver func(quorum.Activation) 
 			}
 		}()
 	}
-	errs := make([]error, len(v.replicas))
-	var wg sync.WaitGroup
-	for i, r := range v.replicas {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = r.takeOver(ctx)
-		}()
+	leftOut := map[int]bool{}
+	unreachable := v.eachReplica(func(_ int, r member) error { return r.reach(ctx) })
+	for i, err := range unreachable {
+		if errors.Is(err, nbd.ErrFenced) {
+			return err
+		}
+		if err != nil {
+			leftOut[i] = true
+		}
 	}
-	wg.Wait()
+	n, t := len(v.replicas), v.Engine.VoteThreshold()
+	if need := n - t + 1; n-len(leftOut) < need {
+		return fmt.Errorf("%d of %d replicas reachable, %d needed to hold every acknowledged write (vote threshold %d): %w", n-len(leftOut), n, need, t, errors.Join(unreachable...))
+	}
+	errs := v.eachReplica(func(i int, r member) error {
+		if leftOut[i] {
+			return nil
+		}
+		return r.takeOver(ctx)
+	})
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	rec, err := v.journal.newest(ctx)
+	for i := range leftOut {
+		v.log.Warn("replica left out of the activation: unreachable; resynced in full when it returns", "replica", v.replicas[i].name(), "error", unreachable[i])
+	}
+	rec, err := v.journal.newest(ctx, leftOut)
 	if err != nil {
 		return err
 	}
-	st, err := v.syncState(rec)
+	st, err := v.syncState(rec, leftOut)
 	if err != nil {
 		return err
 	}
-	for _, r := range v.replicas {
+	for i, r := range v.replicas {
+		if leftOut[i] {
+			continue
+		}
 		if err := r.updateMeta(ctx, func(m *replica.Meta) {
 			m.Generation = st.generation + 1
 			m.State = replica.StateOpen
@@ -285,6 +314,22 @@ func (v *Volume) activate(ctx context.Context, takeOver func(quorum.Activation) 
 	v.Stale, v.Unclean = st.stale, st.unclean
 	v.ActivatedIn = time.Since(start)
 	return nil
+}
+
+// eachReplica runs fn on every replica at once and returns their errors,
+// by replica.
+func (v *Volume) eachReplica(fn func(int, member) error) []error {
+	errs := make([]error, len(v.replicas))
+	var wg sync.WaitGroup
+	for i, r := range v.replicas {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = fn(i, r)
+		}()
+	}
+	wg.Wait()
+	return errs
 }
 
 // checkSameVolume refuses replicas that are not distinct replicas of one
