@@ -91,6 +91,13 @@ type vm struct {
 // incoming) must finish a first round of guest writes.
 func (c *cluster) startVM(t *testing.T, name, node, claim string, incoming bool) *vm {
 	t.Helper()
+	// A scenario that failed halfway leaves no QEMU behind on the
+	// node's QMP and migration ports for the next one.
+	t.Cleanup(func() {
+		if _, err := c.kubectlErr("-n", appNamespace, "delete", "pod", name, "--ignore-not-found", "--wait", "--timeout=120s"); err != nil {
+			t.Errorf("delete VM pod %s: %v", name, err)
+		}
+	})
 	c.apply(t, vmPod(name, node, claim, incoming))
 	c.waitPod(t, name, "Running", 3*time.Minute)
 	v := &vm{c: c, name: name, node: node, qmp: dialQMP(t, net.JoinHostPort(nodeIPs[node], strconv.Itoa(qmpPort)))}
