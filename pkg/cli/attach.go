@@ -52,7 +52,7 @@ func eventPrinter(w io.Writer) func(quorum.Event) {
 }
 
 type engineFlags struct {
-	threshold  int
+	threshold  *uint64
 	pattern    string
 	rewrite    bool
 	strict     bool
@@ -60,7 +60,7 @@ type engineFlags struct {
 }
 
 func (f *engineFlags) register(fs *flag.FlagSet) {
-	fs.IntVar(&f.threshold, "vote-threshold", 0, "children that must succeed or agree, 1 to N (default: a majority of N)")
+	f.threshold = positiveUint(fs, "vote-threshold", "children that must succeed or agree, 1 to N (default: a majority of N)")
 	fs.StringVar(&f.pattern, "read-pattern", "quorum", "quorum: read all children and vote; fifo: read the first healthy child in the given order")
 	fs.BoolVar(&f.rewrite, "rewrite-corrupted", false, "rewrite children that lost a vote with the winning data (read pattern quorum)")
 	fs.BoolVar(&f.strict, "strict", false, "fail any read on which children disagree (like QEMU's blkverify; read pattern quorum)")
@@ -72,10 +72,9 @@ func (f *engineFlags) options(onEvent func(quorum.Event)) (volume.Options, error
 	if err != nil {
 		return volume.Options{}, fmt.Errorf("%w: --read-pattern: %v", errUsage, err)
 	}
-	if f.threshold < 0 {
-		return volume.Options{}, fmt.Errorf("%w: --vote-threshold %d: must be at least 1", errUsage, f.threshold)
-	}
-	return volume.Options{VoteThreshold: f.threshold, ReadPattern: p, RewriteCorrupted: f.rewrite, Strict: f.strict, OnEvent: onEvent}, nil
+	// Clamped only so that no value wraps: any beyond N is refused as
+	// out of range by the engine.
+	return volume.Options{VoteThreshold: int(min(*f.threshold, 1<<20)), ReadPattern: p, RewriteCorrupted: f.rewrite, Strict: f.strict, OnEvent: onEvent}, nil
 }
 
 func runAttach(args []string, stdout, stderr io.Writer) error {
@@ -83,15 +82,15 @@ func runAttach(args []string, stdout, stderr io.Writer) error {
 	var ef engineFlags
 	ef.register(fs)
 	stateDir := fs.String("state-dir", defaultStateDir(), "folder for the private FUSE mount point and the status socket (env QUORUM_STATE_DIR)")
-	probeEvery := fs.Duration("probe-interval", 2*time.Second, "how often faulty replicas are asked whether they answer again")
+	probeEvery := positiveDuration(fs, "probe-interval", 2*time.Second, "how often faulty replicas are asked whether they answer again")
 	scrubRate := sizeFlag{n: 4 << 20, allowZero: true}
 	fs.Var(&scrubRate, "scrub-rate", "bytes per second of the background scrub, which votes across replicas and repairs minorities (0: no background scrub)")
-	scrubInterval := fs.Duration("scrub-interval", 24*time.Hour, "time between background scrub passes; the first starts at attach")
-	epoch := fs.Uint64("epoch", 0, "epoch presented to replica servers for NBD replicas whose URI has no @epoch=N: it must not be older than the last attach's, and a newer one fences that attach")
+	scrubInterval := positiveDuration(fs, "scrub-interval", 24*time.Hour, "time between background scrub passes; the first starts at attach")
+	epoch := positiveUint(fs, "epoch", "epoch presented to replica servers for NBD replicas whose URI has no @epoch=N, 1 or more: it must not be older than the last attach's, and a newer one fences that attach (default: none; every NBD URI must then carry one)")
 	standby := fs.Bool("standby", false, "attach as a live migration's target while another attach still writes: give an --epoch newer than that attach's (an equal one would not fence it) and a --state-dir of its own; every replica must be an NBD URI. The device serves reads and takes nothing over (no flush, no metadata or journal write, no recovery, resync or scrub); a flush succeeds without taking anything over (nothing was written through it), and its first write, discard or write-zeroes fences the other attach, reads the replicas' metadata and journal again, recovers what that attach had in flight, then serves")
 	frontend := fs.String("frontend", "auto", "how the volume becomes a block device: ublk (/dev/ublkbN; Linux 6.4+ with ublk_drv), fuse-loop (/dev/loopN over a private FUSE file) or auto (ublk when /dev/ublk-control exists on Linux 6.4+, else fuse-loop)")
 	metricsAddr := fs.String("metrics-address", "", "serve Prometheus metrics of the volume (requests, latency, events, replica states) at http://ADDR/metrics; empty: off")
-	nbdTimeout := fs.Duration("nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take, waiting for a reconnect included, before that replica is left out (it resyncs when it answers again); a server that restarts within it costs no replica")
+	nbdTimeout := positiveDuration(fs, "nbd-timeout", 10*time.Second, "how long a request to an NBD replica may take, waiting for a reconnect included, before that replica is left out (it resyncs when it answers again); a server that restarts within it costs no replica")
 	faults := faultFlag{}
 	fs.Var(faults, "fault-file", "REPLICA=FILE: while FILE exists, every request to REPLICA fails with EIO (for testing failure handling; repeatable)")
 	pos, err := parse(fs, args)

@@ -11,6 +11,7 @@ import (
 	"runtime/pprof"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // exitError carries a specific exit status out of a subcommand.
@@ -166,6 +167,47 @@ func (f *sizeFlag) Set(s string) error {
 	n, err := parseSize(s)
 	f.n = n
 	return err
+}
+
+// positiveDuration defines a duration flag that must be more than zero
+// when given: zero would be a ticker that panics or a timeout that
+// fails every request, never what was meant.
+func positiveDuration(fs *flag.FlagSet, name string, value time.Duration, usage string) *time.Duration {
+	d := value
+	fs.Func(name, fmt.Sprintf("%s (default %s)", usage, value), func(s string) error {
+		v, err := time.ParseDuration(s)
+		if err != nil {
+			return err
+		}
+		if v <= 0 {
+			return errors.New("must be more than 0")
+		}
+		d = v
+		return nil
+	})
+	return &d
+}
+
+// positiveUint defines a whole-number flag that stays 0 (unset, which
+// usage must say what it means) unless given, and must be at least 1
+// when given: a 0 that silently meant the default would hide a mistake.
+func positiveUint(fs *flag.FlagSet, name, usage string) *uint64 {
+	var n uint64
+	fs.Func(name, usage, func(s string) error {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			if i, ierr := strconv.ParseInt(s, 10, 64); ierr == nil && i < 0 {
+				return errors.New("must be at least 1")
+			}
+			return errors.New("not a whole number")
+		}
+		if v == 0 {
+			return errors.New("must be at least 1 (leave the flag out for the default)")
+		}
+		n = v
+		return nil
+	})
+	return &n
 }
 
 func needArgs(pos []string, what string) error {

@@ -170,19 +170,27 @@ func TestResyncingChildServesNoReads(t *testing.T) {
 	r.assertIdentical(t)
 }
 
+// rigWithFaultyChild is three children of which the third failed eight
+// writes, one every other 4 KiB region: faulty, with those regions dirty.
+func rigWithFaultyChild(t *testing.T) *rig {
+	t.Helper()
+	r := newRig(t, 3, 64<<10, Config{RegionSize: 4096})
+	r.kids[2].setInject(failOn(OpWrite))
+	for i := range 8 {
+		if err := r.e.WriteAt(context.Background(), pattern(byte(i+1), 4096), int64(i)*8192); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return r
+}
+
 // TestResyncFailureAndRetry: a child that fails again during resync goes
 // back to faulty, keeps its remaining dirty regions, and a later probe
 // finishes the job.
 func TestResyncFailureAndRetry(t *testing.T) {
-	r := newRig(t, 3, 64<<10, Config{RegionSize: 4096})
+	r := rigWithFaultyChild(t)
 	defer r.e.Close()
 	ctx := context.Background()
-	r.kids[2].setInject(failOn(OpWrite))
-	for i := range 8 {
-		if err := r.e.WriteAt(ctx, pattern(byte(i+1), 4096), int64(i)*8192); err != nil {
-			t.Fatal(err)
-		}
-	}
 	var n int
 	var mu sync.Mutex
 	r.kids[2].setInject(func(op Op, _, _ int64) error {
@@ -212,15 +220,9 @@ func TestResyncFailureAndRetry(t *testing.T) {
 // it by the other's finish). Once the first has returned, the next probe
 // resyncs the child.
 func TestResyncNotStartedTwice(t *testing.T) {
-	r := newRig(t, 3, 64<<10, Config{RegionSize: 4096})
+	r := rigWithFaultyChild(t)
 	defer r.e.Close()
 	ctx := context.Background()
-	r.kids[2].setInject(failOn(OpWrite))
-	for i := range 8 {
-		if err := r.e.WriteAt(ctx, pattern(byte(i+1), 4096), int64(i)*8192); err != nil {
-			t.Fatal(err)
-		}
-	}
 	hold, held := make(chan struct{}), make(chan struct{})
 	var once, failOnce sync.Once
 	r.kids[2].setInject(func(op Op, off, _ int64) error {

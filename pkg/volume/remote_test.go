@@ -167,16 +167,23 @@ func TestRemoteReplicaReturnsAndResyncs(t *testing.T) {
 		t.Fatalf("c faulty after %v, before its requests' timeout of %v", d, timeout)
 	}
 	startReplicaServer(t, addrC, ps[2])
-	deadline := time.Now().Add(30 * time.Second)
-	for v.Faulty(2) || v.Status()[2].State != quorum.ChildHealthy {
-		if time.Now().After(deadline) {
-			t.Fatalf("c did not come back: %+v", v.Status())
-		}
-		v.Probe(ctx)
-		time.Sleep(50 * time.Millisecond)
-	}
+	probeUntilHealthy(t, v, 2)
 	if err := v.Close(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// probeUntilHealthy probes v, as the attach's probe loop does, until its
+// replica i is back and resynced.
+func probeUntilHealthy(t *testing.T, v *Volume, i int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for v.Status()[i].State != quorum.ChildHealthy {
+		if time.Now().After(deadline) {
+			t.Fatalf("replica %d did not come back: %+v", i, v.Status())
+		}
+		v.Probe(context.Background())
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 

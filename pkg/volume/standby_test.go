@@ -332,14 +332,7 @@ func TestStandbyActivationReplicaUnreachable(t *testing.T) {
 			}
 			assertFenced(t, src, 2)
 			srvs[2] = startReplicaServer(t, addrC, ps[2])
-			deadline := time.Now().Add(30 * time.Second)
-			for tgt.Status()[2].State != quorum.ChildHealthy {
-				if time.Now().After(deadline) {
-					t.Fatalf("c did not come back: %+v", tgt.Status())
-				}
-				tgt.Probe(ctx)
-				time.Sleep(50 * time.Millisecond)
-			}
+			probeUntilHealthy(t, tgt, 2)
 			if err := tgt.Close(ctx); err != nil {
 				t.Fatal(err)
 			}
