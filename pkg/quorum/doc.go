@@ -41,7 +41,7 @@
 //   - A standby engine (Config.Standby, a live migration's target) takes
 //     nothing over until its first write, write-zeroes or discard: it
 //     only reads, rewrites no loser, resyncs and scrubs nothing and
-//     commits no record; a flush has nothing of its to make durable and
+//     commits no record; a flush has nothing of its own to make durable and
 //     succeeds. That request, or Activate, runs the Activator,
 //     which fences the last holder and reports the state it left; the
 //     engine applies it as New does, recovers the holder's write intent,

@@ -38,8 +38,10 @@ import (
 // activates the attach's epoch on each), and only then reads both again.
 // From then on the previous holder can neither write data nor commit a
 // journal record to this replica, and the journal read holds the last
-// record it committed there. A standby attach defers the takeover to
-// its first write-class request.
+// record it committed there. A replica that does not answer a read then
+// is left out, when the others hold every acknowledged write, and
+// resynced in full once back (Volume.activate). A standby attach defers
+// the takeover to its first write-class request.
 
 // SidecarSuffix is appended to a replica's export name to name its
 // sidecar export.
