@@ -194,11 +194,11 @@ func positiveDuration(fs *flag.FlagSet, name string, value time.Duration, usage 
 func positiveUint(fs *flag.FlagSet, name, usage string) *uint64 {
 	var n uint64
 	fs.Func(name, usage, func(s string) error {
+		if strings.HasPrefix(s, "-") {
+			return errors.New("must be at least 1")
+		}
 		v, err := strconv.ParseUint(s, 10, 64)
 		if err != nil {
-			if i, ierr := strconv.ParseInt(s, 10, 64); ierr == nil && i < 0 {
-				return errors.New("must be at least 1")
-			}
 			return errors.New("not a whole number")
 		}
 		if v == 0 {
