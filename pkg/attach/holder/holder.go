@@ -139,6 +139,11 @@ func Listen(path string, opts Options) (*Server, error) {
 	if opts.IdleTimeout == 0 {
 		opts.IdleTimeout = time.Minute
 	}
+	// A holder may start before whoever made its folder: the data path
+	// container beside it makes the state folder too.
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("holder: socket folder: %w", err)
+	}
 	addr := &net.UnixAddr{Name: path, Net: "unixpacket"}
 	l, err := net.ListenUnix("unixpacket", addr)
 	if errors.Is(err, syscall.EADDRINUSE) {

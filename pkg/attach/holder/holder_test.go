@@ -256,6 +256,16 @@ func TestDeadSockets(t *testing.T) {
 	}
 }
 
+// TestListenMakesItsFolder: the holder container of a data path pod
+// starts beside the data path, which may not have made the state folder
+// yet.
+func TestListenMakesItsFolder(t *testing.T) {
+	sock, _ := serve(t, filepath.Join(t.TempDir(), "state", "not-yet"), "a", Options{})
+	if !Live(sock) {
+		t.Errorf("a holder in a folder it made does not answer at %s", sock)
+	}
+}
+
 // TestIdleExit: an ExitWhenEmpty holder that is given nothing ends
 // after its idle timeout.
 func TestIdleExit(t *testing.T) {
