@@ -24,7 +24,9 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -33,6 +35,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/quorum-csi/quorum-csi/internal/atomicfile"
 	"github.com/quorum-csi/quorum-csi/internal/daemon"
 	"github.com/quorum-csi/quorum-csi/pkg/agent"
 	"github.com/quorum-csi/quorum-csi/pkg/contract"
@@ -134,6 +137,15 @@ func serve(o options, log logr.Logger) error {
 	if err := os.MkdirAll(o.dp.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state folder: %w", err)
 	}
+	if handedOver(o) {
+		// A restart of this pod's container after it handed the node
+		// over: taking the node back would take it from the successor,
+		// whose restart would take it back again, for as long as both
+		// pods live. The pod is on its way out; wait for that.
+		log.Info("this pod handed the node over to a successor; waiting to be removed", "instance", o.instance)
+		<-ctx.Done()
+		return nil
+	}
 	lock, err := takeNode(ctx, o, log)
 	if err != nil {
 		return err
@@ -184,8 +196,13 @@ func serve(o options, log logr.Logger) error {
 		return letGoErr
 	}
 	handedOver := make(chan struct{})
+	var handingOver atomic.Bool
 	api := &datapath.Server{Service: svc, Instance: o.instance, Handover: func(context.Context) error {
+		handingOver.Store(true)
 		err := letGo("a successor asked for the node")
+		if merr := markHandedOver(o); merr != nil {
+			log.Error(merr, "record the handover (a restart of this container would ask the successor for the node back)")
+		}
 		close(handedOver)
 		return err
 	}}
@@ -205,7 +222,9 @@ func serve(o options, log logr.Logger) error {
 		return errors.Join(fmt.Errorf("node agent stopped before it served: %w", err), letGo("the node agent stopped"))
 	}
 	svc.TakeOver(ctx)
-	log.Info("data path ready", "volumes", len(svc.List()), "took", time.Since(start).String(), "frontend", svc.Frontend(), "socket", o.socket)
+	if !handingOver.Load() {
+		log.Info("data path ready", "volumes", len(svc.List()), "took", time.Since(start).String(), "frontend", svc.Frontend(), "socket", o.socket)
+	}
 
 	select {
 	case <-handedOver:
@@ -214,12 +233,36 @@ func serve(o options, log logr.Logger) error {
 		<-ctx.Done()
 		return nil
 	case err := <-agentDone:
+		agentDone <- err // for letGo
+		if handingOver.Load() {
+			// Stopped by the handover, which is not done yet.
+			<-handedOver
+			<-ctx.Done()
+			return nil
+		}
 		// The replicas are not served any more (the kubelet restarts us).
-		agentDone <- err
 		return errors.Join(fmt.Errorf("node agent stopped: %w", err), letGo("the node agent stopped"))
 	case <-ctx.Done():
 		return letGo("signal")
 	}
+}
+
+// handedOverFile, in the state folder, names the instance that last
+// handed the node over to a successor.
+const handedOverFile = "handed-over"
+
+func markHandedOver(o options) error {
+	if o.instance == "" {
+		return nil
+	}
+	return atomicfile.WriteFile(filepath.Join(o.dp.StateDir, handedOverFile), []byte(o.instance+"\n"), 0o600)
+}
+
+// handedOver reports whether this instance (its pod) handed the node
+// over already.
+func handedOver(o options) bool {
+	b, err := os.ReadFile(filepath.Join(o.dp.StateDir, handedOverFile))
+	return err == nil && o.instance != "" && strings.TrimSpace(string(b)) == o.instance
 }
 
 // probe is the readiness probe: exit 0 once the data path at --socket

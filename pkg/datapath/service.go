@@ -88,6 +88,15 @@ type Service struct {
 	log   *slog.Logger
 	ready atomic.Bool
 
+	// life is held shared by whatever may add a served volume (Stage, the
+	// takeover of a recorded one) and exclusively by Handover, which sets
+	// closing first: a volume added after Handover looked would be
+	// served by two processes at once once the successor took it back.
+	life    sync.RWMutex
+	closing atomic.Bool
+	// stopTakeOver ends a TakeOver in progress (Handover); set under mu.
+	stopTakeOver context.CancelFunc
+
 	// locks serialises the operations on one volume.
 	locksMu sync.Mutex
 	locks   map[string]*sync.Mutex
@@ -147,7 +156,12 @@ func (s *Service) lock(id string) func() {
 // record removed, so the CSI node service can unstage it cleanly. The
 // service is ready when TakeOver returns.
 func (s *Service) TakeOver(ctx context.Context) {
-	defer s.ready.Store(true)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s.mu.Lock()
+	s.stopTakeOver = cancel
+	s.mu.Unlock()
+	defer func() { s.ready.Store(!s.closing.Load()) }()
 	recs, bad, err := s.store.load()
 	if err != nil {
 		s.log.Error("read the staged volumes' records", "error", err)
@@ -167,8 +181,15 @@ func (s *Service) TakeOver(ctx context.Context) {
 }
 
 // takeBack serves one recorded volume again, retrying while its replica
-// servers (this node's among them, in the same process) come up.
+// servers (this node's among them, in the same process) come up. After
+// a Handover began it leaves the volume, record and all, to the
+// successor.
 func (s *Service) takeBack(ctx context.Context, r Record) {
+	s.life.RLock()
+	defer s.life.RUnlock()
+	if s.closing.Load() {
+		return
+	}
 	defer s.lock(r.VolumeID)()
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.TakeOverTimeout)
 	defer cancel()
@@ -193,10 +214,16 @@ func (s *Service) takeBack(ctx context.Context, r Record) {
 				"attempts", attempt, "took", time.Since(start).String())
 			return
 		}
+		if s.closing.Load() {
+			s.log.Info("handing over: leaving the volume to the successor", "volume", r.VolumeID, "error", err)
+			return
+		}
 		s.log.Warn("take the volume back", "volume", r.VolumeID, "attempt", attempt, "error", err)
 		select {
 		case <-ctx.Done():
-			s.markLost(r, fmt.Sprintf("take back %s: %v", r.Device, err))
+			if !s.closing.Load() {
+				s.markLost(r, fmt.Sprintf("take back %s: %v", r.Device, err))
+			}
 			return
 		case <-time.After(min(time.Duration(attempt)*250*time.Millisecond, 5*time.Second)):
 		}
@@ -312,6 +339,11 @@ func (s *Service) Stage(ctx context.Context, req StageRequest) (Status, error) {
 		return Status{}, fmt.Errorf("stage volume %s: replicas, a positive epoch and a staging path are required", req.VolumeID)
 	}
 	if !s.Ready() {
+		return Status{}, ErrNotReady
+	}
+	s.life.RLock()
+	defer s.life.RUnlock()
+	if s.closing.Load() {
 		return Status{}, ErrNotReady
 	}
 	defer s.lock(req.VolumeID)()
@@ -518,12 +550,23 @@ func (s *Service) List() []Status {
 	return out
 }
 
-// Handover is the planned end of this service, for a successor: every
-// device stops taking requests, those in flight are answered, the
-// volumes are closed cleanly and the devices left for the successor to
-// take back. The records stay. The service serves nothing afterwards.
+// Handover is the planned end of this service, for a successor: a
+// TakeOver in progress stops (the volumes it has not taken back yet
+// stay recorded, for the successor), a Stage in progress finishes
+// first, then every device stops taking requests, those in flight are
+// answered, the volumes are closed cleanly and the devices left for the
+// successor to take back. The records stay. The service serves nothing
+// afterwards and stages nothing (ErrNotReady).
 func (s *Service) Handover(ctx context.Context) error {
 	s.ready.Store(false)
+	s.closing.Store(true)
+	s.mu.Lock()
+	if s.stopTakeOver != nil {
+		s.stopTakeOver()
+	}
+	s.mu.Unlock()
+	s.life.Lock()
+	defer s.life.Unlock()
 	s.mu.Lock()
 	all := slices.Collect(maps.Values(s.vols))
 	s.mu.Unlock()

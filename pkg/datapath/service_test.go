@@ -192,6 +192,57 @@ func TestTakeOver(t *testing.T) {
 	}
 }
 
+// TestHandoverDuringTakeOver: a successor may ask for the node while
+// this data path is still taking its volumes back. The takeover stops,
+// the volume it had not taken back yet keeps its record (the successor
+// serves it; marking it lost would lose it for good), and nothing is
+// staged afterwards: a volume served here after the handover would have
+// two servers once the successor took it back.
+func TestHandoverDuringTakeOver(t *testing.T) {
+	state := t.TempDir()
+	s := store{dir: filepath.Join(state, "volumes")}
+	// Replicas whose server is not up yet: the takeover retries.
+	missing := filepath.Join(t.TempDir(), "not-yet.img")
+	rec := Record{StageRequest: StageRequest{VolumeID: "waiting", Replicas: []string{missing}, Epoch: 1, VoteThreshold: 1, ReadPattern: "quorum", StagingPath: "/s"},
+		Frontend: "fuse-loop", Device: "/dev/loop99"}
+	if err := s.save(rec); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := New(Config{StateDir: state, Frontend: "fuse-loop", TakeOverTimeout: time.Hour, Logger: slog.New(slog.NewTextHandler(testutil.LogWriter(t), nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tookOver := make(chan struct{})
+	go func() {
+		svc.TakeOver(t.Context())
+		close(tookOver)
+	}()
+	time.Sleep(300 * time.Millisecond) // a few attempts
+	if svc.Ready() {
+		t.Fatal("ready while a recorded volume is not served yet")
+	}
+	if err := svc.Handover(t.Context()); err != nil {
+		t.Fatalf("handover: %v", err)
+	}
+	select {
+	case <-tookOver:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the takeover goes on after the handover")
+	}
+	if svc.Ready() {
+		t.Error("ready after the handover")
+	}
+	if got := svc.List(); len(got) != 0 {
+		t.Errorf("serving %+v after the handover", got)
+	}
+	if _, err := os.Stat(s.path("waiting")); err != nil {
+		t.Errorf("the record of the volume left to the successor: %v", err)
+	}
+	if _, err := svc.Stage(t.Context(), StageRequest{VolumeID: "new", Replicas: []string{missing}, Epoch: 1, StagingPath: "/s2"}); !errors.Is(err, ErrNotReady) {
+		t.Errorf("stage after the handover: %v, want ErrNotReady", err)
+	}
+}
+
 // TestLostDevice: a record whose device is gone is not served under a
 // new device nobody holds: it is reported lost, its record removed.
 func TestLostDevice(t *testing.T) {
