@@ -54,7 +54,7 @@ func TestChartAppliesToAPIServer(t *testing.T) {
 	}{
 		{"defaults", []string{"--set", "tls.secretName=quorum-tls"}, []string{"csidriver.storage.k8s.io/quorum.csi.dev", "storageclass.storage.k8s.io/quorum-fifo", "daemonset.apps/quorum-csi-node", "daemonset.apps/quorum-csi-datapath", "deployment.apps/quorum-csi-controller", "customresourcedefinition.apiextensions.k8s.io/quorumvolumes.quorum.csi.dev"}, []string{dashboard, rule}},
 		{"one class", []string{"--set", "tls.secretName=quorum-tls", "--set", "storageClasses[0].name=only", "--set", "storageClasses[0].default=true"}, []string{"storageclass.storage.k8s.io/only"}, nil},
-		{"monitoring", append([]string{"--set", "tls.secretName=quorum-tls"}, monitoringOn...), []string{dashboard, rule, "daemonset.apps/quorum-csi-datapath"}, nil},
+		{"monitoring", append([]string{"--set", "tls.secretName=quorum-tls"}, MonitoringOn...), []string{dashboard, rule, "daemonset.apps/quorum-csi-datapath"}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			args := append([]string{"template", "quorum-csi", "../../charts/quorum-csi", "--namespace", "quorum-csi", "--kube-version", "v1.37.2", "--include-crds"}, tc.set...)

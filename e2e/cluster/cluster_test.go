@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quorum-csi/quorum-csi/e2e/chart"
 	"github.com/quorum-csi/quorum-csi/internal/testutil"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 )
@@ -270,8 +271,9 @@ func (c *cluster) installChart() {
 // chart is the chart's folder in this tree.
 func (c *cluster) chart() string { return filepath.Join(c.dir, "..", "..", "charts", "quorum-csi") }
 
-// helm runs helm against the cluster in the driver's namespace.
-func (c *cluster) helm(t *testing.T, args ...string) {
+// helm runs helm against the cluster in the driver's namespace and
+// returns what it printed.
+func (c *cluster) helm(t *testing.T, args ...string) string {
 	t.Helper()
 	bin := os.Getenv("QUORUM_TOOLS_BIN")
 	if bin == "" {
@@ -280,10 +282,12 @@ func (c *cluster) helm(t *testing.T, args ...string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, filepath.Join(bin, "helm"), append(args, "--kubeconfig", c.kubeconfig, "--namespace", namespace)...)
-	if out, err := cmd.CombinedOutput(); err != nil {
+	out, err := cmd.CombinedOutput()
+	if err != nil {
 		c.dumpLogs()
 		t.Fatalf("helm %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
+	return string(out)
 }
 
 // poll calls ok every half second until it holds, failing t after
@@ -377,6 +381,57 @@ func metrics(t *testing.T, node string) string {
 		t.Fatalf("metrics of %s: %v", node, err)
 	}
 	return string(b)
+}
+
+// scrapeController scrapes the controller's Prometheus endpoint, from
+// inside the network of its node: pod addresses are not routed to this
+// machine.
+func (c *cluster) scrapeController(t *testing.T) string {
+	t.Helper()
+	pod := c.kubectl("-n", namespace, "get", "pod", "-l", "app.kubernetes.io/component=controller",
+		"-o", "jsonpath={.items[0].spec.nodeName} {.items[0].status.podIP}")
+	node, ip, _ := strings.Cut(strings.TrimSpace(pod), " ")
+	out, err := exec.Command("ip", "netns", "exec", "qe-"+node, "curl", "-sSf", "-m", "10", "http://"+ip+":8080/metrics").CombinedOutput()
+	if err != nil {
+		t.Fatalf("metrics of the controller (%s on %s): %v\n%s", ip, node, err, out)
+	}
+	return string(out)
+}
+
+// monitoringSeries checks the chart's dashboard and alerts against the
+// running driver: every series they look at is in the scrape of the
+// controller or of node's data path, which serves an attached volume
+// that has had a replica fail.
+func (c *cluster) monitoringSeries(t *testing.T, node string) {
+	t.Helper()
+	rendered := c.helm(t, append([]string{"template", "quorum-csi", c.chart(), "--set", "tls.secretName=quorum-tls"}, chart.MonitoringOn...)...)
+	exprs, err := chart.MonitoringExprs(rendered)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scraped := map[string]bool{}
+	for _, m := range []string{c.scrapeController(t), metrics(t, node)} {
+		for _, l := range strings.Split(m, "\n") {
+			// A sample: NAME{LABELS} VALUE or NAME VALUE.
+			if i := strings.IndexAny(l, "{ "); i > 0 && !strings.HasPrefix(l, "#") {
+				scraped[l[:i]] = true
+			}
+		}
+	}
+	names := map[string]bool{}
+	for _, e := range exprs {
+		ns, err := e.SeriesNames()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range ns {
+			names[n] = true
+			if !scraped[n] {
+				t.Errorf("%s looks at %s, which neither the controller nor %s's data path exports now", e.Where, n, node)
+			}
+		}
+	}
+	t.Logf("the dashboard's and alerts' %d expressions look at %d series, all scraped from the controller and %s", len(exprs), len(names), node)
 }
 
 // pod returns a pod manifest running the app image's shell script on

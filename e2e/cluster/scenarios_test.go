@@ -247,6 +247,7 @@ func (c *cluster) nodeCutOff(t *testing.T) {
 			t.Errorf("%s's metrics lack %s", podNode, want)
 		}
 	}
+	c.monitoringSeries(t, podNode)
 
 	c.kubectl("-n", appNamespace, "exec", "fio", "--", "touch", "/data/STOP")
 	var logs string
