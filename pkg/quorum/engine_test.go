@@ -232,9 +232,7 @@ func TestJournalRefusedByChild(t *testing.T) {
 			if rec, _ := j.last(); !slices.Equal(dirtyKeys(rec), []int{2}) {
 				t.Errorf("last record %+v, want child 2 dirty", rec)
 			}
-			r.events.mu.Lock()
-			defer r.events.mu.Unlock()
-			if ev := r.events.events; len(ev) != 1 || ev[0].Op != OpJournal || ev[0].Child != "c2" {
+			if ev := r.events.All(); len(ev) != 1 || ev[0].Op != OpJournal || ev[0].Child != "c2" {
 				t.Errorf("events %+v, want one REPORT_BAD journal for c2", ev)
 			}
 		})
