@@ -298,34 +298,28 @@ func TestOverlappingWritesIdentical(t *testing.T) {
 			for i, k := range r.kids {
 				k.inject = randomDelay(seed*10+int64(i), 200*time.Microsecond)
 			}
-			var wg sync.WaitGroup
-			for w := range 8 {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					rng := rand.New(rand.NewSource(seed*100 + int64(w)))
-					ctx := context.Background()
-					for i := range 60 {
-						off := int64(rng.Intn(size/512)) * 512
-						length := int64(1+rng.Intn(16)) * 512
-						length = min(length, size-off)
-						var err error
-						switch rng.Intn(6) {
-						case 0:
-							err = r.e.Discard(ctx, off, length)
-						case 1:
-							err = r.e.WriteZeroes(ctx, off, length)
-						default:
-							err = r.e.WriteAt(ctx, pattern(byte(w*60+i), int(length)), off)
-						}
-						if err != nil {
-							t.Errorf("op: %v", err)
-							return
-						}
+			wait := seededWorkers(8, seed, func(w int, rng *rand.Rand) {
+				ctx := context.Background()
+				for i := range 60 {
+					off := int64(rng.Intn(size/512)) * 512
+					length := int64(1+rng.Intn(16)) * 512
+					length = min(length, size-off)
+					var err error
+					switch rng.Intn(6) {
+					case 0:
+						err = r.e.Discard(ctx, off, length)
+					case 1:
+						err = r.e.WriteZeroes(ctx, off, length)
+					default:
+						err = r.e.WriteAt(ctx, pattern(byte(w*60+i), int(length)), off)
 					}
-				}()
-			}
-			wg.Wait()
+					if err != nil {
+						t.Errorf("op: %v", err)
+						return
+					}
+				}
+			})
+			wait()
 			r.assertIdentical(t)
 		})
 	}

@@ -141,6 +141,21 @@ func randomDelay(seed int64, max time.Duration) func(Op, int64, int64) error {
 	}
 }
 
+// seededWorkers runs work in n goroutines, worker w with its own random
+// source seeded from seed and w, so a failing seed replays; wait waits
+// for them all.
+func seededWorkers(n int, seed int64, work func(w int, rng *rand.Rand)) (wait func()) {
+	var wg sync.WaitGroup
+	for w := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			work(w, rand.New(rand.NewSource(seed*100+int64(w))))
+		}()
+	}
+	return wg.Wait
+}
+
 // eventLog collects events for assertions.
 type eventLog struct {
 	testutil.Log[Event]
