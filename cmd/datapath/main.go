@@ -61,9 +61,7 @@ type options struct {
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
 	var o options
-	fs := flag.NewFlagSet("datapath", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.StringVar(&o.agent.Node, "node-name", os.Getenv("NODE_NAME"), "this node's name, as its Node object (default $NODE_NAME, set from the downward API)")
+	fs := daemon.NewFlagSet("datapath", stderr, &o.agent.Node, &o.kubeconfig)
 	fs.StringVar(&o.agent.Namespace, "namespace", agent.DefaultNamespace, "namespace of the node's Lease (the driver's namespace)")
 	fs.StringVar(&o.agent.DataDir, "data-dir", "/var/lib/quorum-csi/replicas", "folder holding the replica images, DIR/<volume>/<replica>.img")
 	fs.StringVar(&o.agent.Listen, "listen", ":"+nbd.DefaultPort, "address of the NBD server that serves the replicas, HOST:PORT")
@@ -83,13 +81,9 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.Int64Var(&o.dp.ScrubRate, "scrub-rate", 4<<20, "bytes per second of the background scrub of each staged volume, which votes across replicas and repairs minorities (0: none)")
 	fs.DurationVar(&o.dp.ScrubInterval, "scrub-interval", 24*time.Hour, "time between background scrub passes of a staged volume; the first starts at stage")
 	fs.DurationVar(&o.handoverWait, "handover-timeout", time.Minute, "how long a data path that starts beside a running one waits for it to hand over")
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; default: in-cluster config, or $KUBECONFIG")
 	fs.StringVar(&o.instance, "instance", os.Getenv("POD_UID"), "names this process in its ready answer, so that the readiness probe (datapath probe --instance) does not take the answer of the predecessor it replaces for its own (default $POD_UID)")
 	if err := daemon.ParseFlags(fs, args); err != nil {
 		return o, err
-	}
-	if o.agent.Node == "" {
-		return o, errors.New("no node name: give --node-name or set NODE_NAME")
 	}
 	if o.tlsDir == "" {
 		return o, errors.New("--tls-dir is required: replicas are reached over TLS, the local one too")

@@ -10,7 +10,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"io"
 	"os"
 	"os/signal"
@@ -39,9 +38,7 @@ type options struct {
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
 	var o options
-	fs := flag.NewFlagSet("node", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.StringVar(&o.csi.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name, as its Node object (default $NODE_NAME, set from the downward API)")
+	fs := daemon.NewFlagSet("node", stderr, &o.csi.NodeName, &o.kubeconfig)
 	fs.StringVar(&o.csi.TLSDir, "tls-dir", "", "folder with the NBD client certificates (ca-cert.pem, client-cert.pem, client-key.pem), at the same path in the data path's container")
 	fs.StringVar(&o.csi.TLSHostname, "tls-hostname", "localhost", "a name in the replica servers' certificate, checked on the local socket")
 	fs.StringVar(&o.csi.LocalSocket, "local-socket", "/run/quorum-csi/nbd.sock", "the node agent's Unix socket (datapath --local-socket), through which staged volumes reach this node's replicas")
@@ -49,13 +46,10 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.csiEndpoint, "csi-endpoint", "unix:///csi/csi.sock", "where the CSI Node and Identity services listen, unix:///path")
 	fs.StringVar(&o.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "the kubelet's folder: the plugin registers with the kubelet through DIR/plugins_registry/quorum.csi.dev-reg.sock; empty: no registration")
 	fs.StringVar(&o.regPath, "kubelet-registration-path", "", "the CSI socket's path on the host, as the kubelet dials it (default: the --csi-endpoint path, when the container sees it at the same path)")
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; default: in-cluster config, or $KUBECONFIG")
 	if err := daemon.ParseFlags(fs, args); err != nil {
 		return o, err
 	}
 	switch {
-	case o.csi.NodeName == "":
-		return o, errors.New("no node name: give --node-name or set NODE_NAME")
 	case o.csi.TLSDir == "":
 		// Replicas are only reached over TLS, the local one too.
 		return o, errors.New("--tls-dir is required")

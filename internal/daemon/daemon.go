@@ -1,7 +1,7 @@
 // Package daemon holds what the node's two daemons, cmd/node and
 // cmd/datapath, do alike before they serve: a command line of flags
-// only, whose mistakes exit 2, a JSON log, and the API server's
-// configuration.
+// only, the node's name and kubeconfig among them, whose mistakes exit 2,
+// a JSON log, and the API server's configuration.
 package daemon
 
 import (
@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 
 	"github.com/go-logr/logr"
 	"k8s.io/client-go/rest"
@@ -17,15 +18,32 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 )
 
-// ParseFlags parses args into fs. A daemon takes its whole configuration
-// from flags, so a positional argument is a mistake (a flag's value
-// split off by a stray space, most likely).
+// NewFlagSet returns the command line of the daemon name, which says its
+// mistakes on stderr, with the flags both daemons take: --node-name
+// (default $NODE_NAME) into node, and --kubeconfig into kubeconfig.
+func NewFlagSet(name string, stderr io.Writer, node, kubeconfig *string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(node, nodeNameFlag, os.Getenv("NODE_NAME"), "this node's name, as its Node object (default $NODE_NAME, set from the downward API)")
+	fs.StringVar(kubeconfig, "kubeconfig", "", "kubeconfig file; default: in-cluster config, or $KUBECONFIG")
+	return fs
+}
+
+const nodeNameFlag = "node-name"
+
+// ParseFlags parses args into fs, made by NewFlagSet. A daemon takes its
+// whole configuration from flags, so a positional argument is a mistake
+// (a flag's value split off by a stray space, most likely). Without a
+// node name a daemon cannot tell which replicas and volumes are its own.
 func ParseFlags(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if f := fs.Lookup(nodeNameFlag); f == nil || f.Value.String() == "" {
+		return errors.New("no node name: give --node-name or set NODE_NAME")
 	}
 	return nil
 }

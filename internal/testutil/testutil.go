@@ -1,6 +1,7 @@
 // Package testutil holds what tests on real kernel parts share: gates for
 // root, devices and tools that skip on a laptop but fail in CI, and checks
-// that a test left no loop device or mount behind.
+// that a test left no loop device or mount behind; and what any test uses
+// to collect what its goroutines report (SyncBuffer, Log).
 package testutil
 
 import (
@@ -142,6 +143,34 @@ func (s *SyncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// Log collects what goroutines report (events, states, log lines) while
+// the test reads it.
+type Log[T any] struct {
+	mu   sync.Mutex
+	vals []T
+}
+
+// Add appends v.
+func (l *Log[T]) Add(v T) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.vals = append(l.vals, v)
+}
+
+// All returns a copy of what was added so far, in order.
+func (l *Log[T]) All() []T {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]T(nil), l.vals...)
+}
+
+// Reset forgets what was added.
+func (l *Log[T]) Reset() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.vals = nil
 }
 
 // LoopID names a loop device's backing file: its device and inode

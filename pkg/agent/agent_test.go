@@ -22,7 +22,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -400,14 +399,7 @@ func (e *env) deleteVolume(vol string) {
 	})
 }
 
-func (e *env) get(vol string) *v1alpha1.QuorumVolume {
-	e.t.Helper()
-	qv := &v1alpha1.QuorumVolume{}
-	if err := e.c.Get(e.t.Context(), client.ObjectKey{Name: vol}, qv); err != nil {
-		e.t.Fatal(err)
-	}
-	return qv
-}
+func (e *env) get(vol string) *v1alpha1.QuorumVolume { return qvtest.Get(e.t, e.c, vol) }
 
 // waitReplicas polls the volume's status until ok holds for its
 // replicas, by name.
@@ -425,14 +417,10 @@ func (e *env) waitReplicas(vol, what string, ok func(map[string]v1alpha1.Replica
 	return qv
 }
 
+// poll waits up to timeout for ok.
 func (e *env) poll(what string, ok func() bool) {
 	e.t.Helper()
-	err := wait.PollUntilContextTimeout(e.t.Context(), 100*time.Millisecond, timeout, true, func(context.Context) (bool, error) {
-		return ok(), nil
-	})
-	if err != nil {
-		e.t.Fatalf("waiting for %s: %v", what, err)
-	}
+	qvtest.Poll(e.t, what, timeout, func(context.Context) bool { return ok() })
 }
 
 func allHealthy(rs map[string]v1alpha1.ReplicaStatus) bool {

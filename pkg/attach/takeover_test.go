@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -21,31 +21,19 @@ import (
 // testLog collects what an attach logs, also from its readers after
 // the test function returned.
 type testLog struct {
-	mu    sync.Mutex
-	lines []string
+	testutil.Log[string]
 }
 
 func (l *testLog) logf(format string, args ...any) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.lines = append(l.lines, fmt.Sprintf(format, args...))
+	l.Add(fmt.Sprintf(format, args...))
 }
 
 func (l *testLog) has(s string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, line := range l.lines {
-		if strings.Contains(line, s) {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(l.All(), func(line string) bool { return strings.Contains(line, s) })
 }
 
 func (l *testLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Join(l.lines, "\n")
+	return strings.Join(l.All(), "\n")
 }
 
 // takeoverSetup runs a holder in this process and returns the options

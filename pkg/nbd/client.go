@@ -69,16 +69,16 @@ const (
 	Closed
 )
 
+var stateNames = [...]string{
+	Connected:    "connected",
+	Disconnected: "disconnected",
+	Fenced:       "fenced",
+	Closed:       "closed",
+}
+
 func (s State) String() string {
-	switch s {
-	case Connected:
-		return "connected"
-	case Disconnected:
-		return "disconnected"
-	case Fenced:
-		return "fenced"
-	case Closed:
-		return "closed"
+	if s >= 0 && int(s) < len(stateNames) {
+		return stateNames[s]
 	}
 	return fmt.Sprintf("State(%d)", int32(s))
 }

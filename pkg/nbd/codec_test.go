@@ -351,6 +351,15 @@ func TestStrings(t *testing.T) {
 		{(CmdFlagFUA | CmdFlagNoHole | 1<<9).String(), "FUA|NO_HOLE|0x200"},
 		{(FlagHasFlags | FlagReadOnly).String(), "HAS_FLAGS|READ_ONLY"},
 		{ChunkErrorOffset.String(), "NBD_REPLY_TYPE_ERROR_OFFSET"},
+		{ChunkType(9).String(), "NBD_REPLY_TYPE_9"},
+		{RepAck.String(), "NBD_REP_ACK"},
+		{RepErrBlockSize.String(), "NBD_REP_ERR_BLOCK_SIZE_REQD"},
+		{ReplyType(50).String(), "NBD_REP(50)"},
+		{ENOSPC.Error(), "NBD_ENOSPC: no space left on device"},
+		{Errno(1234).Error(), "NBD error 1234"},
+		{Fenced.String(), "fenced"},
+		{State(7).String(), "State(7)"},
+		{State(-1).String(), "State(-1)"},
 	} {
 		if tt.got != tt.want {
 			t.Errorf("got %q, want %q", tt.got, tt.want)

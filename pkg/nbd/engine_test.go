@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quorum-csi/quorum-csi/internal/testutil"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 )
 
@@ -59,13 +60,8 @@ func TestEngineNBDChildSurvivesRestart(t *testing.T) {
 	s2, life2 := startLife(t, "tcp", r2, nil)
 	c1 := dial(t, s1, Config{Export: "mem", Timeout: 10 * time.Second})
 	c2 := dial(t, s2, Config{Export: "mem", Timeout: 10 * time.Second, MinBackoff: 20 * time.Millisecond})
-	var events sync.Mutex
-	var bad []quorum.Event
-	e := nodeEngine(t, local, c1, c2, func(ev quorum.Event) {
-		events.Lock()
-		bad = append(bad, ev)
-		events.Unlock()
-	})
+	var events testutil.Log[quorum.Event]
+	e := nodeEngine(t, local, c1, c2, events.Add)
 	defer e.Close()
 	ctx := context.Background()
 	midway, wait := engineWrites(t, e, size, 30)
@@ -82,11 +78,9 @@ func TestEngineNBDChildSurvivesRestart(t *testing.T) {
 			t.Errorf("child %d is faulty after a restart within the timeout", i)
 		}
 	}
-	events.Lock()
-	if len(bad) > 0 {
+	if bad := events.All(); len(bad) > 0 {
 		t.Errorf("events across a restart within the timeout: %+v", bad)
 	}
-	events.Unlock()
 	for i, r := range []*memBackend{local, r1, r2} {
 		if !bytes.Equal(r.snapshot(), model) {
 			t.Errorf("replica %d differs from what the engine acknowledged", i)

@@ -22,24 +22,21 @@ const (
 	ESHUTDOWN Errno = 108
 )
 
+// errnoText holds the values the protocol defines, with their meaning.
+var errnoText = map[Errno]string{
+	EPERM:     "NBD_EPERM: operation not permitted",
+	EIO:       "NBD_EIO: input/output error",
+	ENOMEM:    "NBD_ENOMEM: cannot allocate memory",
+	EINVAL:    "NBD_EINVAL: invalid argument",
+	ENOSPC:    "NBD_ENOSPC: no space left on device",
+	EOVERFLOW: "NBD_EOVERFLOW: value too large",
+	ENOTSUP:   "NBD_ENOTSUP: operation not supported",
+	ESHUTDOWN: "NBD_ESHUTDOWN: server is shutting down",
+}
+
 func (e Errno) Error() string {
-	switch e {
-	case EPERM:
-		return "NBD_EPERM: operation not permitted"
-	case EIO:
-		return "NBD_EIO: input/output error"
-	case ENOMEM:
-		return "NBD_ENOMEM: cannot allocate memory"
-	case EINVAL:
-		return "NBD_EINVAL: invalid argument"
-	case ENOSPC:
-		return "NBD_ENOSPC: no space left on device"
-	case EOVERFLOW:
-		return "NBD_EOVERFLOW: value too large"
-	case ENOTSUP:
-		return "NBD_ENOTSUP: operation not supported"
-	case ESHUTDOWN:
-		return "NBD_ESHUTDOWN: server is shutting down"
+	if s, ok := errnoText[e]; ok {
+		return s
 	}
 	return fmt.Sprintf("NBD error %d", uint32(e))
 }
@@ -53,11 +50,8 @@ func (e Errno) Is(target error) bool {
 
 // known reports whether e is one of the values the protocol defines.
 func (e Errno) known() bool {
-	switch e {
-	case EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN:
-		return true
-	}
-	return false
+	_, ok := errnoText[e]
+	return ok
 }
 
 // errnoOf maps a backend error to the NBD error value to report. The

@@ -111,36 +111,26 @@ const (
 // IsError reports whether t is an error reply.
 func (t ReplyType) IsError() bool { return t&repErr != 0 }
 
+var replyTypeNames = map[ReplyType]string{
+	RepAck:           "ACK",
+	RepServer:        "SERVER",
+	RepInfo:          "INFO",
+	RepMetaContext:   "META_CONTEXT",
+	RepErrUnsup:      "ERR_UNSUP",
+	RepErrPolicy:     "ERR_POLICY",
+	RepErrInvalid:    "ERR_INVALID",
+	RepErrPlatform:   "ERR_PLATFORM",
+	RepErrTLSReqd:    "ERR_TLS_REQD",
+	RepErrUnknown:    "ERR_UNKNOWN",
+	RepErrShutdown:   "ERR_SHUTDOWN",
+	RepErrBlockSize:  "ERR_BLOCK_SIZE_REQD",
+	RepErrTooBig:     "ERR_TOO_BIG",
+	RepErrExtHdrReqd: "ERR_EXT_HEADER_REQD",
+}
+
 func (t ReplyType) String() string {
-	switch t {
-	case RepAck:
-		return "NBD_REP_ACK"
-	case RepServer:
-		return "NBD_REP_SERVER"
-	case RepInfo:
-		return "NBD_REP_INFO"
-	case RepMetaContext:
-		return "NBD_REP_META_CONTEXT"
-	case RepErrUnsup:
-		return "NBD_REP_ERR_UNSUP"
-	case RepErrPolicy:
-		return "NBD_REP_ERR_POLICY"
-	case RepErrInvalid:
-		return "NBD_REP_ERR_INVALID"
-	case RepErrPlatform:
-		return "NBD_REP_ERR_PLATFORM"
-	case RepErrTLSReqd:
-		return "NBD_REP_ERR_TLS_REQD"
-	case RepErrUnknown:
-		return "NBD_REP_ERR_UNKNOWN"
-	case RepErrShutdown:
-		return "NBD_REP_ERR_SHUTDOWN"
-	case RepErrBlockSize:
-		return "NBD_REP_ERR_BLOCK_SIZE_REQD"
-	case RepErrTooBig:
-		return "NBD_REP_ERR_TOO_BIG"
-	case RepErrExtHdrReqd:
-		return "NBD_REP_ERR_EXT_HEADER_REQD"
+	if n, ok := replyTypeNames[t]; ok {
+		return "NBD_REP_" + n
 	}
 	if t.IsError() {
 		return fmt.Sprintf("NBD_REP_ERR(%d)", uint32(t&^repErr))
@@ -243,20 +233,18 @@ const (
 // IsError reports whether t is an error chunk type, known or not.
 func (t ChunkType) IsError() bool { return t&chunkErr != 0 }
 
+var chunkTypeNames = map[ChunkType]string{
+	ChunkNone:        "NONE",
+	ChunkOffsetData:  "OFFSET_DATA",
+	ChunkOffsetHole:  "OFFSET_HOLE",
+	ChunkBlockStatus: "BLOCK_STATUS",
+	ChunkError:       "ERROR",
+	ChunkErrorOffset: "ERROR_OFFSET",
+}
+
 func (t ChunkType) String() string {
-	switch t {
-	case ChunkNone:
-		return "NBD_REPLY_TYPE_NONE"
-	case ChunkOffsetData:
-		return "NBD_REPLY_TYPE_OFFSET_DATA"
-	case ChunkOffsetHole:
-		return "NBD_REPLY_TYPE_OFFSET_HOLE"
-	case ChunkBlockStatus:
-		return "NBD_REPLY_TYPE_BLOCK_STATUS"
-	case ChunkError:
-		return "NBD_REPLY_TYPE_ERROR"
-	case ChunkErrorOffset:
-		return "NBD_REPLY_TYPE_ERROR_OFFSET"
+	if n, ok := chunkTypeNames[t]; ok {
+		return "NBD_REPLY_TYPE_" + n
 	}
 	return fmt.Sprintf("NBD_REPLY_TYPE_%d", uint16(t))
 }

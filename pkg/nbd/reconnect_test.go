@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/quorum-csi/quorum-csi/internal/testutil"
 )
 
 // lifeBackend is one server process's view of a backend that outlives
@@ -145,21 +147,10 @@ func waitState(t *testing.T, c *Client, want State) {
 
 // stateLog records a client's state changes.
 type stateLog struct {
-	mu     sync.Mutex
-	states []State
+	testutil.Log[State]
 }
 
-func (l *stateLog) record(s State, _ error) {
-	l.mu.Lock()
-	l.states = append(l.states, s)
-	l.mu.Unlock()
-}
-
-func (l *stateLog) get() []State {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return append([]State(nil), l.states...)
-}
+func (l *stateLog) record(s State, _ error) { l.Add(s) }
 
 // TestClientSurvivesServerRestart is a rolling upgrade seen from one
 // client: the server process is killed in the middle of concurrent
@@ -231,7 +222,7 @@ func TestClientSurvivesServerRestart(t *testing.T) {
 	if !bytes.Equal(m.snapshot(), model) {
 		t.Error("the export differs from what the client wrote")
 	}
-	if s := log.get(); len(s) < 2 || s[0] != Disconnected || s[len(s)-1] != Connected {
+	if s := log.All(); len(s) < 2 || s[0] != Disconnected || s[len(s)-1] != Connected {
 		t.Errorf("state changes %v, want Disconnected ... Connected", s)
 	}
 }

@@ -232,9 +232,7 @@ func TestJournalRefusedByChild(t *testing.T) {
 			if rec, _ := j.last(); !slices.Equal(dirtyKeys(rec), []int{2}) {
 				t.Errorf("last record %+v, want child 2 dirty", rec)
 			}
-			r.events.mu.Lock()
-			defer r.events.mu.Unlock()
-			if ev := r.events.events; len(ev) != 1 || ev[0].Op != OpJournal || ev[0].Child != "c2" {
+			if ev := r.events.All(); len(ev) != 1 || ev[0].Op != OpJournal || ev[0].Child != "c2" {
 				t.Errorf("events %+v, want one REPORT_BAD journal for c2", ev)
 			}
 		})
@@ -300,34 +298,28 @@ func TestOverlappingWritesIdentical(t *testing.T) {
 			for i, k := range r.kids {
 				k.inject = randomDelay(seed*10+int64(i), 200*time.Microsecond)
 			}
-			var wg sync.WaitGroup
-			for w := range 8 {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					rng := rand.New(rand.NewSource(seed*100 + int64(w)))
-					ctx := context.Background()
-					for i := range 60 {
-						off := int64(rng.Intn(size/512)) * 512
-						length := int64(1+rng.Intn(16)) * 512
-						length = min(length, size-off)
-						var err error
-						switch rng.Intn(6) {
-						case 0:
-							err = r.e.Discard(ctx, off, length)
-						case 1:
-							err = r.e.WriteZeroes(ctx, off, length)
-						default:
-							err = r.e.WriteAt(ctx, pattern(byte(w*60+i), int(length)), off)
-						}
-						if err != nil {
-							t.Errorf("op: %v", err)
-							return
-						}
+			wait := seededWorkers(8, seed, func(w int, rng *rand.Rand) {
+				ctx := context.Background()
+				for i := range 60 {
+					off := int64(rng.Intn(size/512)) * 512
+					length := int64(1+rng.Intn(16)) * 512
+					length = min(length, size-off)
+					var err error
+					switch rng.Intn(6) {
+					case 0:
+						err = r.e.Discard(ctx, off, length)
+					case 1:
+						err = r.e.WriteZeroes(ctx, off, length)
+					default:
+						err = r.e.WriteAt(ctx, pattern(byte(w*60+i), int(length)), off)
 					}
-				}()
-			}
-			wg.Wait()
+					if err != nil {
+						t.Errorf("op: %v", err)
+						return
+					}
+				}
+			})
+			wait()
 			r.assertIdentical(t)
 		})
 	}

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/quorum-csi/quorum-csi/internal/testutil"
 )
 
 var errInjected = errors.New("injected I/O error")
@@ -139,24 +141,30 @@ func randomDelay(seed int64, max time.Duration) func(Op, int64, int64) error {
 	}
 }
 
-// eventLog collects events for assertions.
-type eventLog struct {
-	mu     sync.Mutex
-	events []Event
+// seededWorkers runs work in n goroutines, worker w with its own random
+// source seeded from seed and w, so a failing seed replays; wait waits
+// for them all.
+func seededWorkers(n int, seed int64, work func(w int, rng *rand.Rand)) (wait func()) {
+	var wg sync.WaitGroup
+	for w := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			work(w, rand.New(rand.NewSource(seed*100+int64(w))))
+		}()
+	}
+	return wg.Wait
 }
 
-func (l *eventLog) add(e Event) {
-	l.mu.Lock()
-	l.events = append(l.events, e)
-	l.mu.Unlock()
+// eventLog collects events for assertions.
+type eventLog struct {
+	testutil.Log[Event]
 }
 
 // summary lists events as "TYPE" or "TYPE:child" strings, in order.
 func (l *eventLog) summary() []string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	var out []string
-	for _, e := range l.events {
+	for _, e := range l.All() {
 		s := string(e.Type)
 		if e.Child != "" {
 			s += ":" + e.Child
@@ -180,7 +188,7 @@ func newRig(t *testing.T, n, size int, cfg Config) *rig {
 		r.kids = append(r.kids, f)
 		cfg.Children = append(cfg.Children, Member{Name: fmt.Sprintf("c%d", i), Child: f})
 	}
-	cfg.OnEvent = r.events.add
+	cfg.OnEvent = r.events.Add
 	e, err := New(cfg)
 	if err != nil {
 		t.Fatalf("New: %v", err)

@@ -204,7 +204,7 @@ func TestFIFORead(t *testing.T) {
 			for _, i := range tc.faulty {
 				r.e.fault(i, OpWrite, 0, 512, errInjected)
 			}
-			r.events.events = nil
+			r.events.Reset()
 			setupReads(r, tc.labels)
 			want := readVersion(t, r, tc.want, tc.bad)
 			var read []int
@@ -228,10 +228,8 @@ func TestEventCarriesRange(t *testing.T) {
 	setupReads(r, []string{"a", "a", "a"})
 	copy(r.kids[1].data[4096:], pattern(1, 1024))
 	_ = r.e.ReadAt(context.Background(), make([]byte, 1024), 4096)
-	r.events.mu.Lock()
-	defer r.events.mu.Unlock()
 	want := Event{Type: EventReportBad, Op: OpRead, Offset: 4096, Length: 1024, Child: "c1", Error: "content lost the vote"}
-	if len(r.events.events) != 1 || r.events.events[0] != want {
-		t.Fatalf("events = %+v, want [%+v]", r.events.events, want)
+	if ev := r.events.All(); len(ev) != 1 || ev[0] != want {
+		t.Fatalf("events = %+v, want [%+v]", ev, want)
 	}
 }

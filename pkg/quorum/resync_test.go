@@ -101,29 +101,23 @@ func TestResyncUnderLoad(t *testing.T) {
 			k.setInject(randomDelay(seed*10+int64(i), 100*time.Microsecond))
 		}
 		ctx := context.Background()
-		var wg sync.WaitGroup
-		for w := range 4 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				rng := rand.New(rand.NewSource(seed*100 + int64(w)))
-				for i := range 100 {
-					off := int64(rng.Intn(size/512-8)) * 512
-					if err := e.WriteAt(ctx, pattern(byte(w*100+i), 512*(1+rng.Intn(8))), off); err != nil {
-						t.Errorf("write: %v", err)
-						return
-					}
-					p := make([]byte, 4096)
-					if err := e.ReadAt(ctx, p, off&^4095); err != nil {
-						t.Errorf("read: %v", err)
-						return
-					}
+		wait := seededWorkers(4, seed, func(w int, rng *rand.Rand) {
+			for i := range 100 {
+				off := int64(rng.Intn(size/512-8)) * 512
+				if err := e.WriteAt(ctx, pattern(byte(w*100+i), 512*(1+rng.Intn(8))), off); err != nil {
+					t.Errorf("write: %v", err)
+					return
 				}
-			}()
-		}
+				p := make([]byte, 4096)
+				if err := e.ReadAt(ctx, p, off&^4095); err != nil {
+					t.Errorf("read: %v", err)
+					return
+				}
+			}
+		})
 		time.Sleep(2 * time.Millisecond)
 		e.StartResync(1)
-		wg.Wait()
+		wait()
 		waitState(t, e, 1, ChildHealthy)
 		e.Close()
 		r.assertIdentical(t)

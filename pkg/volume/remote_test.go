@@ -10,11 +10,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/quorum-csi/quorum-csi/internal/testutil"
 	"github.com/quorum-csi/quorum-csi/pkg/nbd"
 	"github.com/quorum-csi/quorum-csi/pkg/quorum"
 	"github.com/quorum-csi/quorum-csi/pkg/replica"
@@ -198,11 +198,10 @@ func TestRemoteReplicaServerRestarts(t *testing.T) {
 	ps := newReplicas(t, dir, 4<<20, "a", "b", "c")
 	srvs := []*replicaServer{startReplicaServer(t, "127.0.0.1:0", ps[1]), startReplicaServer(t, "127.0.0.1:0", ps[2])}
 	ctx := context.Background()
-	var events []quorum.Event
-	var mu sync.Mutex
+	var events testutil.Log[quorum.Event]
 	v, err := Open(ctx, []string{ps[0], srvs[0].uri(0), srvs[1].uri(0)}, Options{
 		Epoch: 4, RequestTimeout: 10 * time.Second,
-		OnEvent: func(e quorum.Event) { mu.Lock(); events = append(events, e); mu.Unlock() },
+		OnEvent: events.Add,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -242,11 +241,9 @@ func TestRemoteReplicaServerRestarts(t *testing.T) {
 			t.Errorf("replica %d faulty after restarts within the timeout", i)
 		}
 	}
-	mu.Lock()
-	if len(events) > 0 {
-		t.Errorf("events across restarts within the timeout: %+v", events)
+	if ev := events.All(); len(ev) > 0 {
+		t.Errorf("events across restarts within the timeout: %+v", ev)
 	}
-	mu.Unlock()
 	if err := v.Close(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -19,11 +19,17 @@ type Case[O any] struct {
 	Check   func(t *testing.T, o O)
 }
 
-// Run runs each case through parse. A command line that parse refuses
-// must also make run exit 2 and say why on stderr, before it starts
-// anything.
+// Run runs each case through parse, and after them the mistakes that
+// package daemon refuses on every daemon's command line. A command line
+// that parse refuses must also make run exit 2 and say why on stderr,
+// before it starts anything.
 func Run[O any](t *testing.T, cases []Case[O], parse func([]string, io.Writer) (O, error), run func([]string, io.Writer) int) {
 	t.Helper()
+	cases = append(cases,
+		Case[O]{Name: "no node name", WantErr: "no node name"},
+		Case[O]{Name: "stray argument", Env: "n1", Args: []string{"extra"}, WantErr: "unexpected arguments"},
+		Case[O]{Name: "unknown flag", Env: "n1", Args: []string{"--bogus"}, WantErr: "bogus"},
+	)
 	for _, tc := range cases {
 		t.Run(tc.Name, func(t *testing.T) {
 			t.Setenv("NODE_NAME", tc.Env)
