@@ -404,7 +404,7 @@ func (c *cluster) scrapeController(t *testing.T) string {
 // that has had a replica fail.
 func (c *cluster) monitoringSeries(t *testing.T, node string) {
 	t.Helper()
-	rendered := c.helm(t, append([]string{"template", "quorum-csi", c.chart(), "--set", "tls.secretName=quorum-tls"}, chart.MonitoringOn...)...)
+	rendered := c.helm(t, append([]string{"template", "quorum-csi", c.chart(), "--kube-version", "v1.37.2", "--set", "tls.secretName=quorum-tls"}, chart.MonitoringOn...)...)
 	exprs, err := chart.MonitoringExprs(rendered)
 	if err != nil {
 		t.Fatal(err)
