@@ -10,7 +10,11 @@
 // upgrade: the old one answers what is in flight and lets go), then takes
 // every recorded volume back. One that starts after a crash takes them
 // back from the records alone. On SIGTERM it lets go of the devices
-// without removing them, for the next one to take back.
+// without removing them, for the next one to take back. A handover is
+// final for the pod that made it: the old process idles until its pod
+// goes, and a restart of its container waits too (the state folder
+// names the instance that handed over) rather than take the node back
+// from its successor.
 package main
 
 import (
