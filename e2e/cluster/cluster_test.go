@@ -431,7 +431,9 @@ func (c *cluster) monitoringSeries(t *testing.T, node string) {
 			}
 		}
 	}
-	t.Logf("the dashboard's and alerts' %d expressions look at %d series, all scraped from the controller and %s", len(exprs), len(names), node)
+	if !t.Failed() {
+		t.Logf("the dashboard's and alerts' %d expressions look at %d series, all scraped from the controller and %s", len(exprs), len(names), node)
+	}
 }
 
 // pod returns a pod manifest running the app image's shell script on

@@ -135,6 +135,9 @@ func TestAgents(t *testing.T) {
 			"quorum_agent_replicas_served 1",
 			`quorum_agent_replica_bytes_total{op="write",volume="vol1"} 12288`,
 			`quorum_agent_replica_requests_total{op="flush",volume="vol1"}`,
+			// Error counters exist at 0 from the start, for rates.
+			`quorum_agent_replica_io_errors_total{op="write",volume="vol1"} 0`,
+			`quorum_agent_replica_failures_total{action="serve",volume="vol1"} 0`,
 			"controller_runtime_reconcile_total",
 		} {
 			if !strings.Contains(body, want) {

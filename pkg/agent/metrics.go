@@ -68,6 +68,25 @@ func (m *metrics) collectors() []prometheus.Collector {
 // controller-runtime's.
 func MetricCollectors() []prometheus.Collector { return newMetrics().collectors() }
 
+// requestOps and failureActions are the label values of a served
+// volume's error counters.
+var (
+	requestOps     = []string{"read", "write", "flush", "discard", "write_zeroes"}
+	failureActions = []string{"serve", "delete"}
+)
+
+// track starts a served volume's error counters at 0: a counter that
+// first appears with its first error has no rate for an alert to see,
+// and a dashboard would show no series rather than none failed.
+func (m *metrics) track(volume string) {
+	for _, op := range requestOps {
+		m.ioErrors.WithLabelValues(volume, op)
+	}
+	for _, action := range failureActions {
+		m.failures.WithLabelValues(volume, action)
+	}
+}
+
 // forget drops a volume's series once the node no longer serves it, so
 // that deleted volumes do not accumulate.
 func (m *metrics) forget(volume string) {

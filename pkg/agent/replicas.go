@@ -173,6 +173,7 @@ func (s *replicaSet) serve(vol, uid, rep, path string) (err error) {
 	s.served[vol] = sv
 	s.m.served.Set(float64(len(s.served)))
 	s.mu.Unlock()
+	s.m.track(vol)
 	s.log.Info("serving replica", "volume", vol, "replica", rep, "path", path, "size", sv.size)
 	return nil
 }
