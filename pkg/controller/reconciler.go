@@ -17,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/events"
+	"k8s.io/client-go/util/workqueue"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
@@ -30,6 +31,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/contract"
@@ -82,6 +84,7 @@ type Reconciler struct {
 	namespace string
 	workers   int
 	metrics   *phaseMetrics
+	expiries  *leaseExpiries
 }
 
 // New returns a Reconciler that reads and writes through c (normally the
@@ -103,7 +106,7 @@ func New(c client.Client, rec events.EventRecorder, opts Options) (*Reconciler, 
 	if err != nil {
 		return nil, err
 	}
-	r := &Reconciler{client: c, recorder: rec, namespace: opts.Namespace, workers: opts.Workers, metrics: m}
+	r := &Reconciler{client: c, recorder: rec, namespace: opts.Namespace, workers: opts.Workers, metrics: m, expiries: newLeaseExpiries()}
 	if err := opts.Registerer.Register(newLeaseCollector(r.observe)); err != nil {
 		return nil, fmt.Errorf("register quorum_agent_lease_current: %w", err)
 	}
@@ -119,21 +122,48 @@ func CacheOptions(namespace string) cache.Options {
 }
 
 // SetupWithManager registers the reconciler. Besides QuorumVolumes it
-// watches Nodes and the agents' Leases, and maps a change of either to
-// the volumes it can affect.
+// watches Nodes and the agents' Leases, and maps a change of either, and
+// the expiry of a Lease (leaseExpiries), to the volumes it can affect.
 func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
+	if err := mgr.Add(r.expiries); err != nil {
+		return fmt.Errorf("set up QuorumVolume controller: %w", err)
+	}
+	forLease := r.volumesForNode(r.leaseNode)
 	err := ctrl.NewControllerManagedBy(mgr).
 		For(&v1alpha1.QuorumVolume{}).
 		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.volumesForNode(func(o client.Object) string { return o.GetName() })),
 			builder.WithPredicates(nodeChanged())).
-		Watches(&coordinationv1.Lease{}, handler.EnqueueRequestsFromMapFunc(r.volumesForNode(r.leaseNode)),
+		Watches(&coordinationv1.Lease{}, handler.EnqueueRequestsFromMapFunc(forLease),
 			builder.WithPredicates(leaseLivenessChanged())).
+		Watches(&coordinationv1.Lease{}, r.trackExpiry()).
+		WatchesRawSource(source.Channel(r.expiries.expired, handler.EnqueueRequestsFromMapFunc(forLease))).
 		WithOptions(crcontroller.Options{MaxConcurrentReconciles: r.workers}).
 		Complete(r)
 	if err != nil {
 		return fmt.Errorf("set up QuorumVolume controller: %w", err)
 	}
 	return nil
+}
+
+// trackExpiry sets the expiry timer of every agent Lease on each of its
+// events, routine renewals included, and enqueues nothing itself.
+func (r *Reconciler) trackExpiry() handler.EventHandler {
+	track := func(o client.Object) {
+		if l, ok := o.(*coordinationv1.Lease); ok && r.leaseNode(l) != "" {
+			r.expiries.track(l)
+		}
+	}
+	return handler.Funcs{
+		CreateFunc: func(_ context.Context, e event.CreateEvent, _ workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			track(e.Object)
+		},
+		UpdateFunc: func(_ context.Context, e event.UpdateEvent, _ workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			track(e.ObjectNew)
+		},
+		DeleteFunc: func(_ context.Context, e event.DeleteEvent, _ workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			r.expiries.forget(e.Object)
+		},
+	}
 }
 
 // leaseNode is the node an agent Lease stands for, "" for other Leases.
@@ -202,8 +232,7 @@ func nodeChanged() predicate.Predicate {
 
 // leaseLivenessChanged passes a Lease update only when it revives an
 // expired lease or changes its holder: routine renewals change nothing.
-// Expiry itself produces no event at all; Reconcile requeues a volume
-// for the moment its replicas' leases would expire.
+// Expiry itself produces no watch event at all; leaseExpiries makes one.
 func leaseLivenessChanged() predicate.Predicate {
 	return predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
 		o, n := e.ObjectOld.(*coordinationv1.Lease), e.ObjectNew.(*coordinationv1.Lease)
@@ -338,9 +367,6 @@ func (r *Reconciler) updateStatus(ctx context.Context, qv *v1alpha1.QuorumVolume
 		r.recorder.Eventf(next, nil, e.eventType, e.reason, e.action, "%s", e.note)
 	}
 	r.metrics.set(next.Name, phase)
-	if d, ok := nextExpiry(next, cl); ok && (result.RequeueAfter == 0 || d < result.RequeueAfter) {
-		result.RequeueAfter = d
-	}
 	return result, nil
 }
 
@@ -515,26 +541,6 @@ func nextReplicaIndex(qv *v1alpha1.QuorumVolume) int {
 		}
 	}
 	return next
-}
-
-// nextExpiry is how long until the first current lease of a node holding
-// a replica of qv expires; expiry is no watch event, so the volume is
-// looked at again then.
-func nextExpiry(qv *v1alpha1.QuorumVolume, cl *cluster) (time.Duration, bool) {
-	var first time.Time
-	for _, rep := range qv.Status.Replicas {
-		l, ok := cl.leases[rep.Node]
-		if !ok || rep.State == v1alpha1.ReplicaStale || !contract.LeaseCurrent(l, cl.now) {
-			continue
-		}
-		if exp, _ := contract.LeaseExpiry(l); first.IsZero() || exp.Before(first) {
-			first = exp
-		}
-	}
-	if first.IsZero() {
-		return 0, false
-	}
-	return first.Sub(cl.now) + expirySlack, true
 }
 
 // finalize holds a deleted volume until the agents have deleted its
