@@ -240,9 +240,10 @@ func leaseLivenessChanged() predicate.Predicate {
 	}}
 }
 
-// Reconcile does one step for one volume: add the finalizer, or finish a
-// deletion, or bring the status up to date (replica health from the
-// nodes, replacement of Stale replicas, placement, phase, conditions).
+// Reconcile does one step for one volume: finish a deletion, or add the
+// finalizer if missing and bring the status up to date (replica health
+// from the nodes, replacement of Stale replicas, placement, phase,
+// conditions).
 func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	qv := &v1alpha1.QuorumVolume{}
 	if err := r.client.Get(ctx, req.NamespacedName, qv); err != nil {
@@ -261,8 +262,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		if err := r.client.Patch(ctx, qv, patch, client.FieldOwner(FieldManager)); err != nil {
 			return ignoreConflict(fmt.Errorf("add finalizer to %s: %w", qv.Name, err))
 		}
-		// The update comes back through the watch for the next step.
-		return reconcile.Result{}, nil
+		// The patch answered with the stored volume and its new
+		// resourceVersion, so the status step (the placement of a new
+		// volume) goes on from it rather than from a reconcile of its own.
 	}
 	return r.updateStatus(ctx, qv)
 }
