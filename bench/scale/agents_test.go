@@ -110,6 +110,9 @@ func (a *agents) renew(ctx context.Context, node string) error {
 	err := contract.RenewLease(ctx, a.c, a.c, contract.DefaultNamespace, node, contract.DefaultLeaseDuration)
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if err != nil && ctx.Err() != nil {
+		return err // lost, or the end of the run
+	}
 	if err != nil {
 		a.errors++
 		a.lastErr = err

@@ -5,6 +5,7 @@ import (
 	"math"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -224,3 +225,43 @@ func procStatOf(pid int) (procStat, error) {
 }
 
 func mib(b uint64) float64 { return float64(b) / (1 << 20) }
+
+// rigCPU is the CPU time so far of the rest of the rig, by name: the API
+// server and etcd (children of this process, started by kubetest) and
+// this process, the simulated agents.
+func rigCPU() map[string]time.Duration {
+	cpu := map[string]time.Duration{}
+	if st, err := procStatOf(os.Getpid()); err == nil {
+		cpu["agents"] = st.cpu
+	}
+	dirs, _ := filepath.Glob("/proc/[0-9]*")
+	for _, d := range dirs {
+		b, err := os.ReadFile(d + "/stat")
+		if err != nil {
+			continue
+		}
+		open, end := strings.IndexByte(string(b), '('), strings.LastIndexByte(string(b), ')')
+		if open < 0 || end < open {
+			continue
+		}
+		comm, f := string(b[open+1:end]), strings.Fields(string(b[end+1:]))
+		if len(f) < 2 || f[1] != strconv.Itoa(os.Getpid()) || (comm != "kube-apiserver" && comm != "etcd") {
+			continue
+		}
+		pid, _ := strconv.Atoi(filepath.Base(d))
+		if st, err := procStatOf(pid); err == nil {
+			cpu[comm] += st.cpu
+		}
+	}
+	return cpu
+}
+
+// cores is the CPU each part of the rig used between two rigCPU, as
+// cores over d.
+func cores(before, after map[string]time.Duration, d time.Duration) string {
+	var parts []string
+	for _, name := range []string{"kube-apiserver", "etcd", "agents"} {
+		parts = append(parts, fmt.Sprintf("%s %.2f", name, (after[name]-before[name]).Seconds()/d.Seconds()))
+	}
+	return strings.Join(parts, ", ")
+}

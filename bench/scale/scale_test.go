@@ -89,7 +89,7 @@ func TestScale(t *testing.T) {
 	// 1. Create every volume at once and wait until all are Ready.
 	apiBefore := mustScrape(t, api, apiMetrics)
 	ctlBefore := mustScrape(t, http.DefaultClient, ctl.metrics)
-	procBefore := ctl.stat(t)
+	procBefore, rigBefore := ctl.stat(t), rigCPU()
 	progress("creating %d QuorumVolumes", *volumes)
 	start := time.Now()
 	parallel(t, *volumes, func(i int) error {
@@ -107,7 +107,7 @@ func TestScale(t *testing.T) {
 	readyAfter := time.Since(start)
 	// The last writes of the agents and the controller settle.
 	time.Sleep(2 * time.Second)
-	procAfter := ctl.stat(t)
+	procAfter, rigAfter, window := ctl.stat(t), rigCPU(), time.Since(start)
 	ctlAfter := mustScrape(t, http.DefaultClient, ctl.metrics)
 	apiAfter := mustScrape(t, api, apiMetrics)
 	isQV := func(l map[string]string) bool { return l["controller"] == "quorumvolume" }
@@ -132,7 +132,8 @@ func TestScale(t *testing.T) {
 	rep.row("API requests per volume", fmt.Sprintf("%.1f", volReqs/float64(*volumes)), "", true)
 	rep.row("Lease requests meanwhile", fmt.Sprintf("%.0f", leaseReqs), "", true)
 	rep.row("controller RSS (peak)", fmt.Sprintf("%.0f MiB (%.0f MiB)", mib(procAfter.rss), mib(procAfter.peakRSS)), fmt.Sprintf("< %d MiB", rssTarget>>20), procAfter.peakRSS < rssTarget)
-	rep.row("controller CPU", fmt.Sprintf("%.1f s (%.2f cores)", cpu.Seconds(), cpu.Seconds()/readyAfter.Seconds()), "", true)
+	rep.row("controller CPU", fmt.Sprintf("%.1f s (%.2f cores)", cpu.Seconds(), cpu.Seconds()/window.Seconds()), "", true)
+	rep.row("other CPU, cores", cores(rigBefore, rigAfter, window), "", true)
 	rep.detail("API requests while creating (agents' included), by verb and resource:\n" + createReqs.String())
 
 	// 2. Nodes lose their Lease at once.
@@ -192,9 +193,9 @@ func TestScale(t *testing.T) {
 	progress("idle for %s", *idle)
 	apiBefore = mustScrape(t, api, apiMetrics)
 	ctlBefore = mustScrape(t, http.DefaultClient, ctl.metrics)
-	procBefore = ctl.stat(t)
+	procBefore, rigBefore = ctl.stat(t), rigCPU()
 	time.Sleep(*idle)
-	procAfter = ctl.stat(t)
+	procAfter, rigAfter = ctl.stat(t), rigCPU()
 	ctlAfter = mustScrape(t, http.DefaultClient, ctl.metrics)
 	apiAfter = mustScrape(t, api, apiMetrics)
 	idleReqs := apiRequestsOf(apiAfter).since(apiRequestsOf(apiBefore))
@@ -208,6 +209,7 @@ func TestScale(t *testing.T) {
 	rep.row("Lease requests per minute", fmt.Sprintf("%.0f", leaseReqs/minutes), "", true)
 	rep.row("reconciles per minute", fmt.Sprintf("%.0f", idleRecon/minutes), "", true)
 	rep.row("controller CPU", fmt.Sprintf("%.2f cores", idleCPU.Seconds()/idle.Seconds()), "", true)
+	rep.row("other CPU, cores", cores(rigBefore, rigAfter, *idle), "", true)
 	rep.row("controller RSS (peak)", fmt.Sprintf("%.0f MiB (%.0f MiB)", mib(procAfter.rss), mib(procAfter.peakRSS)), fmt.Sprintf("< %d MiB", rssTarget>>20), procAfter.peakRSS < rssTarget)
 	if len(idleReqs) > 0 {
 		rep.detail("API requests while idle, by verb and resource:\n" + idleReqs.String())
