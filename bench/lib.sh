@@ -221,6 +221,8 @@ attach_start() {
 	ATTACH_SEQ=$((ATTACH_SEQ + 1))
 	local out=$WORK/attach-$ATTACH_SEQ.out err=$WORK/attach-$ATTACH_SEQ.err pid i
 	mkdir -p "$WORK/state"
+	# Made here: the job's own redirection may come after the first look.
+	: >"$out"
 	# No background scrub: it would take disk time from the measurement.
 	setsid "$QUORUMCTL" attach --state-dir "$WORK/state" --scrub-rate 0 "$@" >"$out" 2>"$err" </dev/null &
 	pid=$!
@@ -256,6 +258,7 @@ serve_start() {
 	shift
 	ATTACH_SEQ=$((ATTACH_SEQ + 1))
 	local out=$WORK/serve-$ATTACH_SEQ.out err=$WORK/serve-$ATTACH_SEQ.err pid i
+	: >"$out"
 	setsid "$QUORUMCTL" serve "$@" >"$out" 2>"$err" </dev/null &
 	pid=$!
 	SERVE_PIDS+=("$pid")
@@ -381,7 +384,8 @@ EOF
 work_holders() {
 	local f pid args
 	for f in /proc/[0-9]*/cmdline; do
-		args=$(tr '\0' '\n' <"$f" 2>/dev/null) || continue
+		# A process may end between the glob and the read.
+		{ args=$(tr '\0' '\n' <"$f"); } 2>/dev/null || continue
 		if [[ $args == *$'\n'fuse-holder$'\n'* && $args == *$'\n'"$WORK"/* ]]; then
 			pid=${f#/proc/}
 			echo "${pid%/cmdline}"
