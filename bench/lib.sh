@@ -1,13 +1,16 @@
 # Shared helpers of the bench scripts (device.sh, durability.sh, engine.sh,
-# guest.sh, nbd.sh): option parsing, and for those that attach volumes on
-# this machine the work folder, quorumctl, attaches, loop devices and fio.
+# guest.sh, memory.sh, nbd.sh, scale.sh): option parsing, the work folder
+# and its cleanup, and for those that attach volumes on this machine
+# quorumctl, attaches, loop devices and fio.
 # Sourced, not run.
 #
 # Everything a benchmark makes lives under $WORK (backing files, FUSE mount
-# points, logs) and $BINDIR (the quorumctl build). bench_cleanup, installed
-# as the EXIT trap by bench_init, stops every attach this script started,
-# detaches every loop device it set up or that still points into $WORK,
-# unmounts anything left mounted under $WORK and then removes both folders.
+# points, logs) and $BINDIR (the builds). bench_cleanup, installed as the
+# EXIT trap by bench_dirs (which bench_init calls), stops the command
+# run_fg waits for, every attach and server this script started and any
+# FUSE descriptor holder of theirs, detaches every loop device it set up
+# or that still points into $WORK, unmounts anything left mounted under
+# $WORK and then removes both folders.
 
 # shellcheck shell=bash
 
@@ -162,11 +165,11 @@ work_host() {
 	echo "${WORK%/*} ($(df --output=fstype "$WORK" | tail -n1 | tr -d ' ') on $(df --output=source "$WORK" | tail -n1 | tr -d ' ')), $(nproc) CPUs, kernel $(uname -r)"
 }
 
-# bench_init NAME WORKDIR_PARENT: checks we are root, makes $WORK and
-# $BINDIR, installs the cleanup traps and builds quorumctl.
-bench_init() {
+# bench_dirs NAME WORKDIR_PARENT: installs the cleanup traps and makes
+# $WORK (in WORKDIR_PARENT) and $BINDIR (in /tmp), which bench_cleanup
+# removes.
+bench_dirs() {
 	local name=$1 parent=$2
-	((EUID == 0)) || die "run as root (loop devices and FUSE mounts need it)"
 	[[ -d $parent ]] || die "work folder $parent does not exist"
 	[[ $parent != *[\"\\]* ]] || die "work folder $parent: quotes and backslashes are not supported"
 	# The traps may fire inside a command whose output is redirected (to a
@@ -179,6 +182,14 @@ bench_init() {
 	WORK=$(mktemp -d "$parent/quorum-bench-$name.XXXXXX") || die "cannot make a folder in $parent"
 	WORK=$(cd "$WORK" && pwd -P)
 	BINDIR=$(mktemp -d /tmp/quorum-bench-bin.XXXXXX) || die "cannot make a temporary folder"
+}
+
+# bench_init NAME WORKDIR_PARENT: checks we are root, makes $WORK and
+# $BINDIR (bench_dirs) and builds quorumctl.
+bench_init() {
+	local name=$1 parent=$2
+	((EUID == 0)) || die "run as root (loop devices and FUSE mounts need it)"
+	bench_dirs "$name" "$parent"
 	log "building quorumctl from $REPO"
 	run_fg go -C "$REPO" build -o "$BINDIR/quorumctl" ./cmd/quorumctl || die "go build ./cmd/quorumctl failed"
 	QUORUMCTL=$BINDIR/quorumctl
@@ -210,6 +221,8 @@ attach_start() {
 	ATTACH_SEQ=$((ATTACH_SEQ + 1))
 	local out=$WORK/attach-$ATTACH_SEQ.out err=$WORK/attach-$ATTACH_SEQ.err pid i
 	mkdir -p "$WORK/state"
+	# Made here: the job's own redirection may come after the first look.
+	: >"$out"
 	# No background scrub: it would take disk time from the measurement.
 	setsid "$QUORUMCTL" attach --state-dir "$WORK/state" --scrub-rate 0 "$@" >"$out" 2>"$err" </dev/null &
 	pid=$!
@@ -245,6 +258,7 @@ serve_start() {
 	shift
 	ATTACH_SEQ=$((ATTACH_SEQ + 1))
 	local out=$WORK/serve-$ATTACH_SEQ.out err=$WORK/serve-$ATTACH_SEQ.err pid i
+	: >"$out"
 	setsid "$QUORUMCTL" serve "$@" >"$out" 2>"$err" </dev/null &
 	pid=$!
 	SERVE_PIDS+=("$pid")
@@ -364,6 +378,21 @@ for mp in sorted(ms, key=len, reverse=True):
 EOF
 }
 
+# work_holders: the pids of FUSE descriptor holders (quorumctl
+# fuse-holder, which an attach starts in a session of its own) whose
+# socket is under $WORK.
+work_holders() {
+	local f pid args
+	for f in /proc/[0-9]*/cmdline; do
+		# A process may end between the glob and the read.
+		{ args=$(tr '\0' '\n' <"$f"); } 2>/dev/null || continue
+		if [[ $args == *$'\n'fuse-holder$'\n'* && $args == *$'\n'"$WORK"/* ]]; then
+			pid=${f#/proc/}
+			echo "${pid%/cmdline}"
+		fi
+	done
+}
+
 leftovers_report() {
 	local l m
 	l=$(work_loops)
@@ -411,6 +440,15 @@ bench_cleanup() {
 	if ((${#SERVE_PIDS[@]})); then
 		log "cleanup: stopping quorumctl serve pids ${SERVE_PIDS[*]}"
 		serve_stop_all
+	fi
+	if [[ -n $WORK && -d $WORK ]]; then
+		# A holder exits once it holds nothing; one that outlived the
+		# attaches holds what a killed attach left.
+		for pid in $(work_holders); do
+			log "cleanup: stopping quorumctl fuse-holder pid $pid"
+			kill -TERM "$pid" 2>/dev/null || true
+			wait_exit "$pid" 10 || kill -KILL "$pid" 2>/dev/null || true
+		done
 	fi
 	for d in "${LOOP_DEVS[@]}"; do
 		log "cleanup: losetup -d $d"

@@ -12,6 +12,7 @@
 //	--metrics-bind-address ADDR       Prometheus endpoint, /metrics (default :8080; "0" disables it)
 //	--health-probe-bind-address ADDR  /healthz and /readyz (default :8081; "0" disables them)
 //	--leader-elect                    run one active controller per cluster through a Lease in --namespace (default true)
+//	--workers N                       QuorumVolumes reconciled at once (default 8, controller.DefaultWorkers)
 //	--resizer                         expand PVCs of this driver whose storage request grows, as external-resizer would (default false;
 //	                                  leave it off when an external-resizer sidecar runs)
 //	--kubeconfig PATH                 a kubeconfig file; in a pod the service account is used
@@ -43,6 +44,7 @@ func main() {
 		metricsAddr = flag.String("metrics-bind-address", ":8080", `address of the Prometheus endpoint; "0" disables it`)
 		probeAddr   = flag.String("health-probe-bind-address", ":8081", `address of /healthz and /readyz; "0" disables them`)
 		leaderElect = flag.Bool("leader-elect", true, "elect one active controller through a Lease in --namespace")
+		workers     = flag.Int("workers", controller.DefaultWorkers, "QuorumVolumes reconciled at once")
 		csiEndpoint = flag.String("csi-endpoint", "unix:///csi/csi.sock", "CSI gRPC endpoint the sidecars call: unix:///path or tcp://host:port")
 		resizer     = flag.Bool("resizer", false, "expand PVCs of this driver whose storage request grows, as the external-resizer sidecar would "+
 			"(on the leader only); leave it off when an external-resizer runs")
@@ -52,13 +54,17 @@ func main() {
 	flag.Parse()
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&logOpts)))
 
-	if err := run(*namespace, *metricsAddr, *probeAddr, *csiEndpoint, *leaderElect, *resizer); err != nil {
+	if *workers < 1 {
+		fmt.Fprintf(os.Stderr, "controller: --workers %d: want at least 1\n", *workers)
+		os.Exit(2)
+	}
+	if err := run(*namespace, *metricsAddr, *probeAddr, *csiEndpoint, *leaderElect, *resizer, *workers); err != nil {
 		fmt.Fprintln(os.Stderr, "controller:", err)
 		os.Exit(1)
 	}
 }
 
-func run(namespace, metricsAddr, probeAddr, csiEndpoint string, leaderElect, resizer bool) error {
+func run(namespace, metricsAddr, probeAddr, csiEndpoint string, leaderElect, resizer bool, workers int) error {
 	ctx := ctrl.SetupSignalHandler()
 	scheme := runtime.NewScheme()
 	for _, add := range []func(*runtime.Scheme) error{clientgoscheme.AddToScheme, v1alpha1.AddToScheme} {
@@ -82,7 +88,7 @@ func run(namespace, metricsAddr, probeAddr, csiEndpoint string, leaderElect, res
 	if err != nil {
 		return fmt.Errorf("create manager: %w", err)
 	}
-	r, err := controller.New(mgr.GetClient(), mgr.GetEventRecorder(controller.FieldManager), controller.Options{Namespace: namespace})
+	r, err := controller.New(mgr.GetClient(), mgr.GetEventRecorder(controller.FieldManager), controller.Options{Namespace: namespace, Workers: workers})
 	if err != nil {
 		return err
 	}

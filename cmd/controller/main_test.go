@@ -28,14 +28,16 @@ import (
 	"github.com/quorum-csi/quorum-csi/internal/qvtest"
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/contract"
+	"github.com/quorum-csi/quorum-csi/pkg/controller"
 	"github.com/quorum-csi/quorum-csi/pkg/csi"
 )
 
 // TestBinary builds the controller and runs it against a real API server
 // with its default leader election and --resizer: it must become ready,
 // answer CSI calls on its endpoint, place the volume CreateVolume made,
-// serve the phase gauges and the agents' Lease gauge, expand the volume when its claim's request
-// grows, and exit 0 on SIGTERM.
+// serve the phase gauges, the agents' Lease gauge and its worker count
+// (--workers), expand the volume when its claim's request grows, and
+// exit 0 on SIGTERM.
 func TestBinary(t *testing.T) {
 	srv, c := qvtest.Start(t)
 	ctx := t.Context()
@@ -114,6 +116,7 @@ func TestBinary(t *testing.T) {
 		`quorum_volumes{phase="Pending"} 1`,
 		fmt.Sprintf(`quorum_volume_phase{phase="Pending",volume=%q} 1`, qv.Name),
 		`quorum_agent_lease_current{node="node-a"} 1`,
+		fmt.Sprintf(`controller_runtime_max_concurrent_reconciles{controller="quorumvolume"} %d`, controller.DefaultWorkers),
 	} {
 		poll(t, want+" on /metrics", func() (bool, error) {
 			body, ok := get("http://" + metricsAddr + "/metrics")

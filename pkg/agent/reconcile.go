@@ -41,11 +41,12 @@ type reconciler struct {
 	reported map[string][]string
 }
 
-// outcome is what became of one replica of the node in a reconcile.
-type outcome struct {
-	name  string
-	state v1alpha1.ReplicaState
-	msg   string
+// Report is what became of one replica of the node: its entry as the
+// agent reports it (ReportReplicas).
+type Report struct {
+	Name    string
+	State   v1alpha1.ReplicaState
+	Message string
 }
 
 func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
@@ -89,7 +90,7 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		}
 	}
 	size := qv.Spec.Size.Value()
-	var outs []outcome
+	var outs []Report
 	for _, rep := range mine {
 		// Stale is the controller's final word on a replica whose Node is
 		// gone: forcing Healthy over it would flip the entry back and
@@ -100,14 +101,14 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		if entryState(qv, rep) == v1alpha1.ReplicaStale {
 			continue
 		}
-		out := outcome{name: rep, state: v1alpha1.ReplicaHealthy}
+		out := Report{Name: rep, State: v1alpha1.ReplicaHealthy}
 		if err := r.set.ensure(vol, uid, rep, size); err != nil {
 			r.set.m.failures.WithLabelValues(vol, "serve").Inc()
 			log.Error(err, "replica is faulty", "replica", rep)
-			out.state, out.msg = v1alpha1.ReplicaFaulty, err.Error()
+			out.State, out.Message = v1alpha1.ReplicaFaulty, err.Error()
 			errs = append(errs, err)
 		} else {
-			out.msg = fmt.Sprintf("served at %s, %d bytes", r.endpoint, size)
+			out.Message = fmt.Sprintf("served at %s, %d bytes", r.endpoint, size)
 		}
 		outs = append(outs, out)
 	}
@@ -188,7 +189,7 @@ func (r *reconciler) deleteVolume(ctx context.Context, log logr.Logger, qv *v1al
 	slices.Sort(reps)
 	reps = slices.Compact(reps)
 	var errs []error
-	var failed []outcome // entries whose image could not be deleted
+	var failed []Report // entries whose image could not be deleted
 	for _, rep := range reps {
 		err := r.set.remove(vol, uid, rep)
 		switch {
@@ -198,7 +199,7 @@ func (r *reconciler) deleteVolume(ctx context.Context, log logr.Logger, qv *v1al
 			r.set.m.failures.WithLabelValues(vol, "delete").Inc()
 			errs = append(errs, err)
 			if slices.Contains(placed, rep) {
-				failed = append(failed, outcome{name: rep, state: v1alpha1.ReplicaFaulty, msg: err.Error()})
+				failed = append(failed, Report{Name: rep, State: v1alpha1.ReplicaFaulty, Message: err.Error()})
 			}
 		}
 	}
@@ -260,25 +261,34 @@ func (r *reconciler) ownsStatus(qv *v1alpha1.QuorumVolume) bool {
 	return false
 }
 
-// apply writes the node's replica entries with server-side apply, under
-// the agent's own field manager and with nothing else in it: the
-// controller's fields (node, phase, attachments, ...) and other agents'
-// entries are untouched, and an entry left out of the apply loses this
-// agent's fields. Ownership of state and the other reported fields is
-// forced, because the controller wrote Creating (or Faulty) into them and
-// only the agent knows the replica's state on its node. The uid makes
-// the apply fail, rather than write, on a volume recreated meanwhile.
-func (r *reconciler) apply(ctx context.Context, qv *v1alpha1.QuorumVolume, outs []outcome) error {
-	entries := make([]any, 0, len(outs))
-	for _, o := range outs {
+// apply reports the node's replicas of qv (ReportReplicas).
+func (r *reconciler) apply(ctx context.Context, qv *v1alpha1.QuorumVolume, outs []Report) error {
+	return ReportReplicas(ctx, r.c, qv, r.node, r.endpoint, r.now(), outs)
+}
+
+// ReportReplicas writes node's replica entries of qv with server-side
+// apply, under the agent's own field manager (FieldManager(node)) and
+// with nothing else in it: the controller's fields (node, phase,
+// attachments, ...) and other agents' entries are untouched, and an
+// entry left out of the apply loses this agent's fields. Ownership of
+// state and the other reported fields is forced, because the controller
+// wrote Creating (or Faulty) into them and only the agent knows the
+// replica's state on its node. The uid makes the apply fail, rather than
+// write, on a volume recreated meanwhile. A Healthy entry gets endpoint;
+// an entry whose state stays keeps its lastTransitionTime, a changed one
+// gets now. The agent's reconciler reports through it, and so do the
+// simulated agents of the scale benchmark (bench/scale).
+func ReportReplicas(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVolume, node, endpoint string, now time.Time, reports []Report) error {
+	entries := make([]any, 0, len(reports))
+	for _, o := range reports {
 		e := map[string]any{
-			"name":               o.name,
-			"state":              string(o.state),
-			"message":            truncate(o.msg, maxMessage),
-			"lastTransitionTime": transitionTime(qv, o.name, o.state, r.now()).UTC().Format(time.RFC3339),
+			"name":               o.Name,
+			"state":              string(o.State),
+			"message":            truncate(o.Message, maxMessage),
+			"lastTransitionTime": transitionTime(qv, o.Name, o.State, now).UTC().Format(time.RFC3339),
 		}
-		if o.state == v1alpha1.ReplicaHealthy {
-			e["endpoint"] = r.endpoint
+		if o.State == v1alpha1.ReplicaHealthy {
+			e["endpoint"] = endpoint
 		}
 		entries = append(entries, e)
 	}
@@ -292,7 +302,7 @@ func (r *reconciler) apply(ctx context.Context, qv *v1alpha1.QuorumVolume, outs 
 		"metadata":   map[string]any{"name": qv.Name, "uid": string(qv.UID)},
 		"status":     status,
 	}}
-	if err := r.c.Status().Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(r.manager), client.ForceOwnership); err != nil {
+	if err := c.Status().Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(FieldManager(node)), client.ForceOwnership); err != nil {
 		return fmt.Errorf("report replicas of %s in its status: %w", qv.Name, err)
 	}
 	return nil

@@ -17,7 +17,11 @@
 //
 // A node is alive while its agent's Lease is current; the Lease, its
 // name and timing, and who writes which status field are package
-// contract's (see its doc).
+// contract's (see its doc). A Lease running out is no watch event: the
+// controller keeps a timer per agent Lease, set for its expiry by each
+// renewal, and when one runs out it reconciles the volumes of that node.
+// An idle volume is not reconciled again until something about it or
+// its nodes changes.
 //
 // # Placement
 //

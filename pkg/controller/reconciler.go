@@ -17,11 +17,13 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/events"
+	"k8s.io/client-go/util/workqueue"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	crcontroller "sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
@@ -29,6 +31,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/contract"
@@ -48,6 +51,14 @@ const (
 	// expirySlack is added to a lease's expiry before looking again, so
 	// that the lease is certainly expired by then.
 	expirySlack = 200 * time.Millisecond
+
+	// DefaultWorkers is how many volumes are reconciled at once unless
+	// Options.Workers says otherwise. A reconcile spends its time waiting
+	// for the API server (a status update, a patch), not computing, so
+	// one worker would leave a thousand new volumes queued behind each
+	// other's round trips (bench/scale.sh: 214 s until all were Ready with
+	// one worker). The workqueue never hands one volume to two workers.
+	DefaultWorkers = 8
 )
 
 // Options configure a Reconciler.
@@ -58,6 +69,9 @@ type Options struct {
 	// quorum_agent_lease_current gauges; controller-runtime's registry,
 	// served on the metrics endpoint, when nil.
 	Registerer prometheus.Registerer
+	// Workers is how many volumes are reconciled at once
+	// (DefaultWorkers when 0).
+	Workers int
 }
 
 // Reconciler places QuorumVolume replicas, follows their nodes' health,
@@ -68,7 +82,9 @@ type Reconciler struct {
 	client    client.Client
 	recorder  events.EventRecorder
 	namespace string
+	workers   int
 	metrics   *phaseMetrics
+	expiries  *leaseExpiries
 }
 
 // New returns a Reconciler that reads and writes through c (normally the
@@ -80,11 +96,17 @@ func New(c client.Client, rec events.EventRecorder, opts Options) (*Reconciler, 
 	if opts.Registerer == nil {
 		opts.Registerer = metrics.Registry
 	}
+	if opts.Workers < 0 {
+		return nil, fmt.Errorf("QuorumVolume controller: %d workers", opts.Workers)
+	}
+	if opts.Workers == 0 {
+		opts.Workers = DefaultWorkers
+	}
 	m, err := newPhaseMetrics(opts.Registerer)
 	if err != nil {
 		return nil, err
 	}
-	r := &Reconciler{client: c, recorder: rec, namespace: opts.Namespace, metrics: m}
+	r := &Reconciler{client: c, recorder: rec, namespace: opts.Namespace, workers: opts.Workers, metrics: m, expiries: newLeaseExpiries()}
 	if err := opts.Registerer.Register(newLeaseCollector(r.observe)); err != nil {
 		return nil, fmt.Errorf("register quorum_agent_lease_current: %w", err)
 	}
@@ -100,20 +122,48 @@ func CacheOptions(namespace string) cache.Options {
 }
 
 // SetupWithManager registers the reconciler. Besides QuorumVolumes it
-// watches Nodes and the agents' Leases, and maps a change of either to
-// the volumes it can affect.
+// watches Nodes and the agents' Leases, and maps a change of either, and
+// the expiry of a Lease (leaseExpiries), to the volumes it can affect.
 func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
+	if err := mgr.Add(r.expiries); err != nil {
+		return fmt.Errorf("set up QuorumVolume controller: %w", err)
+	}
+	forLease := r.volumesForNode(r.leaseNode)
 	err := ctrl.NewControllerManagedBy(mgr).
 		For(&v1alpha1.QuorumVolume{}).
 		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.volumesForNode(func(o client.Object) string { return o.GetName() })),
 			builder.WithPredicates(nodeChanged())).
-		Watches(&coordinationv1.Lease{}, handler.EnqueueRequestsFromMapFunc(r.volumesForNode(r.leaseNode)),
+		Watches(&coordinationv1.Lease{}, handler.EnqueueRequestsFromMapFunc(forLease),
 			builder.WithPredicates(leaseLivenessChanged())).
+		Watches(&coordinationv1.Lease{}, r.trackExpiry()).
+		WatchesRawSource(source.Channel(r.expiries.expired, handler.EnqueueRequestsFromMapFunc(forLease))).
+		WithOptions(crcontroller.Options{MaxConcurrentReconciles: r.workers}).
 		Complete(r)
 	if err != nil {
 		return fmt.Errorf("set up QuorumVolume controller: %w", err)
 	}
 	return nil
+}
+
+// trackExpiry sets the expiry timer of every agent Lease on each of its
+// events, routine renewals included, and enqueues nothing itself.
+func (r *Reconciler) trackExpiry() handler.EventHandler {
+	track := func(o client.Object) {
+		if l, ok := o.(*coordinationv1.Lease); ok && r.leaseNode(l) != "" {
+			r.expiries.track(l)
+		}
+	}
+	return handler.Funcs{
+		CreateFunc: func(_ context.Context, e event.CreateEvent, _ workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			track(e.Object)
+		},
+		UpdateFunc: func(_ context.Context, e event.UpdateEvent, _ workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			track(e.ObjectNew)
+		},
+		DeleteFunc: func(_ context.Context, e event.DeleteEvent, _ workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			r.expiries.forget(e.Object)
+		},
+	}
 }
 
 // leaseNode is the node an agent Lease stands for, "" for other Leases.
@@ -182,8 +232,7 @@ func nodeChanged() predicate.Predicate {
 
 // leaseLivenessChanged passes a Lease update only when it revives an
 // expired lease or changes its holder: routine renewals change nothing.
-// Expiry itself produces no event at all; Reconcile requeues a volume
-// for the moment its replicas' leases would expire.
+// Expiry itself produces no watch event at all; leaseExpiries makes one.
 func leaseLivenessChanged() predicate.Predicate {
 	return predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
 		o, n := e.ObjectOld.(*coordinationv1.Lease), e.ObjectNew.(*coordinationv1.Lease)
@@ -191,9 +240,10 @@ func leaseLivenessChanged() predicate.Predicate {
 	}}
 }
 
-// Reconcile does one step for one volume: add the finalizer, or finish a
-// deletion, or bring the status up to date (replica health from the
-// nodes, replacement of Stale replicas, placement, phase, conditions).
+// Reconcile does one step for one volume: finish a deletion, or add the
+// finalizer if missing and bring the status up to date (replica health
+// from the nodes, replacement of Stale replicas, placement, phase,
+// conditions).
 func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	qv := &v1alpha1.QuorumVolume{}
 	if err := r.client.Get(ctx, req.NamespacedName, qv); err != nil {
@@ -212,8 +262,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		if err := r.client.Patch(ctx, qv, patch, client.FieldOwner(FieldManager)); err != nil {
 			return ignoreConflict(fmt.Errorf("add finalizer to %s: %w", qv.Name, err))
 		}
-		// The update comes back through the watch for the next step.
-		return reconcile.Result{}, nil
+		// The patch answered with the stored volume and its new
+		// resourceVersion, so the status step (the placement of a new
+		// volume) goes on from it rather than from a reconcile of its own.
 	}
 	return r.updateStatus(ctx, qv)
 }
@@ -318,9 +369,6 @@ func (r *Reconciler) updateStatus(ctx context.Context, qv *v1alpha1.QuorumVolume
 		r.recorder.Eventf(next, nil, e.eventType, e.reason, e.action, "%s", e.note)
 	}
 	r.metrics.set(next.Name, phase)
-	if d, ok := nextExpiry(next, cl); ok && (result.RequeueAfter == 0 || d < result.RequeueAfter) {
-		result.RequeueAfter = d
-	}
 	return result, nil
 }
 
@@ -495,26 +543,6 @@ func nextReplicaIndex(qv *v1alpha1.QuorumVolume) int {
 		}
 	}
 	return next
-}
-
-// nextExpiry is how long until the first current lease of a node holding
-// a replica of qv expires; expiry is no watch event, so the volume is
-// looked at again then.
-func nextExpiry(qv *v1alpha1.QuorumVolume, cl *cluster) (time.Duration, bool) {
-	var first time.Time
-	for _, rep := range qv.Status.Replicas {
-		l, ok := cl.leases[rep.Node]
-		if !ok || rep.State == v1alpha1.ReplicaStale || !contract.LeaseCurrent(l, cl.now) {
-			continue
-		}
-		if exp, _ := contract.LeaseExpiry(l); first.IsZero() || exp.Before(first) {
-			first = exp
-		}
-	}
-	if first.IsZero() {
-		return 0, false
-	}
-	return first.Sub(cl.now) + expirySlack, true
 }
 
 // finalize holds a deleted volume until the agents have deleted its
