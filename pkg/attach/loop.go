@@ -75,6 +75,15 @@ type fuseLoop struct {
 	holderName   string
 	takenBack    bool
 	released     bool
+	// unkept is set while the device should be kept for a successor
+	// but no holder took it (keep failed): Release tries again.
+	unkept *unkeptDevice
+}
+
+// unkeptDevice is what keep needs to try again.
+type unkeptDevice struct {
+	opts FUSELoopOptions
+	st   fuseLoopState
 }
 
 // loopID names a loop device's backing file (LOOP_GET_STATUS64's
@@ -188,16 +197,17 @@ func (fl *fuseLoop) keep(opts FUSELoopOptions, st fuseLoopState) {
 		return
 	}
 	st.Holder = fmt.Sprintf("%s@%d:%d", filepath.Base(opts.StateFile), unix.Major(st.LoopDevice), unix.Minor(st.LoopDevice))
+	fl.unkept = &unkeptDevice{opts: opts, st: st}
 	if err := fl.putHolder(st.Holder); err != nil {
-		fl.logf("no descriptor holder keeps the FUSE connection of %s (%v): it dies with this process", fl.Path(), err)
+		fl.logf("no descriptor holder keeps the FUSE connection of %s (%v): it dies with this process unless a holder takes it before", fl.Path(), err)
 		return
 	}
 	if err := writeFUSELoopState(opts.StateFile, st); err != nil {
-		fl.logf("%s dies with this process: %v", fl.Path(), err)
+		fl.logf("%s dies with this process unless its state is written before: %v", fl.Path(), err)
 		holder.Drop(opts.HolderDir, st.Holder)
 		return
 	}
-	fl.stateFile, fl.holderName = opts.StateFile, st.Holder
+	fl.stateFile, fl.holderName, fl.unkept = opts.StateFile, st.Holder, nil
 }
 
 // putHolder puts the connection into opts.HolderSocket, or, with none
@@ -544,6 +554,11 @@ func (fl *fuseLoop) ForceDetach() error {
 func (fl *fuseLoop) Release(ctx context.Context) error {
 	if fl.released {
 		return nil
+	}
+	if fl.unkept != nil {
+		// A holder that was away when the device was made (restarting,
+		// say) may be back: without one the device dies with us.
+		fl.keep(fl.unkept.opts, fl.unkept.st)
 	}
 	if fl.stateFile == "" {
 		return fmt.Errorf("release %s: no holder keeps its FUSE connection (see the attach's log)", fl.Path())

@@ -250,6 +250,66 @@ func TestFUSELoopTakeover(t *testing.T) {
 	}
 }
 
+// TestFUSELoopKeptAtRelease: a device made while its holder was away
+// (a holder container restarting) is kept at release once the holder is
+// back, and taken back by the next attach, instead of dying with the
+// process that made it.
+func TestFUSELoopKeptAtRelease(t *testing.T) {
+	testutil.RequireKernel(t)
+	dir := testutil.KernelDir(t)
+	opts, log, stopHolder := takeoverSetup(t, dir)
+	stopHolder()
+	vol := &memVolume{data: make([]byte, 8<<20), failAt: -1}
+	var s served
+	t.Cleanup(func() {
+		if s.dev != nil {
+			s.dev.ForceDetach()
+		}
+	})
+	first := s.attach(t, vol, opts)
+	testutil.TrackLoop(t, first.Path())
+	if !log.has("unless a holder takes it before") {
+		t.Fatalf("no word of the device not being kept:\n%s", log)
+	}
+	f, err := os.OpenFile(first.Path(), os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	data := pattern(4096, 7)
+	if _, err := f.WriteAt(data, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+
+	back, err := holder.Listen(opts.HolderSocket, holder.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		back.Serve(ctx)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-served
+	})
+	s.release(t)
+	second := s.takeBack(t, vol, opts, first.Path(), log)
+	got := alignbuf.Make(4096, 0)
+	if _, err := f.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back after the takeover: %v", err)
+	}
+	f.Close()
+	dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer dcancel()
+	if err := second.Detach(dctx); err != nil {
+		t.Fatal(err)
+	}
+	s.dev = nil
+}
+
 // TestFUSELoopStateFile: a state file that cannot be read is an error;
 // one whose connection no holder keeps is forgotten and a new device
 // made, as is one whose device cleared itself after a release.
