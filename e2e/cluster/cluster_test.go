@@ -80,8 +80,30 @@ func TestCluster(t *testing.T) {
 		{"LiveMigrationReplicaCut", c.liveMigrationReplicaCut},
 		{"LiveMigrationBackAndForth", c.liveMigrationBackAndForth},
 	} {
+		began := time.Now()
 		if !t.Run(s.name, s.run) {
 			c.failed = append(c.failed, s.name)
+			c.dumpDataPaths(began)
+		}
+	}
+}
+
+// dumpDataPaths logs, right after a scenario failed, what every data
+// path and node plugin container said since the scenario began, those
+// that were restarted (--previous) too: the dump at the end of the test
+// shows only the last lines, long after.
+func (c *cluster) dumpDataPaths(since time.Time) {
+	pods := strings.Fields(c.kubectl("-n", namespace, "get", "pods", "-l", "app.kubernetes.io/component in (node,datapath)",
+		"-o", "jsonpath={.items[*].metadata.name}"))
+	for _, p := range pods {
+		for _, previous := range []bool{true, false} {
+			args := []string{"-n", namespace, "logs", p, "--all-containers", "--prefix", "--since-time=" + since.UTC().Format(time.RFC3339)}
+			if previous {
+				args = append(args, "--previous")
+			}
+			if out, err := c.kubectlErr(args...); err == nil || !previous {
+				c.t.Logf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+			}
 		}
 	}
 }
