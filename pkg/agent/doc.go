@@ -62,6 +62,9 @@
 // shows the entry Resyncing, and the agent reports Resyncing rather than
 // force Healthy over it (its endpoint and message stay its own); the
 // controller turns it Healthy once the engine reports none missing.
+// The engine's view (outOfSyncBytes, resyncPercent, engineEpoch) is
+// written by the attached node's CSI plugin (DataPathWatcher), under a
+// field manager of its own (contract.EngineFieldManager).
 //
 // # Growth
 //

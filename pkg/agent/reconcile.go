@@ -266,10 +266,15 @@ func (r *reconciler) withdraw(ctx context.Context, qv *v1alpha1.QuorumVolume) er
 
 // ownsStatus reports whether this agent's field manager owns anything in
 // the volume's status, i.e. whether an apply is needed to withdraw it.
-func (r *reconciler) ownsStatus(qv *v1alpha1.QuorumVolume) bool {
+func (r *reconciler) ownsStatus(qv *v1alpha1.QuorumVolume) bool { return ownsStatus(qv, r.manager) }
+
+// ownsStatus reports whether manager's applies own anything in the
+// volume's status. An apply with no entries leaves it owning the empty
+// status object, which is nothing to withdraw.
+func ownsStatus(qv *v1alpha1.QuorumVolume, manager string) bool {
 	for _, mf := range qv.ManagedFields {
-		if mf.Manager == r.manager && mf.Subresource == "status" && mf.Operation == metav1.ManagedFieldsOperationApply {
-			return mf.FieldsV1 != nil && len(mf.FieldsV1.Raw) > len(`{}`)
+		if mf.Manager == manager && mf.Subresource == "status" && mf.Operation == metav1.ManagedFieldsOperationApply {
+			return mf.FieldsV1 != nil && len(mf.FieldsV1.Raw) > len(`{"f:status":{}}`)
 		}
 	}
 	return false
@@ -307,6 +312,18 @@ func ReportReplicas(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVol
 		}
 		entries = append(entries, e)
 	}
+	if err := applyReplicas(ctx, c, qv, FieldManager(node), entries); err != nil {
+		return fmt.Errorf("report replicas of %s in its status: %w", qv.Name, err)
+	}
+	return nil
+}
+
+// applyReplicas applies status.replicas entries (each with its name and
+// the fields manager reports) to qv with server-side apply under
+// manager, forced, and nothing else: whatever manager owned and left
+// out goes. The uid makes the apply fail, rather than write, on a volume
+// recreated meanwhile.
+func applyReplicas(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVolume, manager string, entries []any) error {
 	status := map[string]any{}
 	if len(entries) > 0 {
 		status["replicas"] = entries
@@ -317,10 +334,7 @@ func ReportReplicas(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVol
 		"metadata":   map[string]any{"name": qv.Name, "uid": string(qv.UID)},
 		"status":     status,
 	}}
-	if err := c.Status().Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(FieldManager(node)), client.ForceOwnership); err != nil {
-		return fmt.Errorf("report replicas of %s in its status: %w", qv.Name, err)
-	}
-	return nil
+	return c.Status().Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(manager), client.ForceOwnership)
 }
 
 // transitionTime keeps an entry's lastTransitionTime while its state
