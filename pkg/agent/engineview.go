@@ -75,8 +75,8 @@ func (v engineView) equal(old engineView) bool {
 // writes, at most once per interval when only the progress changes, not
 // at all while nothing changes. A view the API cannot take yet (the
 // node's attachment is not the Active one yet: a live migration's
-// target that activated before its source was unpublished) is tried
-// again once per interval.
+// target that activated before its source was unpublished), and a
+// write that failed, are tried again once per interval.
 type engineReporter struct {
 	c        client.Client
 	node     string
@@ -90,45 +90,56 @@ type sentView struct {
 	view engineView
 	at   time.Time
 	// held: the node's attachment was not the Active one, so the view
-	// was not shown.
-	held bool
+	// was not shown; failed: the last write failed (view is still the
+	// one before).
+	held, failed bool
 }
 
 // report brings the API up to date with views, the views of the volumes
-// the data path serves now. It returns the first error; the volumes
-// that failed are tried again at the next call.
+// the data path serves now. It returns the first error.
 func (r *engineReporter) report(ctx context.Context, views map[string]engineView, now time.Time) error {
 	if r.sent == nil {
 		r.sent = map[string]sentView{}
 	}
 	var first error
-	try := func(vol string, v engineView) {
+	try := func(vol string, v engineView) bool {
 		held, err := r.write(ctx, vol, v)
 		if err != nil {
 			first = cmp.Or(first, err)
-			return
+			old := r.sent[vol]
+			old.at, old.failed = now, true
+			r.sent[vol] = old
+			return false
 		}
 		r.sent[vol] = sentView{view: v, at: now, held: held}
+		return true
 	}
 	for vol, v := range views {
 		old, known := r.sent[vol]
 		due := now.Sub(old.at) >= r.interval
 		switch {
-		case known && v.equal(old.view) && !(old.held && due):
-		case known && v.onlyProgress(old.view) && !due:
-		default:
-			try(vol, v)
+		case !known:
+		case old.held || old.failed:
+			if !due {
+				continue
+			}
+		case v.equal(old.view):
+			continue
+		case v.onlyProgress(old.view) && !due:
+			continue
 		}
+		try(vol, v)
 	}
 	// Unstaged: what it wrote goes.
 	for vol, old := range r.sent {
 		if _, ok := views[vol]; ok {
 			continue
 		}
-		if len(old.view.children) > 0 {
-			try(vol, engineView{epoch: old.view.epoch})
-		}
-		if len(r.sent[vol].view.children) == 0 {
+		switch {
+		case len(old.view.children) == 0 && !old.failed:
+			delete(r.sent, vol)
+		case old.failed && now.Sub(old.at) < r.interval:
+		case try(vol, engineView{epoch: old.view.epoch}):
 			delete(r.sent, vol)
 		}
 	}
