@@ -53,13 +53,13 @@
 //	status.attachments[] of node N:        CSI node plugin on N, agent.DataPathWatcher  Status().Update
 //	  conditions (DataPathReady)             (AgentFieldManager(N))
 //
-// The attachment entries are the one place where two writers share a
-// list: Attach and Detach add and remove whole entries (node, epoch,
-// role), and Detach turns a Standby entry Active, but they never touch
-// an entry's conditions; the node's watcher changes only the
-// conditions of its own node's entry and never adds or removes one. The
-// reconciler writes the whole status back with what it read, so it keeps
-// both.
+// The attachment entries are a list that two writers share (the
+// replica entries, below, are another): Attach and Detach add and
+// remove whole entries (node, epoch, role), and Detach turns a
+// Standby entry Active, but they never touch an entry's conditions;
+// the node's watcher changes only the conditions of its own node's
+// entry and never adds or removes one. The reconciler writes the
+// whole status back with what it read, so it keeps both.
 //
 // # The engine's view: Resyncing
 //
