@@ -73,8 +73,8 @@ func run(args []string, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	// Uncached: NodeStageVolume needs the replicas' current endpoints.
-	// The client also writes the attachments' DataPathReady condition
-	// and Events.
+	// The client also writes the attachments' DataPathReady condition,
+	// the engines' views of the replicas, and Events.
 	c, err := contract.NewClient(rc)
 	if err != nil {
 		log.Error(err, "CSI node service")

@@ -196,6 +196,26 @@ func TestAgents(t *testing.T) {
 		}
 	})
 
+	// The controller shows a served replica Resyncing while the attached
+	// engine reports bytes it misses; the agent keeps its own fields
+	// (message, endpoint) but leaves that state alone until the
+	// controller turns it Healthy again. The message the agent writes
+	// back over the test's shows that it reconciled meanwhile.
+	t.Run("resyncing is the controller's word", func(t *testing.T) {
+		ep := e.endpoint(qv.Name, "r2")
+		for _, state := range []v1alpha1.ReplicaState{v1alpha1.ReplicaResyncing, v1alpha1.ReplicaHealthy} {
+			e.mark(qv.Name, "r2", state, "set by the test")
+			var r v1alpha1.ReplicaStatus
+			e.waitReplicas(qv.Name, "the agent's message on r2 again", func(rs map[string]v1alpha1.ReplicaStatus) bool {
+				r = rs["r2"]
+				return strings.HasPrefix(r.Message, "served at")
+			})
+			if r.State != state || r.Endpoint != ep {
+				t.Errorf("marked %s, the agent then reported state %s with endpoint %q; want %s at %s", state, r.State, r.Endpoint, state, ep)
+			}
+		}
+	})
+
 	t.Run("growth", func(t *testing.T) {
 		e.patchSize(qv.Name, "32Mi")
 		e.waitReplicas(qv.Name, "replicas grown", func(rs map[string]v1alpha1.ReplicaStatus) bool {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"maps"
@@ -30,6 +31,14 @@ type DataPathLister interface {
 // served. It runs in the CSI node plugin, a process apart from the data
 // path, so it sees the data path die. It writes only its own node's
 // attachments' condition.
+//
+// It also shows the engine's view of the volumes whose Active
+// attachment is the node's (the engine of a Standby does not resync):
+// each replica's outOfSyncBytes, resyncPercent and engineEpoch
+// (engineReporter), which the controller turns into state Resyncing.
+// It writes them when a replica starts or stops missing writes, and
+// progress at most every ProgressInterval; it removes them when the
+// engine misses nothing or the volume is unstaged.
 type DataPathWatcher struct {
 	Client   client.Client
 	Node     string
@@ -39,7 +48,11 @@ type DataPathWatcher struct {
 	// path may not answer (a restart) before its volumes are reported
 	// (default 3s).
 	Interval, Grace time.Duration
-	Log             logr.Logger
+	// ProgressInterval is the shortest time between two writes of a
+	// volume's engine view that change only how far its resyncs got
+	// (default DefaultProgressInterval).
+	ProgressInterval time.Duration
+	Log              logr.Logger
 }
 
 // Run watches until ctx ends.
@@ -58,10 +71,16 @@ func (w *DataPathWatcher) Run(ctx context.Context) error {
 	var seen map[string]string
 	seenDown := ""
 	var downSince time.Time
+	engines := &engineReporter{c: w.Client, node: w.Node, interval: cmp.Or(w.ProgressInterval, DefaultProgressInterval)}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		want, err := w.look(ctx)
+		want, views, err := w.look(ctx)
+		if err == nil {
+			if err := engines.report(ctx, views, time.Now()); err != nil {
+				w.Log.Error(err, "show the engines' views")
+			}
+		}
 		down := ""
 		switch {
 		case err != nil && downSince.IsZero():
@@ -89,22 +108,23 @@ func (w *DataPathWatcher) Run(ctx context.Context) error {
 }
 
 // look returns, per volume the data path knows, why it does not serve it
-// ("" when it does).
-func (w *DataPathWatcher) look(ctx context.Context) (map[string]string, error) {
+// ("" when it does) and its engine's view.
+func (w *DataPathWatcher) look(ctx context.Context) (map[string]string, map[string]engineView, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	if err := w.DataPath.Ready(ctx); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	sts, err := w.DataPath.List(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	want := map[string]string{}
+	want, views := map[string]string{}, map[string]engineView{}
 	for _, st := range sts {
 		want[st.VolumeID] = st.Lost
+		views[st.VolumeID] = viewOf(st)
 	}
-	return want, nil
+	return want, views, nil
 }
 
 // show sets the DataPathReady condition of every attachment of the

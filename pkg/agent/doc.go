@@ -57,7 +57,14 @@
 // places on N is an orphan (below) and stops being served.
 //
 // Healthy means the image exists and is served. Whether it holds every
-// write is known to the attached node's engine, not to the agent.
+// write is known to the Active attachment's engine, not to the agent:
+// while that engine reports bytes the replica misses, the controller
+// shows the entry Resyncing, and the agent reports Resyncing rather than
+// force Healthy over it (its endpoint and message stay its own); the
+// controller turns it Healthy once the engine reports none missing.
+// The engine's view (outOfSyncBytes, resyncPercent, engineEpoch) is
+// written by the attached node's CSI plugin (DataPathWatcher), under a
+// field manager of its own (contract.EngineFieldManager).
 //
 // # Growth
 //

@@ -101,7 +101,7 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		if entryState(qv, rep) == v1alpha1.ReplicaStale {
 			continue
 		}
-		out := Report{Name: rep, State: v1alpha1.ReplicaHealthy}
+		out := Report{Name: rep, State: inSync(entryState(qv, rep))}
 		if err := r.set.ensure(vol, uid, rep, size); err != nil {
 			r.set.m.failures.WithLabelValues(vol, "serve").Inc()
 			log.Error(err, "replica is faulty", "replica", rep)
@@ -146,6 +146,20 @@ func entryState(qv *v1alpha1.QuorumVolume, rep string) v1alpha1.ReplicaState {
 		}
 	}
 	return ""
+}
+
+// inSync is the state the agent reports for a replica it serves, given
+// the entry's state: Healthy, unless the controller shows it Resyncing
+// (the Active attachment's engine reports bytes the replica misses).
+// That the image is served says nothing about whether it holds every
+// write, so the agent leaves that word to the controller rather than
+// force Healthy over it; the controller turns it Healthy once the engine
+// reports none missing.
+func inSync(entry v1alpha1.ReplicaState) v1alpha1.ReplicaState {
+	if entry == v1alpha1.ReplicaResyncing {
+		return entry
+	}
+	return v1alpha1.ReplicaHealthy
 }
 
 // removed lists the replicas this node served or reported for vol that
@@ -252,10 +266,15 @@ func (r *reconciler) withdraw(ctx context.Context, qv *v1alpha1.QuorumVolume) er
 
 // ownsStatus reports whether this agent's field manager owns anything in
 // the volume's status, i.e. whether an apply is needed to withdraw it.
-func (r *reconciler) ownsStatus(qv *v1alpha1.QuorumVolume) bool {
+func (r *reconciler) ownsStatus(qv *v1alpha1.QuorumVolume) bool { return ownsStatus(qv, r.manager) }
+
+// ownsStatus reports whether manager's applies own anything in the
+// volume's status. An apply with no entries leaves it owning the empty
+// status object, which is nothing to withdraw.
+func ownsStatus(qv *v1alpha1.QuorumVolume, manager string) bool {
 	for _, mf := range qv.ManagedFields {
-		if mf.Manager == r.manager && mf.Subresource == "status" && mf.Operation == metav1.ManagedFieldsOperationApply {
-			return mf.FieldsV1 != nil && len(mf.FieldsV1.Raw) > len(`{}`)
+		if mf.Manager == manager && mf.Subresource == "status" && mf.Operation == metav1.ManagedFieldsOperationApply {
+			return mf.FieldsV1 != nil && len(mf.FieldsV1.Raw) > len(`{"f:status":{}}`)
 		}
 	}
 	return false
@@ -274,7 +293,8 @@ func (r *reconciler) apply(ctx context.Context, qv *v1alpha1.QuorumVolume, outs 
 // state and the other reported fields is forced, because the controller
 // wrote Creating (or Faulty) into them and only the agent knows the
 // replica's state on its node. The uid makes the apply fail, rather than
-// write, on a volume recreated meanwhile. A Healthy entry gets endpoint;
+// write, on a volume recreated meanwhile. A Healthy or Resyncing (served)
+// entry gets endpoint;
 // an entry whose state stays keeps its lastTransitionTime, a changed one
 // gets now. The agent's reconciler reports through it, and so do the
 // simulated agents of the scale benchmark (bench/scale).
@@ -287,11 +307,23 @@ func ReportReplicas(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVol
 			"message":            truncate(o.Message, maxMessage),
 			"lastTransitionTime": transitionTime(qv, o.Name, o.State, now).UTC().Format(time.RFC3339),
 		}
-		if o.State == v1alpha1.ReplicaHealthy {
+		if o.State == v1alpha1.ReplicaHealthy || o.State == v1alpha1.ReplicaResyncing {
 			e["endpoint"] = endpoint
 		}
 		entries = append(entries, e)
 	}
+	if err := applyReplicas(ctx, c, qv, FieldManager(node), entries); err != nil {
+		return fmt.Errorf("report replicas of %s in its status: %w", qv.Name, err)
+	}
+	return nil
+}
+
+// applyReplicas applies status.replicas entries (each with its name and
+// the fields manager reports) to qv with server-side apply under
+// manager, forced, and nothing else: whatever manager owned and left
+// out goes. The uid makes the apply fail, rather than write, on a volume
+// recreated meanwhile.
+func applyReplicas(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVolume, manager string, entries []any) error {
 	status := map[string]any{}
 	if len(entries) > 0 {
 		status["replicas"] = entries
@@ -302,10 +334,7 @@ func ReportReplicas(ctx context.Context, c client.Client, qv *v1alpha1.QuorumVol
 		"metadata":   map[string]any{"name": qv.Name, "uid": string(qv.UID)},
 		"status":     status,
 	}}
-	if err := c.Status().Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(FieldManager(node)), client.ForceOwnership); err != nil {
-		return fmt.Errorf("report replicas of %s in its status: %w", qv.Name, err)
-	}
-	return nil
+	return c.Status().Apply(ctx, client.ApplyConfigurationFromUnstructured(u), client.FieldOwner(manager), client.ForceOwnership)
 }
 
 // transitionTime keeps an entry's lastTransitionTime while its state

@@ -35,25 +35,59 @@
 //	  observedGeneration
 //	status.replicas[]: name, node;         reconciler (ControllerFieldManager)           Status().Update
 //	  state Creating, Faulty (lease lost),
-//	  Stale (node gone); removal of
-//	  replaced entries
+//	  Stale (node gone), Resyncing and
+//	  back to Healthy (from the engine's
+//	  view); removal of replaced entries;
+//	  clearing an engine view whose
+//	  attachment is gone
+//	status.resyncPercent                   reconciler (ControllerFieldManager)           Status().Update
 //	status.replicas[] of node N: state     agent on N (AgentFieldManager(N))             server-side apply, forced,
 //	  Healthy/Faulty, endpoint, message,                                                  only its own entries
 //	  lastTransitionTime; removal at
 //	  deletion
+//	status.replicas[]: outOfSyncBytes,     CSI node plugin on N while N holds the        server-side apply, forced,
+//	  resyncPercent, engineEpoch           Active attachment (agent.DataPathWatcher,     only those fields
+//	                                       EngineFieldManager(N))
 //	status.epoch, status.attachments[]:    Attach, Detach (ControllerFieldManager),      Status().Update
 //	  the entries, node, epoch, role         called by CSI ControllerPublish/Unpublish
 //	status.attachments[] of node N:        CSI node plugin on N, agent.DataPathWatcher  Status().Update
 //	  conditions (DataPathReady)             (AgentFieldManager(N))
 //
-// The attachment entries are the one place where two writers share a
-// list: Attach and Detach add and remove whole entries (node, epoch,
-// role), and Detach turns a Standby entry Active, but they never touch
-// an entry's conditions; the node's watcher changes only the
-// conditions of its own node's entry and never adds or removes one. The
-// reconciler writes the whole status back with what it read, so it keeps
-// both. Resyncing, resyncPercent and outOfSyncBytes are known to the
-// attached node's engine; no one sets them yet.
+// The attachment entries are a list that two writers share (the
+// replica entries, below, are another): Attach and Detach add and
+// remove whole entries (node, epoch, role), and Detach turns a
+// Standby entry Active, but they never touch an entry's conditions;
+// the node's watcher changes only the conditions of its own node's
+// entry and never adds or removes one. The reconciler writes the
+// whole status back with what it read, so it keeps both.
+//
+// # The engine's view: Resyncing
+//
+// Whether a replica holds every acknowledged write is known only to the
+// engine of the volume's Active attachment (a Standby's engine does not
+// resync). That node's CSI plugin (agent.DataPathWatcher) writes, for
+// each replica the engine misses bytes of, outOfSyncBytes, resyncPercent
+// (while a resync copies) and engineEpoch (its attachment's epoch), by
+// server-side apply under EngineFieldManager(N) with only those fields;
+// an entry it leaves out loses them, so they go when the engine misses
+// nothing or the volume is unstaged. It writes when a replica starts or
+// stops missing writes, progress at most every few seconds
+// (agent.DefaultProgressInterval), nothing while nothing changes.
+//
+// The state Resyncing has one writer, the reconciler: it shows a
+// replica Resyncing while the agent says Healthy and outOfSyncBytes > 0
+// carry the Active attachment's epoch, and Healthy again once they are
+// gone. The agent, which only knows that it serves the image, reports
+// Resyncing where the entry says so instead of forcing Healthy over it;
+// it still forces Faulty. The node never writes state. So no two writers
+// set the same value back and forth, and Ready (every replica Healthy)
+// means every replica holds every acknowledged write, as far as an
+// attached engine knows. Values whose engineEpoch is no attachment's
+// any more (a node that crashed, or was unpublished before it cleared
+// them) are cleared by the reconciler and never hold a volume back; a
+// Standby's are ignored until it becomes Active; the next Active
+// attachment's engine writes its own. A volume attached nowhere has no
+// engine view: Healthy then means served, as the agent says.
 //
 // # Attachments and epochs
 //

@@ -27,3 +27,10 @@ func AgentFieldManager(node string) string { return "quorum-agent-" + node }
 // replica is Healthy; otherwise its reason is the phase. The reconciler
 // sets it; the CSI controller reads it for volume health.
 const ConditionReady = "Ready"
+
+// EngineFieldManager is the field manager of the engine's view that
+// node writes while it holds a volume's Active attachment:
+// status.replicas[].outOfSyncBytes, resyncPercent and engineEpoch. It is
+// not AgentFieldManager(node): the agent applies only its own node's
+// entries, and an apply drops what its manager owned and left out.
+func EngineFieldManager(node string) string { return "quorum-engine-" + node }

@@ -34,6 +34,7 @@ func TestReconciler(t *testing.T) {
 	t.Run("node deleted", func(t *testing.T) { e.t = t; testNodeDeleted(e) })
 	t.Run("finalizer", func(t *testing.T) { e.t = t; testFinalizer(e) })
 	t.Run("no rebuild during migration", func(t *testing.T) { e.t = t; testMigrationHoldsRebuild(e) })
+	t.Run("resync", func(t *testing.T) { e.t = t; testResync(e, srv) })
 }
 
 func group(g string) map[string]string { return map[string]string{"group": g} }

@@ -59,12 +59,32 @@
 // alone. The controller writes by read-modify-write with the object's
 // resourceVersion (Status().Update) and retries on conflict. An entry
 // the controller marked Stale is left to it: the agent stops reporting
-// it rather than force Healthy over it. Resyncing, resyncPercent and
-// outOfSyncBytes are known to the attached node's engine, not to the
-// agent, which never sets them; Ready therefore means every replica is
-// served, not that an attached engine finished resyncing them. The
-// agent deletes images of replicas on its node that no longer appear in
-// the status.
+// it rather than force Healthy over it, and so is an entry the
+// controller shows Resyncing (below). The agent deletes images of
+// replicas on its node that no longer appear in the status.
+//
+// # What the attached engine says
+//
+// Whether a replica holds every acknowledged write is known to the
+// engine of the Active attachment, not to the agent. That attachment's
+// node writes, per replica its engine misses bytes of, outOfSyncBytes,
+// resyncPercent (while it copies) and engineEpoch (its attachment's
+// epoch), and removes them once the engine misses nothing or the volume
+// is unstaged (package contract's doc). The controller presents them
+// (presentResync): a replica the agent reports Healthy whose
+// outOfSyncBytes > 0 come from the Active attachment's epoch is shown
+// Resyncing (Normal Event ReplicaResyncing), so it is not counted
+// healthy and the volume is not Ready; once that engine reports none it
+// is Healthy again (Event ReplicaInSync). The state is the controller's
+// word alone: the agent reports Resyncing where the entry says so, the
+// engine's node never writes state. Values from a Standby's epoch are
+// ignored (its engine does not resync); values from an epoch no
+// attachment holds any more (a node that crashed or was unpublished
+// before it cleared them) are cleared by the controller, so they never
+// keep a volume from Ready; the next Active engine writes its own.
+// status.resyncPercent is the slowest Resyncing replica's progress (0
+// while its resync has not started), the RESYNC column of kubectl get
+// qv.
 //
 // # What the controller does to replicas
 //
@@ -79,7 +99,8 @@
 //
 // # Phase and conditions
 //
-// Phase: Ready when spec.replicas replicas are Healthy; Pending while the
+// Phase: Ready when spec.replicas replicas are Healthy (so none is
+// Resyncing); Pending while the
 // volume is being set up and nothing went wrong (replicas missing or
 // Creating, none Faulty, Resyncing or Stale); otherwise Degraded when at
 // least the effective voteThreshold replicas are Healthy and Faulted when

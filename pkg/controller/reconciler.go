@@ -336,6 +336,7 @@ func (r *Reconciler) updateStatus(ctx context.Context, qv *v1alpha1.QuorumVolume
 	var result reconcile.Result
 
 	evs = append(evs, markNodeHealth(next, cl)...)
+	evs = append(evs, presentResync(next, cl.now)...)
 	evs = append(evs, removeReplaced(next)...)
 	placed, err := r.place(ctx, next, cl)
 	if err != nil {
@@ -402,7 +403,6 @@ func markNodeHealth(qv *v1alpha1.QuorumVolume, cl *cluster) []pendingEvent {
 func setReplicaState(rep *v1alpha1.ReplicaStatus, state v1alpha1.ReplicaState, msg string, now time.Time) {
 	rep.State = state
 	rep.Message = msg
-	rep.ResyncPercent = nil
 	rep.LastTransitionTime = metav1.NewTime(now)
 }
 

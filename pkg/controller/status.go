@@ -3,6 +3,11 @@ package controller
 import (
 	"fmt"
 	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 
 	"github.com/quorum-csi/quorum-csi/pkg/apis/quorum/v1alpha1"
 	"github.com/quorum-csi/quorum-csi/pkg/contract"
@@ -59,6 +64,55 @@ func Phase(qv *v1alpha1.QuorumVolume) v1alpha1.VolumePhase {
 	}
 }
 
+// presentResync shows the Active attachment's engine view in the replica
+// states. A replica that the engine of the Active attachment
+// (engineEpoch) reports bytes out of sync for misses acknowledged
+// writes: shown Healthy by its agent, it is Resyncing, which is not
+// healthy, so the volume is not Ready. It is Healthy again once that
+// engine reports none (its node clears the fields). Values written by
+// an attachment that is gone (its node unpublished, or crashed, without
+// clearing them) are cleared, so they cannot hold a volume back; those
+// of a Standby are ignored (its engine does not resync). Agent Faulty and
+// the controller's own states win over Resyncing. status.resyncPercent
+// becomes the slowest Resyncing replica's progress.
+func presentResync(qv *v1alpha1.QuorumVolume, now time.Time) []pendingEvent {
+	var active v1alpha1.Attachment
+	attached := map[int64]bool{}
+	for _, a := range qv.Status.Attachments {
+		attached[a.Epoch] = true
+		if a.Role != v1alpha1.AttachmentStandby {
+			active = a
+		}
+	}
+	var evs []pendingEvent
+	var slowest *int32
+	for i := range qv.Status.Replicas {
+		rep := &qv.Status.Replicas[i]
+		if rep.EngineEpoch != 0 && !attached[rep.EngineEpoch] {
+			rep.OutOfSyncBytes, rep.ResyncPercent, rep.EngineEpoch = 0, nil, 0
+		}
+		behind := active.Epoch != 0 && rep.EngineEpoch == active.Epoch && rep.OutOfSyncBytes > 0
+		switch {
+		case behind && rep.State == v1alpha1.ReplicaHealthy:
+			rep.State, rep.LastTransitionTime = v1alpha1.ReplicaResyncing, metav1.NewTime(now)
+			evs = append(evs, pendingEvent{corev1.EventTypeNormal, "ReplicaResyncing", "Resync",
+				fmt.Sprintf("replica %s on %s misses %d bytes; the engine on node %s copies them to it", rep.Name, rep.Node, rep.OutOfSyncBytes, active.Node)})
+		case !behind && rep.State == v1alpha1.ReplicaResyncing:
+			rep.State, rep.LastTransitionTime = v1alpha1.ReplicaHealthy, metav1.NewTime(now)
+			evs = append(evs, pendingEvent{corev1.EventTypeNormal, "ReplicaInSync", "Resync",
+				fmt.Sprintf("replica %s on %s holds every acknowledged write again", rep.Name, rep.Node)})
+		}
+		if rep.State == v1alpha1.ReplicaResyncing {
+			p := ptr.Deref(rep.ResyncPercent, 0)
+			if slowest == nil || p < *slowest {
+				slowest = &p
+			}
+		}
+	}
+	qv.Status.ResyncPercent = slowest
+	return evs
+}
+
 // readyMessage says what keeps the volume from Ready, replica by replica.
 func readyMessage(qv *v1alpha1.QuorumVolume) string {
 	var b strings.Builder
@@ -68,7 +122,9 @@ func readyMessage(qv *v1alpha1.QuorumVolume) string {
 			continue
 		}
 		fmt.Fprintf(&b, "; %s on %s: %s", r.Name, r.Node, r.State)
-		if r.Message != "" {
+		if r.State == v1alpha1.ReplicaResyncing {
+			fmt.Fprintf(&b, " (%d bytes out of sync, %d%% resynced)", r.OutOfSyncBytes, ptr.Deref(r.ResyncPercent, 0))
+		} else if r.Message != "" {
 			fmt.Fprintf(&b, " (%s)", r.Message)
 		}
 	}

@@ -205,6 +205,13 @@ func testStatus(t *testing.T, c client.Client) {
 		{"resync beyond 100%", func(s *v1alpha1.QuorumVolumeStatus) {
 			s.Replicas = []v1alpha1.ReplicaStatus{{Name: "r0", State: v1alpha1.ReplicaResyncing, ResyncPercent: ptr(int32(101))}}
 		}, "status.replicas[0].resyncPercent: Invalid value: 101: replicas[0].resyncPercent in body should be less than or equal to 100"},
+		{"volume resync beyond 100%", func(s *v1alpha1.QuorumVolumeStatus) { s.ResyncPercent = ptr(int32(101)) },
+			"status.resyncPercent: Invalid value: 101: resyncPercent in body should be less than or equal to 100"},
+		{"negative volume resync", func(s *v1alpha1.QuorumVolumeStatus) { s.ResyncPercent = ptr(int32(-1)) },
+			"status.resyncPercent: Invalid value: -1: resyncPercent in body should be greater than or equal to 0"},
+		{"negative engine epoch", func(s *v1alpha1.QuorumVolumeStatus) {
+			s.Replicas = []v1alpha1.ReplicaStatus{{Name: "r0", State: v1alpha1.ReplicaResyncing, OutOfSyncBytes: 4096, EngineEpoch: -1}}
+		}, "status.replicas[0].engineEpoch: Invalid value: -1"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -231,9 +238,10 @@ func testPrinterColumns(t *testing.T, c client.Client, srv *kubetest.Server) {
 		Replicas: []v1alpha1.ReplicaStatus{
 			{Name: "r0", Node: "node-a", State: v1alpha1.ReplicaHealthy},
 			{Name: "r1", Node: "node-b", State: v1alpha1.ReplicaHealthy},
-			{Name: "r2", Node: "node-c", State: v1alpha1.ReplicaResyncing, ResyncPercent: ptr(int32(40)), OutOfSyncBytes: 1 << 20},
+			{Name: "r2", Node: "node-c", State: v1alpha1.ReplicaResyncing, ResyncPercent: ptr(int32(40)), OutOfSyncBytes: 1 << 20, EngineEpoch: 1},
 		},
-		Epoch: 2,
+		ResyncPercent: ptr(int32(40)),
+		Epoch:         2,
 		Attachments: []v1alpha1.Attachment{
 			{Node: "node-a", Epoch: 1, Role: v1alpha1.AttachmentActive},
 			{Node: "node-b", Epoch: 2, Role: v1alpha1.AttachmentStandby},
@@ -252,12 +260,12 @@ func testPrinterColumns(t *testing.T, c client.Client, srv *kubetest.Server) {
 	if len(lines) != 2 {
 		t.Fatalf("kubectl get qv printed %d lines, want header and one row:\n%s", len(lines), out)
 	}
-	wantHeader := []string{"NAME", "SIZE", "READY", "PATTERN", "ACTIVE", "STANDBY", "PHASE", "AGE"}
+	wantHeader := []string{"NAME", "SIZE", "READY", "RESYNC", "PATTERN", "ACTIVE", "STANDBY", "PHASE", "AGE"}
 	if got := strings.Fields(lines[0]); strings.Join(got, " ") != strings.Join(wantHeader, " ") {
 		t.Errorf("header %q, want %q", got, wantHeader)
 	}
 	row := strings.Fields(lines[1])
-	wantRow := []string{"printed", "1Gi", "2/3", "quorum", "node-a", "node-b", "Degraded"}
+	wantRow := []string{"printed", "1Gi", "2/3", "40", "quorum", "node-a", "node-b", "Degraded"}
 	if len(row) != len(wantHeader) || strings.Join(row[:len(wantRow)], " ") != strings.Join(wantRow, " ") {
 		t.Errorf("row %q, want %q followed by the age", row, wantRow)
 	}

@@ -121,7 +121,8 @@ type VolumePhase string
 const (
 	// VolumePending: not every replica has been placed and created yet.
 	VolumePending VolumePhase = "Pending"
-	// VolumeReady: every replica is Healthy.
+	// VolumeReady: every replica is Healthy, so each holds every
+	// acknowledged write (none is Resyncing).
 	VolumeReady VolumePhase = "Ready"
 	// VolumeDegraded: writes still reach voteThreshold replicas, but some
 	// replica is not Healthy.
@@ -134,9 +135,9 @@ const (
 )
 
 // ReplicaState is one replica's health: Creating, Faulty (its agent's
-// Lease expired) and Stale as the controller sets them, Healthy and
-// Faulty as its node agent reports them (package contract's doc says who
-// writes what).
+// Lease expired), Stale and Resyncing as the controller sets them,
+// Healthy and Faulty as its node agent reports them (package contract's
+// doc says who writes what).
 // +kubebuilder:validation:Enum=Creating;Healthy;Faulty;Resyncing;Stale
 type ReplicaState string
 
@@ -144,15 +145,17 @@ const (
 	// ReplicaCreating: placed on a node, its image is being made.
 	ReplicaCreating ReplicaState = "Creating"
 	// ReplicaHealthy: its node agent has the image (at spec.size) and
-	// serves it. Whether it holds every acknowledged write is known to
-	// the attached node's engine, which resyncs it at attach; the agent
-	// does not know, and nothing reports Resyncing yet.
+	// serves it, and the Active attachment's engine, if any, reports no
+	// byte out of sync: it holds every acknowledged write.
 	ReplicaHealthy ReplicaState = "Healthy"
 	// ReplicaFaulty: failed I/O; writes go on without it and are tracked
 	// so that a resync copies only what it missed.
 	ReplicaFaulty ReplicaState = "Faulty"
-	// ReplicaResyncing: getting what it missed copied to it, while the
-	// volume serves I/O.
+	// ReplicaResyncing: served by its node agent, but the Active
+	// attachment's engine reports bytes it misses (outOfSyncBytes), which
+	// the engine copies to it while the volume serves I/O. The controller
+	// presents it, from the engine's report, over the agent's Healthy;
+	// the replica counts as in sync again once the engine reports 0.
 	ReplicaResyncing ReplicaState = "Resyncing"
 	// ReplicaStale: its node is gone or it missed writes that are no
 	// longer tracked; it is rebuilt elsewhere or copied in full.
@@ -175,19 +178,30 @@ type ReplicaStatus struct {
 	// State is the replica's health.
 	State ReplicaState `json:"state"`
 
-	// OutOfSyncBytes is how much of the volume this replica lacks: what
-	// was written without it (Faulty, Stale) or what the running resync
-	// still has to copy (Resyncing). 0 when Healthy.
+	// OutOfSyncBytes is how much of the volume this replica lacks as the
+	// engine of the attachment with epoch engineEpoch sees it: what was
+	// written without it and not yet copied to it. Written by that
+	// attachment's node while it is Active (unset when the engine misses
+	// nothing); the controller ignores it unless engineEpoch is the
+	// Active attachment's, and clears it once that attachment is gone.
 	// +optional
 	// +kubebuilder:validation:Minimum=0
 	OutOfSyncBytes int64 `json:"outOfSyncBytes,omitempty"`
 
-	// ResyncPercent is how far the running resync got; set only while
-	// Resyncing.
+	// ResyncPercent is how far the engine's running resync of this
+	// replica got; set by the same writer as outOfSyncBytes, only while
+	// the engine copies to the replica (unset while it waits for the
+	// replica to answer again).
 	// +optional
 	// +kubebuilder:validation:Minimum=0
 	// +kubebuilder:validation:Maximum=100
 	ResyncPercent *int32 `json:"resyncPercent,omitempty"`
+
+	// EngineEpoch is the epoch of the attachment whose engine wrote
+	// outOfSyncBytes and resyncPercent, set with them.
+	// +optional
+	// +kubebuilder:validation:Minimum=0
+	EngineEpoch int64 `json:"engineEpoch,omitempty"`
 
 	// Endpoint is where the replica is served over NBD+TLS, host:port.
 	// +optional
@@ -273,11 +287,20 @@ type QuorumVolumeStatus struct {
 	Phase VolumePhase `json:"phase,omitempty"`
 
 	// Ready is "healthy/total" replicas, for `kubectl get qv`
-	// (ReadySummary computes it).
+	// (ReadySummary computes it). A Resyncing replica is not healthy.
 	// +optional
 	// +kubebuilder:validation:Pattern=`^[0-9]+/[0-9]+$`
 	// +kubebuilder:validation:MaxLength=8
 	Ready string `json:"ready,omitempty"`
+
+	// ResyncPercent is the progress of the slowest Resyncing replica
+	// (its resyncPercent, 0 while its resync has not started), for
+	// `kubectl get qv`; unset while no replica is Resyncing. Written by
+	// the controller.
+	// +optional
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=100
+	ResyncPercent *int32 `json:"resyncPercent,omitempty"`
 
 	// Replicas lists every replica the controller has placed, including
 	// one being rebuilt beside the one it replaces.
@@ -320,6 +343,7 @@ type QuorumVolumeStatus struct {
 // +kubebuilder:resource:scope=Cluster,shortName=qv,categories=quorum
 // +kubebuilder:printcolumn:name="Size",type=string,JSONPath=`.spec.size`
 // +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.ready`,description="healthy/total replicas"
+// +kubebuilder:printcolumn:name="Resync",type=integer,JSONPath=`.status.resyncPercent`,description="percent done of the slowest replica's resync; empty when none resyncs"
 // +kubebuilder:printcolumn:name="Pattern",type=string,JSONPath=`.spec.readPattern`
 // +kubebuilder:printcolumn:name="Active",type=string,JSONPath=`.status.attachments[?(@.role=="Active")].node`,description="node of the Active attachment, the writer"
 // +kubebuilder:printcolumn:name="Standby",type=string,JSONPath=`.status.attachments[?(@.role=="Standby")].node`,description="node of a live migration's Standby attachment"
