@@ -45,7 +45,22 @@ func takeoverSetup(t *testing.T, dir string) (FUSELoopOptions, *testLog, func())
 	if err := os.Mkdir(holders, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	h, err := holder.Listen(holder.Socket(holders, "test"), holder.Options{})
+	stop := runHolder(t, holder.Socket(holders, "test"))
+	log := &testLog{}
+	return FUSELoopOptions{
+		StateDir:     filepath.Join(dir, "state"),
+		StateFile:    filepath.Join(dir, "state", "fuse-loop-test"),
+		HolderDir:    holders,
+		HolderSocket: holder.Socket(holders, "test"),
+		Logf:         log.logf,
+	}, log, stop
+}
+
+// runHolder runs a holder in this process at sock until the test ends
+// or stop is called.
+func runHolder(t *testing.T, sock string) (stop func()) {
+	t.Helper()
+	h, err := holder.Listen(sock, holder.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,19 +70,12 @@ func takeoverSetup(t *testing.T, dir string) (FUSELoopOptions, *testLog, func())
 		defer close(done)
 		h.Serve(ctx)
 	}()
-	stop := func() {
+	stop = func() {
 		cancel()
 		<-done
 	}
 	t.Cleanup(stop)
-	log := &testLog{}
-	return FUSELoopOptions{
-		StateDir:     filepath.Join(dir, "state"),
-		StateFile:    filepath.Join(dir, "state", "fuse-loop-test"),
-		HolderDir:    holders,
-		HolderSocket: holder.Socket(holders, "test"),
-		Logf:         log.logf,
-	}, log, stop
+	return stop
 }
 
 // served tracks the device currently attached, for a forced detach if
@@ -281,20 +289,7 @@ func TestFUSELoopKeptAtRelease(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	back, err := holder.Listen(opts.HolderSocket, holder.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		back.Serve(ctx)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-served
-	})
+	runHolder(t, opts.HolderSocket) // the holder is back
 	s.release(t)
 	second := s.takeBack(t, vol, opts, first.Path(), log)
 	got := alignbuf.Make(4096, 0)
