@@ -226,23 +226,21 @@ func serve(o options, log logr.Logger) error {
 
 	select {
 	case <-handedOver:
-		// Idle until the pod goes: exiting now would only have the
-		// kubelet restart us beside the successor.
-		<-ctx.Done()
-		return nil
 	case err := <-agentDone:
 		agentDone <- err // for letGo
-		if handingOver.Load() {
-			// Stopped by the handover, which is not done yet.
-			<-handedOver
-			<-ctx.Done()
-			return nil
+		if !handingOver.Load() {
+			// The replicas are not served any more (the kubelet restarts us).
+			return errors.Join(fmt.Errorf("node agent stopped: %w", err), letGo("the node agent stopped"))
 		}
-		// The replicas are not served any more (the kubelet restarts us).
-		return errors.Join(fmt.Errorf("node agent stopped: %w", err), letGo("the node agent stopped"))
+		// Stopped by the handover, which is not done yet.
+		<-handedOver
 	case <-ctx.Done():
 		return letGo("signal")
 	}
+	// Handed over. Idle until the pod goes: exiting now would only have
+	// the kubelet restart us beside the successor.
+	<-ctx.Done()
+	return nil
 }
 
 // handedOverFile, in the state folder, names the instance that last
